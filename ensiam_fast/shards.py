@@ -1,0 +1,197 @@
+"""The shard format: WebDataset tars with a DALI index beside each, and a manifest.
+
+See ``shards/README.md`` for the contract. This module holds the pieces every writer and reader
+shares: writing one tar (with its index) atomically, and reading/writing ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+FORMAT = "ensiam_fast-shards/1"
+INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects
+TMP_SUFFIX = ".tmp"
+
+
+class ShardFormatError(ValueError):
+    """A dataset directory that does not follow the shard contract."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+@dataclass
+class ShardRecord:
+    """What was written into one tar: its file name and sample count."""
+
+    name: str
+    num_samples: int
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> ShardRecord:
+    """Write ``samples`` (key, {ext: bytes}) into the tar ``path`` and its DALI index.
+
+    Both files are written under a temporary name and renamed when complete, index first and tar
+    last, so a tar without ``.tmp`` always has a complete index beside it and an interrupted
+    conversion never leaves a tar that looks finished.
+    """
+    path = Path(path)
+    idx_path = path.with_suffix(".idx")
+    tmp_tar = path.with_name(path.name + TMP_SUFFIX)
+    tmp_idx = idx_path.with_name(idx_path.name + TMP_SUFFIX)
+    index_lines: list[str] = []
+    with open(tmp_tar, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, parts in samples:
+            if "." in key or "/" in key:
+                raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
+            entries = []
+            for ext, data in parts.items():
+                member = f"{key}.{ext}"
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                info.mode = 0o644
+                header_at = tf.offset
+                tf.addfile(info, io.BytesIO(data))
+                # USTAR with a short name is one 512-byte header block, then the data.
+                entries.append(f"{ext} {header_at + 512} {len(data)} {member}")
+            index_lines.append(" ".join(entries))
+    if not index_lines:
+        tmp_tar.unlink(missing_ok=True)
+        raise ShardFormatError(f"refusing to write an empty shard {path}")
+    with open(tmp_idx, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(index_lines)}\n")
+        f.write("\n".join(index_lines))
+        f.write("\n")
+    os.replace(tmp_idx, idx_path)
+    os.replace(tmp_tar, path)
+    return ShardRecord(path.name, len(index_lines))
+
+
+@dataclass
+class SplitInfo:
+    num_samples: int
+    shards: list[str]
+    labeled: bool
+    shard_sizes: list[int] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    image_size: list[int] | None = None  # (H, W) when every image has it, else None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ShardFormatError(
+                f"dataset {self.dataset!r} has no split {name!r}; it has: {', '.join(sorted(self.splits))}"
+            )
+        return self.splits[name]
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "dataset": self.dataset,
+            "classes": list(self.classes),
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "splits": {
+                name: {
+                    "num_samples": s.num_samples,
+                    "shards": list(s.shards),
+                    "shard_sizes": list(s.shard_sizes),
+                    "labeled": s.labeled,
+                    "skipped": list(s.skipped),
+                }
+                for name, s in self.splits.items()
+            },
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically."""
+    root = Path(root)
+    path = root / MANIFEST
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and check ``root/manifest.json``; errors name the file and say what to do."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise ShardFormatError(
+            f"dataset directory {root} does not exist; convert a dataset first with "
+            f"`python tools/make_shards.py --dataset NAME --src SRC --out {root}`"
+        )
+    if not path.is_file():
+        raise ShardFormatError(
+            f"{path} is missing: {root} is not a converted dataset; make one with "
+            f"`python tools/make_shards.py --dataset NAME --src SRC --out {root}`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/make_shards.py") from e
+    for key in ("dataset", "classes", "splits"):
+        if key not in raw:
+            raise ShardFormatError(f"{path} lacks the key {key!r}; re-run tools/make_shards.py")
+    splits = {}
+    for name, s in raw["splits"].items():
+        try:
+            splits[name] = SplitInfo(
+                num_samples=int(s["num_samples"]),
+                shards=list(s["shards"]),
+                labeled=bool(s["labeled"]),
+                shard_sizes=list(s.get("shard_sizes", [])),
+                skipped=list(s.get("skipped", [])),
+            )
+        except KeyError as e:
+            raise ShardFormatError(f"{path}: split {name!r} lacks the key {e.args[0]!r}") from e
+    return Manifest(
+        dataset=raw["dataset"],
+        classes=list(raw["classes"]),
+        splits=splits,
+        image_size=raw.get("image_size"),
+        extra=raw.get("extra", {}),
+    )
+
+
+def shard_paths(root: str | os.PathLike, split: str) -> tuple[list[str], list[str]]:
+    """Absolute tar and index paths of one split, checked to exist."""
+    root = Path(root)
+    info = read_manifest(root).split(split)
+    tars, idxs = [], []
+    for name in info.shards:
+        tar = root / name
+        if not tar.is_file():
+            raise ShardFormatError(
+                f"shard {tar} listed in {root / MANIFEST} is missing; re-run tools/make_shards.py "
+                f"or check with `python tools/make_shards.py --verify {root}`"
+            )
+        tars.append(str(tar))
+        idxs.append(str(root / index_name(name)))
+    return tars, idxs

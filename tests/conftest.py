@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny datasets in the shard format, made inside the tests (no downloads)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard
+
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def synthetic_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
+    """A class-dependent colour blob on noise: distinct enough for kNN, varied enough for augmentation."""
+    h = w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.integers(0, 64, size=(h, w, 3))
+    colour = np.array([(label * 53) % 256, (label * 97) % 256, (label * 151) % 256])
+    cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 < (size // 3) ** 2
+    base[mask] = colour
+    return base.astype(np.uint8)
+
+
+def make_tiny_dataset(
+    root: Path,
+    splits: dict[str, tuple[int, bool]] | None = None,
+    *,
+    size: int = 32,
+    num_classes: int = 12,
+    shard_size: int = 16,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny dataset: ``splits`` maps name -> (num_samples, labeled). Labels go up to 11,
+    so multi-digit ``.cls`` values are exercised."""
+    splits = splits or {"train": (48, True), "test": (24, True)}
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    infos = {}
+    for split, (n, labeled) in splits.items():
+        labels = np.arange(n) % num_classes
+        names, sizes = [], []
+        for s, start in enumerate(range(0, n, shard_size)):
+            samples = []
+            for i in range(start, min(n, start + shard_size)):
+                parts = {"jpg": encode_jpeg(synthetic_image(rng, int(labels[i]), size))}
+                if labeled:
+                    parts["cls"] = str(int(labels[i])).encode()
+                samples.append((f"{split}_{i:06d}", parts))
+            rec = write_shard(root / shard_name(split, s), samples)
+            names.append(rec.name)
+            sizes.append(rec.num_samples)
+        infos[split] = SplitInfo(num_samples=n, shards=names, labeled=labeled, shard_sizes=sizes)
+    write_manifest(
+        root,
+        Manifest(
+            dataset="tiny",
+            classes=[f"class_{c}" for c in range(num_classes)],
+            splits=infos,
+            image_size=[size, size],
+        ),
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """48 labelled train, 24 labelled test and 32 unlabelled 32x32 images, 12 classes."""
+    root = tmp_path_factory.mktemp("tiny")
+    return make_tiny_dataset(
+        root, {"train": (48, True), "test": (24, True), "unlabeled": (32, False)}
+    )
