@@ -1,0 +1,223 @@
+"""Typed configuration: dataclass defaults, then a YAML preset, then ``key=value`` overrides.
+
+    cfg = load_config("ensiam_fast/configs/cifar10.yaml", ["epochs=10", "data.preset=strong"])
+
+Unknown keys and values of the wrong type fail before anything runs, naming the key. The resolved
+config is written into the run directory (``config.yaml``) so a run can be reproduced and resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+METHODS = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards/digits"
+    split: str = "train"  # pretraining split (STL-10 pretrains on 'unlabeled')
+    knn_train_split: str = "train"  # labelled bank for the kNN monitor
+    knn_test_split: str = "test"
+    preset: str = "default"  # default | strong | very_strong (pipelines/presets.py)
+    preset_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {blur_p: 1.0}
+    image_size: int | None = None  # None: the dataset's own size (manifest image_size)
+    eval_resize_ratio: float = 1.0  # evaluation: resize to ratio*size, centre crop (ImageNet: 256/224)
+    backend: str = "dali"  # dali | torch (torchvision reference)
+    device: str = "auto"  # auto (gpu when the process has one) | cpu | gpu: where DALI augments
+    num_threads: int | None = None  # None: the cores available to this process
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name
+    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (the paper's small-dataset ResNet-18)
+    proj_layers: int = 2  # 2 for small datasets, 3 for ImageNet
+    proj_hidden: int = 2048
+    proj_dim: int = 2048
+    pred_hidden: int = 512
+    bn_mode: str = "per_view"  # per_view (as K separate forwards) | joint
+    sync_bn: bool = False
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.1  # lr = base_lr * global batch / 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 10.0
+    fix_pred_lr: bool = False  # SimSiam's option: the predictor keeps the base lr (no schedule)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "ensiam"  # ensiam | simsiam_kaug | simsiam | fastsiam
+    views: int = 4  # K
+    batch_size: int = 256  # global batch (images, not views), split across processes
+    epochs: int = 200
+    max_steps: int | None = None  # a cap on optimizer steps, for smoke runs
+    seed: int = 0
+    output_dir: str = "runs/default"
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16; none on CPU) | no | bf16 | fp16
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3
+    knn_every: int = 10  # epochs between kNN monitor runs (also at step 0 and at the end); 0 = off
+    knn_k: int = 200
+    knn_t: float = 0.1
+    eval_batch_size: int = 256
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _close(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` where that is lossless (int -> float), else raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"config key {key!r} expects {tp.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"config key {key!r}: unsupported type {tp}")
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(f"unknown config key {name!r}{_close(key, hints)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {name!r} is a section; give its fields, e.g. {name}.FIELD=...")
+            _apply(current, value, prefix=f"{name}.")
+        else:
+            setattr(obj, key, _check_type(name, value, hints[key]))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier one")
+        node[parts[-1]] = value
+    return tree
+
+
+def resolve_preset_path(config: str | Path) -> Path:
+    """A path, or a preset name from ensiam_fast/configs (``cifar10`` -> configs/cifar10.yaml)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    named = CONFIG_DIR / f"{config}.yaml"
+    if named.is_file():
+        return named
+    presets = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file {config!r} not found; presets: {', '.join(presets)}")
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    if config is not None:
+        path = resolve_preset_path(config)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        try:
+            _apply(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+    _apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no data: the rest (dataset, splits, sizes) is checked when the data is opened."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method={cfg.method!r} is unknown{_close(cfg.method, METHODS)}; one of {METHODS}")
+    if not 2 <= cfg.views <= 16:
+        raise ConfigError(f"views={cfg.views}: every method needs 2 to 16 views")
+    if cfg.method == "simsiam" and cfg.views != 2:
+        raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
+    if cfg.method == "simsiam_kaug" and cfg.views % 2:
+        raise ConfigError(f"method=simsiam_kaug pairs views, so views must be even, got views={cfg.views}")
+    for key in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ConfigError(f"max_steps={cfg.max_steps} must be at least 1 (or null for no cap)")
+    if cfg.knn_every < 0 or cfg.knn_k < 1 or cfg.knn_t <= 0:
+        raise ConfigError("knn_every must be >= 0, knn_k >= 1 and knn_t > 0")
+    choices = {
+        "mixed_precision": ("auto", "no", "bf16", "fp16"),
+        "data.backend": ("dali", "torch"),
+        "data.device": ("auto", "cpu", "gpu"),
+        "model.bn_mode": ("per_view", "joint"),
+    }
+    for key, allowed in choices.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {allowed}")
+    if cfg.model.proj_layers not in (2, 3):
+        raise ConfigError(f"model.proj_layers={cfg.model.proj_layers}: SimSiam's projector has 2 or 3 layers")
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
