@@ -187,6 +187,14 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
     return cfg
 
 
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from ``TrainConfig.to_dict()`` (as stored in checkpoints and config.yaml)."""
+    cfg = TrainConfig()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that need no data: the rest (dataset, splits, sizes) is checked when the data is opened."""
     if cfg.method not in METHODS:
