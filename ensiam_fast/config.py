@@ -128,7 +128,9 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
     for key, value in values.items():
         name = f"{prefix}{key}"
         if key not in hints:
-            raise ConfigError(f"unknown config key {name!r}{_close(key, hints)}")
+            close = difflib.get_close_matches(key, list(hints), n=3)
+            hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {name!r}{hint}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
