@@ -41,7 +41,7 @@ def test_overrides_nested_and_typed():
         (["epoch=3"], "'epoch' (did you mean epochs"),
         (["epochs=three"], "'epochs' expects int"),
         (["optim.base_lr=fast"], "'optim.base_lr' expects float"),
-        (["model.bn_mod=joint"], "'model.bn_mode'"),
+        (["model.bn_mod=joint"], "'model.bn_mod' (did you mean model.bn_mode"),
         (["method=simsiam_kaug", "views=3"], "views must be even"),
         (["method=simsiam", "views=4"], "exactly 2 views"),
         (["method=byol"], "method='byol' is unknown"),
