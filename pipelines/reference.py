@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -205,8 +206,12 @@ def batch_seed(seed: int, epoch: int, shard_id: int, batch: int) -> int:
 
 
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 (3, H, W) with libjpeg-turbo (a little faster than PIL here)."""
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here).
+            warnings.filterwarnings("ignore", message=".*image decoding.*deprecated", category=DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError as e:
         raise ShardFormatError(f"{where}: cannot decode the image ({e}); re-make the shard") from e
 
