@@ -64,7 +64,9 @@ class EncodeOptions:
 # --------------------------------------------------------------------------- encoding (worker side)
 
 
-def _open_for_encoding(sample: Sample, resize: int | None) -> tuple[Image.Image, bytes | None, str | None, bool]:
+def _open_for_encoding(
+    sample: Sample, resize: int | None
+) -> tuple[Image.Image, bytes | None, str | None, bool]:
     """Open a sample; the last value says whether it must be scaled down to ``resize``."""
     if sample.pixels is not None:
         img, raw, fmt = load_image(sample)
@@ -193,8 +195,11 @@ def _describe_difference(old: dict, new: dict) -> str:
         return "it was converted from different source files"
     changed = [k for k in new["options"] if old.get("options", {}).get(k) != new["options"][k]]
     if changed:
-        return "it was converted with other options (" + ", ".join(
-            f"{k}={old.get('options', {}).get(k)!r}" for k in changed) + ")"
+        return (
+            "it was converted with other options ("
+            + ", ".join(f"{k}={old.get('options', {}).get(k)!r}" for k in changed)
+            + ")"
+        )
     return "its plan differs from this run's"
 
 
@@ -259,8 +264,9 @@ def _shard_on_disk(tar: Path, num_samples: int) -> bool:
 # --------------------------------------------------------------------------- running
 
 
-def _run_tasks(tasks: list[ShardTask], source: Source, out: Path, opts: EncodeOptions, strict: bool,
-               workers: int) -> Iterator[dict]:
+def _run_tasks(
+    tasks: list[ShardTask], source: Source, out: Path, opts: EncodeOptions, strict: bool, workers: int
+) -> Iterator[dict]:
     if workers <= 1 or len(tasks) <= 1:
         _init_worker(source, out, opts, strict)
         for task in tasks:
@@ -268,13 +274,15 @@ def _run_tasks(tasks: list[ShardTask], source: Source, out: Path, opts: EncodeOp
         return
     # fork shares the source arrays with the workers without pickling them.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker,
-                  initargs=(source, out, opts, strict)) as pool:
+    with ctx.Pool(
+        min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict)
+    ) as pool:
         yield from pool.imap_unordered(convert_shard, tasks)
 
 
-def build_manifest(source: Source, plan: dict, records: dict[tuple[str, int], dict], opts: EncodeOptions
-                   ) -> Manifest:
+def build_manifest(
+    source: Source, plan: dict, records: dict[tuple[str, int], dict], opts: EncodeOptions
+) -> Manifest:
     splits = {}
     sizes = set()
     for name, sp in plan["splits"].items():
@@ -289,35 +297,59 @@ def build_manifest(source: Source, plan: dict, records: dict[tuple[str, int], di
         )
         sizes.update(tuple(hw) for r in recs for hw in r["sizes"])
     extra = dict(source.extra)
-    extra["encoding"] = {"format": opts.format, "quality": opts.quality if opts.format == "jpg" else None,
-                         "resize": opts.resize}
-    return Manifest(source.dataset, list(source.classes), splits,
-                    image_size=list(sizes.pop()) if len(sizes) == 1 else None, extra=extra)
+    extra["encoding"] = {
+        "format": opts.format,
+        "quality": opts.quality if opts.format == "jpg" else None,
+        "resize": opts.resize,
+    }
+    return Manifest(
+        source.dataset,
+        list(source.classes),
+        splits,
+        image_size=list(sizes.pop()) if len(sizes) == 1 else None,
+        extra=extra,
+    )
 
 
 def summary_line(m: Manifest, out: Path) -> str:
     counts = ", ".join(f"{name} {s.num_samples}" for name, s in m.splits.items())
     skipped = sum(len(s.skipped) for s in m.splits.values())
     size = "x".join(map(str, m.image_size)) if m.image_size else "mixed sizes"
-    return (f"{m.dataset}: {counts} ({m.num_classes} classes, {size}, "
-            f"{m.extra.get('encoding', {}).get('format', '?')}, {skipped} skipped) -> {out}")
+    return (
+        f"{m.dataset}: {counts} ({m.num_classes} classes, {size}, "
+        f"{m.extra.get('encoding', {}).get('format', '?')}, {skipped} skipped) -> {out}"
+    )
 
 
-def convert(source: Source, out: Path, opts: EncodeOptions, *, workers: int = 1, strict: bool = False,
-            overwrite: bool = False, progress: bool = True) -> tuple[Manifest, bool]:
+def convert(
+    source: Source,
+    out: Path,
+    opts: EncodeOptions,
+    *,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> tuple[Manifest, bool]:
     """Convert ``source`` into ``out``; return the manifest and whether anything had to be done."""
     out = Path(out)
     plan = make_plan(source, opts)
     done = prepare_output(out, plan, overwrite)
-    tasks = [ShardTask(name, i, s, e) for name, sp in plan["splits"].items()
-             for i, (s, e) in enumerate(sp["bounds"]) if (name, i) not in done]
+    tasks = [
+        ShardTask(name, i, s, e)
+        for name, sp in plan["splits"].items()
+        for i, (s, e) in enumerate(sp["bounds"])
+        if (name, i) not in done
+    ]
     if not tasks and (out / MANIFEST).is_file():
         return read_manifest(out), False
     from tqdm import tqdm
 
     total = sum(t.end - t.start for t in tasks)
-    with open(out / PROGRESS, "a") as log, tqdm(total=total, unit="img", disable=not progress,
-                                                 desc=source.dataset) as bar:
+    with (
+        open(out / PROGRESS, "a") as log,
+        tqdm(total=total, unit="img", disable=not progress, desc=source.dataset) as bar,
+    ):
         for rec in _run_tasks(tasks, source, out, opts, strict, workers):
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -345,10 +377,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=EncodeOptions.shard_size, help="samples per tar")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="png is lossless (small images)")
     p.add_argument("--quality", type=int, default=EncodeOptions.quality, help="JPEG quality 1..100")
-    p.add_argument("--resize", type=int, default=None, metavar="SIDE",
-                   help="scale images down so that the shorter side is SIDE (never up)")
-    p.add_argument("--reencode", action="store_true",
-                   help="re-encode RGB JPEG sources too (by default their bytes are kept when not resized)")
+    p.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        metavar="SIDE",
+        help="scale images down so that the shorter side is SIDE (never up)",
+    )
+    p.add_argument(
+        "--reencode",
+        action="store_true",
+        help="re-encode RGB JPEG sources too (by default their bytes are kept when not resized)",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a different conversion in --out")
@@ -389,8 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         source = open_source(args.dataset, args.src)
         for note in source.notes:
             print(f"note: {note}", file=sys.stderr)
-        manifest, worked = convert(source, args.out, opts, workers=args.workers, strict=args.strict,
-                                   overwrite=args.overwrite, progress=not args.quiet)
+        manifest, worked = convert(
+            source,
+            args.out,
+            opts,
+            workers=args.workers,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
     except (ShardFormatError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -248,7 +248,9 @@ def _index_entries(idx: Path, problems: list[str]) -> list[list[tuple[str, int, 
             problems.append(f"{idx.name} line {n}: expected groups of 'ext offset size name', found {line!r}")
             return None
         try:
-            samples.append([(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)])
+            samples.append(
+                [(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)]
+            )
         except ValueError:
             problems.append(f"{idx.name} line {n}: offsets and sizes must be integers, found {line!r}")
             return None
@@ -257,8 +259,9 @@ def _index_entries(idx: Path, problems: list[str]) -> list[list[tuple[str, int, 
     return samples
 
 
-def _check_sample(name: str, key: str, parts: dict[str, bytes], labeled: bool, num_classes: int,
-                  decode: bool) -> list[str]:
+def _check_sample(
+    name: str, key: str, parts: dict[str, bytes], labeled: bool, num_classes: int, decode: bool
+) -> list[str]:
     from PIL import Image
 
     problems = []
@@ -269,7 +272,9 @@ def _check_sample(name: str, key: str, parts: dict[str, bytes], labeled: bool, n
         cls = parts.get("cls")
         text = cls.decode("ascii", "replace").strip() if cls is not None else None
         if text is None or not text.isdigit() or int(text) >= num_classes:
-            problems.append(f"{name}: sample {key!r} has label {text!r}, expected an integer in 0..{num_classes - 1}")
+            problems.append(
+                f"{name}: sample {key!r} has label {text!r}, expected an integer in 0..{num_classes - 1}"
+            )
     elif "cls" in parts:
         problems.append(f"{name}: sample {key!r} has a .cls but its split is unlabelled")
     if decode:
@@ -314,7 +319,9 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
                 )
     unlisted = [name for name in by_name if name not in listed]
     if unlisted:
-        check.problems.append(f"{idx.name} does not list {len(unlisted)} member(s) of {tar.name}, e.g. {unlisted[0]!r}")
+        check.problems.append(
+            f"{idx.name} does not list {len(unlisted)} member(s) of {tar.name}, e.g. {unlisted[0]!r}"
+        )
     samples: dict[str, dict[str, bytes]] = {}
     with open(tar, "rb") as f:
         for name, off, sz in members:
@@ -349,7 +356,9 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        splits = ", ".join(f"{s} {n} samples in {k} shard{'s' * (k != 1)}" for s, (n, k) in self.counts.items())
+        splits = ", ".join(
+            f"{s} {n} samples in {k} shard{'s' * (k != 1)}" for s, (n, k) in self.counts.items()
+        )
         verdict = "OK" if self.ok else f"FAILED with {len(self.problems)} problem(s)"
         return f"verify {self.root}: dataset {self.dataset}, {splits or 'no splits'}: {verdict}"
 
@@ -364,8 +373,11 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
         report.problems.append(str(e))
         return report
     report.dataset = manifest.dataset
-    jobs = [(root / name, info.labeled, manifest.num_classes, decode)
-            for info in manifest.splits.values() for name in info.shards]
+    jobs = [
+        (root / name, info.labeled, manifest.num_classes, decode)
+        for info in manifest.splits.values()
+        for name in info.shards
+    ]
     if workers > 1 and len(jobs) > 1:
         from multiprocessing import get_context
 
@@ -377,20 +389,28 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
     for split, info in manifest.splits.items():
         found = 0
         if info.shard_sizes and len(info.shard_sizes) != len(info.shards):
-            report.problems.append(f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but "
-                                   f"{len(info.shard_sizes)} shard_sizes")
+            report.problems.append(
+                f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but "
+                f"{len(info.shard_sizes)} shard_sizes"
+            )
         for i, name in enumerate(info.shards):
             check = next(results)
             report.problems.extend(check.problems)
             found += check.num_samples
             expected = info.shard_sizes[i] if i < len(info.shard_sizes) else None
             if expected is not None and check.num_samples != expected and not check.problems:
-                report.problems.append(f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}")
+                report.problems.append(
+                    f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}"
+                )
         if found != info.num_samples:
-            report.problems.append(f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}")
+            report.problems.append(
+                f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}"
+            )
         report.counts[split] = (found, len(info.shards))
         if info.skipped:
-            report.warnings.append(f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion")
+            report.warnings.append(
+                f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion"
+            )
     listed = {name for info in manifest.splits.values() for name in info.shards}
     stray = sorted(p.name for p in root.glob("*.tar") if p.name not in listed)
     if stray:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 STL10_SIDE = 96
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 DATASETS = ("cifar10", "cifar100", "stl10", "tiny-imagenet", "imagefolder", "digits")
 
 
@@ -302,7 +304,8 @@ def open_stl10(src: Path | None) -> Source:
 
 def _image_files(folder: Path) -> list[Path]:
     return sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
     )
 
@@ -364,7 +367,8 @@ def open_imagefolder(src: Path | None) -> Source:
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not split_dirs:
         raise SourceLayoutError(
-            f"imagefolder: expected split folders such as {root / 'train'} (layout ROOT/<split>/<class>/<image>)"
+            f"imagefolder: expected split folders such as {root / 'train'} "
+            "(layout ROOT/<split>/<class>/<image>)"
         )
     per_split: dict[str, dict[str, list[Path]]] = {}
     for split_dir in split_dirs:
@@ -374,10 +378,17 @@ def open_imagefolder(src: Path | None) -> Source:
             hint = (
                 f"; it holds images directly, so {root} looks like ROOT/<class>/<image>: "
                 f"move the class folders under {root / 'train'}"
-                if loose else ""
+                if loose
+                else ""
             )
             raise SourceLayoutError(
-                f"imagefolder: expected class folders in {split_dir} (layout ROOT/<split>/<class>/<image>){hint}"
+                f"imagefolder: expected class folders in {split_dir} "
+                f"(layout ROOT/<split>/<class>/<image>){hint}"
+            )
+        if not SPLIT_NAME.fullmatch(split_dir.name):
+            raise SourceLayoutError(
+                f"imagefolder: split folder {split_dir} must be named with letters, digits, '_' or '-' "
+                "(the name goes into shard file names and sample keys); rename it"
             )
         per_split[split_dir.name] = {c.name: _image_files(c) for c in class_dirs}
     classes = sorted({c for by_class in per_split.values() for c in by_class})
@@ -409,7 +420,9 @@ def digits_arrays(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(big[..., None], 3, axis=3), digits.target.astype(np.int64)
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Per class, a seeded shuffle puts ``round(test_fraction * n)`` samples in test; indices sorted."""
     rng = np.random.default_rng(seed)
     train, test = [], []

@@ -61,14 +61,28 @@ def write_cifar10(parent: Path, rng: np.random.Generator, per_batch: int = 3) ->
         images = smooth_images(rng, per_batch, 32, 32)
         labels = rng.integers(0, 10, per_batch).tolist()
         # The real release: bytes keys, rows of R, G, B planes.
-        batch = {b"batch_label": name.encode(), b"labels": labels,
-                 b"data": images.transpose(0, 3, 1, 2).reshape(per_batch, -1),
-                 b"filenames": [f"img{i}.png".encode() for i in range(per_batch)]}
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": labels,
+            b"data": images.transpose(0, 3, 1, 2).reshape(per_batch, -1),
+            b"filenames": [f"img{i}.png".encode() for i in range(per_batch)],
+        }
         (root / name).write_bytes(pickle.dumps(batch))
         split = "test" if name == "test_batch" else "train"
         expected[split][0].extend(images)
         expected[split][1].extend(labels)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}))
     return expected
 
@@ -80,12 +94,17 @@ def write_cifar100(parent: Path, rng: np.random.Generator) -> dict:
     for split, fine in (("train", [99, 10, 57, 3, 42, 93]), ("test", [12, 99, 0, 57])):
         n = len(fine)
         images = smooth_images(rng, n, 32, 32)
-        batch = {"data": images.transpose(0, 3, 1, 2).reshape(n, -1), "fine_labels": fine,
-                 "coarse_labels": [f // 5 for f in fine]}  # str keys, as a Python 3 re-pickle has
+        batch = {
+            "data": images.transpose(0, 3, 1, 2).reshape(n, -1),
+            "fine_labels": fine,
+            "coarse_labels": [f // 5 for f in fine],
+        }  # str keys, as a Python 3 re-pickle has
         (root / split).write_bytes(pickle.dumps(batch))
         expected[split] = (list(images), fine)
-    meta = {"fine_label_names": [f"fine{i}" for i in range(100)],
-            "coarse_label_names": [f"coarse{i}" for i in range(20)]}
+    meta = {
+        "fine_label_names": [f"fine{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse{i}" for i in range(20)],
+    }
     (root / "meta").write_bytes(pickle.dumps(meta))
     return expected
 
@@ -196,12 +215,31 @@ def sources(tmp_path_factory):
 def converted(sources, tmp_path_factory):
     """Each fake source converted once, in-process; PNG where pixels must survive exactly."""
     out = tmp_path_factory.mktemp("out")
-    formats = {"cifar10": "png", "cifar100": "jpg", "stl10": "png", "tiny-imagenet": "jpg", "imagefolder": "png"}
+    formats = {
+        "cifar10": "png",
+        "cifar100": "jpg",
+        "stl10": "png",
+        "tiny-imagenet": "jpg",
+        "imagefolder": "png",
+    }
     dirs = {}
     for name, (src, _) in sources.items():
         dirs[name] = out / name
-        assert run("--dataset", name, "--src", src, "--out", dirs[name], "--format", formats[name],
-                   "--shard-size", "4") == 0
+        assert (
+            run(
+                "--dataset",
+                name,
+                "--src",
+                src,
+                "--out",
+                dirs[name],
+                "--format",
+                formats[name],
+                "--shard-size",
+                "4",
+            )
+            == 0
+        )
     return dirs
 
 
@@ -228,8 +266,13 @@ def read_dali(root: Path, split: str) -> tuple[list[np.ndarray], list[int | None
 
     @pipeline_def(batch_size=info.num_samples, num_threads=1, device_id=None)
     def pipe():
-        outs = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=[ext, "cls"] if info.labeled else [ext],
-                                     missing_component_behavior="error", name="r")
+        outs = fn.readers.webdataset(
+            paths=tars,
+            index_paths=idxs,
+            ext=[ext, "cls"] if info.labeled else [ext],
+            missing_component_behavior="error",
+            name="r",
+        )
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         return (fn.decoders.image(outs[0], device="cpu", output_type=types.RGB), *outs[1:])
 
@@ -237,8 +280,9 @@ def read_dali(root: Path, split: str) -> tuple[list[np.ndarray], list[int | None
     p.build()
     out = p.run()
     images = [np.array(out[0].at(i)) for i in range(info.num_samples)]
-    labels = [int(bytes(np.array(out[1].at(i))).decode()) if info.labeled else None
-              for i in range(info.num_samples)]
+    labels = [
+        int(bytes(np.array(out[1].at(i))).decode()) if info.labeled else None for i in range(info.num_samples)
+    ]
     return images, labels
 
 
@@ -322,16 +366,30 @@ def test_imagefolder_modes_and_corrupt_file(sources, converted):
 
 
 def test_imagefolder_strict_fails_on_corrupt_file(sources, tmp_path, capsys):
-    assert run("--dataset", "imagefolder", "--src", sources["imagefolder"][0], "--out", tmp_path / "o",
-               "--strict", "--format", "png") != 0
+    assert (
+        run(
+            "--dataset",
+            "imagefolder",
+            "--src",
+            sources["imagefolder"][0],
+            "--out",
+            tmp_path / "o",
+            "--strict",
+            "--format",
+            "png",
+        )
+        != 0
+    )
     assert "z6_corrupt.jpg" in capsys.readouterr().err
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_imagefolder_resize_shorter_side(sources, tmp_path):
     out = tmp_path / "o"
-    assert run("--dataset", "imagefolder", "--src", sources["imagefolder"][0], "--out", out,
-               "--resize", "12") == 0
+    assert (
+        run("--dataset", "imagefolder", "--src", sources["imagefolder"][0], "--out", out, "--resize", "12")
+        == 0
+    )
     _, images, _ = read_webdataset(out, "val")
     assert sorted({im.shape[:2] for im in images}) == [(12, 12), (12, 14)]  # 24x24 and 20x24 sources
 
@@ -368,8 +426,21 @@ def test_digits_stratified_and_deterministic(tmp_path):
 
 def test_rerun_on_finished_folder_says_complete(converted, sources, capsys):
     before = {p.name: p.stat().st_mtime_ns for p in converted["cifar10"].iterdir()}
-    assert run("--dataset", "cifar10", "--src", sources["cifar10"][0], "--out", converted["cifar10"],
-               "--format", "png", "--shard-size", "4") == 0
+    assert (
+        run(
+            "--dataset",
+            "cifar10",
+            "--src",
+            sources["cifar10"][0],
+            "--out",
+            converted["cifar10"],
+            "--format",
+            "png",
+            "--shard-size",
+            "4",
+        )
+        == 0
+    )
     assert "already complete" in capsys.readouterr().out
     assert before == {p.name: p.stat().st_mtime_ns for p in converted["cifar10"].iterdir()}
 
@@ -437,12 +508,16 @@ def test_interrupted_conversion_resumes_to_the_same_result(sources, converted, t
     (out / "train-000002.tar.tmp").write_bytes(b"partial")
     with open(out / convert.PROGRESS, "a") as f:
         f.write('{"split": "train", "sha')
-    assert run("--dataset", "cifar10", "--src", src, "--out", out, "--format", "png", "--shard-size", "4") == 0
+    assert (
+        run("--dataset", "cifar10", "--src", src, "--out", out, "--format", "png", "--shard-size", "4") == 0
+    )
     assert not list(out.glob("*.tmp"))
     clean = converted["cifar10"]
     for tar in sorted(clean.glob("*.tar")):
         assert (out / tar.name).read_bytes() == tar.read_bytes()
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(
+        (clean / "manifest.json").read_text()
+    )
     assert verify_dataset(out).ok
 
 
@@ -453,8 +528,21 @@ def test_shard_with_wrong_count_is_redone(sources, converted, tmp_path):
     shutil.copytree(converted["cifar10"], out)
     (out / "manifest.json").unlink()
     (out / "train-000001.idx").write_text("v1.2 1\njpg 512 3 x.jpg\n")  # does not match its record
-    assert run("--dataset", "cifar10", "--src", sources["cifar10"][0], "--out", out,
-               "--format", "png", "--shard-size", "4") == 0
+    assert (
+        run(
+            "--dataset",
+            "cifar10",
+            "--src",
+            sources["cifar10"][0],
+            "--out",
+            out,
+            "--format",
+            "png",
+            "--shard-size",
+            "4",
+        )
+        == 0
+    )
     assert verify_dataset(out).ok
 
 
@@ -515,8 +603,22 @@ def test_refuses_other_dataset_unless_overwrite(sources, converted, tmp_path, ca
 
 def test_cli_subprocess_two_workers(sources, converted, tmp_path):
     out = tmp_path / "c10"
-    cmd = [sys.executable, str(TOOL), "--dataset", "cifar10", "--src", str(sources["cifar10"][0]),
-           "--out", str(out), "--format", "png", "--shard-size", "4", "--workers", "2"]
+    cmd = [
+        sys.executable,
+        str(TOOL),
+        "--dataset",
+        "cifar10",
+        "--src",
+        str(sources["cifar10"][0]),
+        "--out",
+        str(out),
+        "--format",
+        "png",
+        "--shard-size",
+        "4",
+        "--workers",
+        "2",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "cifar10: train 15, test 3 (10 classes, 32x32, png, 0 skipped)" in done.stdout
