@@ -1,0 +1,441 @@
+"""The loader factory: K augmented uint8 views per image from a shard directory (DALI, CPU or GPU).
+
+    loader = build_loader(root, "train", batch_size=256, views=4, preset="default", device="gpu")
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, y in loader:          # x: (K, B, 3, H, W) uint8 on the device, y: (B,) int64
+            x = normalize(x)         # float, on the device: only bytes crossed PCIe
+
+Data order and augmentation are a function of (seed, epoch, shard_id): every epoch gets its own
+freshly built DALI pipeline (cheap, see ``docs/benchmarks.md``), whose tar list is permuted with a
+seed shared by all ranks before the reader splits it into ``num_shards`` blocks, and whose
+shuffle buffer and augmentation seeds differ per rank. ``backend="torch"`` (or a host without
+DALI) uses ``pipelines.reference.build_reference_loader`` with the same arguments and contract.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ensiam_fast.shards import ShardFormatError, read_manifest, shard_paths
+from pipelines.presets import MEAN, STD, AugPreset, get_preset
+
+READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
+SHUFFLE_BUFFER = 2048  # encoded samples held for in-shard shuffling (~220 MB of ImageNet JPEGs)
+VERIFY_HINT = "check the shards with `python tools/make_shards.py --verify {root}`"
+
+
+# ----------------------------------------------------------------------------- small pure helpers
+
+
+def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[start, end) of one shard's block of samples, the split DALI's readers use."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from a tuple of non-negative ints (statistically independent streams)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def parse_labels(raw: np.ndarray) -> np.ndarray:
+    """ASCII decimal ``.cls`` bytes, zero-padded to (B, L), to int64 labels (``b'522'`` -> 522).
+
+    Padding zeros and surrounding whitespace are ignored; anything else is a format error.
+    """
+    raw = np.asarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] == 0:
+        raise ShardFormatError(f"empty .cls entries in a labelled split (label bytes of shape {raw.shape})")
+    digit = (raw >= ord("0")) & (raw <= ord("9"))
+    ignorable = np.isin(raw, np.frombuffer(b"\x00 \t\r\n", dtype=np.uint8))
+    bad_rows = np.flatnonzero(~(digit | ignorable).all(axis=1) | ~digit.any(axis=1))
+    if bad_rows.size:
+        text = bytes(raw[bad_rows[0]]).rstrip(b"\x00")
+        raise ShardFormatError(f".cls content {text!r} is not an ASCII decimal class index")
+    values = np.zeros(raw.shape[0], dtype=np.int64)
+    for col in range(raw.shape[1]):  # L = longest label's length: a handful of vector steps
+        values = np.where(digit[:, col], values * 10 + (raw[:, col].astype(np.int64) - ord("0")), values)
+    return values
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 views (K, B, 3, H, W) -> (x / 255 - MEAN) / STD as ``dtype``, on x's device.
+
+    With ``channels_last`` the result's memory is (K, B, H, W, 3), so ``y.flatten(0, 1)`` is an
+    NHWC (channels_last) batch without a copy.
+    """
+    if x.dim() != 5 or x.shape[2] != 3:
+        raise ValueError(f"normalize expects uint8 views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(MEAN, dtype=torch.float32)
+    std = torch.tensor(STD, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std)).to(device=x.device, dtype=dtype)
+    shift = (-mean / std).to(device=x.device, dtype=dtype)
+    k, b, _, h, w = x.shape
+    if channels_last:
+        out = torch.empty((k, b, h, w, 3), dtype=dtype, device=x.device)  # NHWC memory per view
+        torch.addcmul(shift, x.permute(0, 1, 3, 4, 2), scale, out=out)
+        return out.permute(0, 1, 4, 2, 3)
+    out = torch.empty((k, b, 3, h, w), dtype=dtype, device=x.device)
+    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1), out=out)
+
+
+def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.device]:
+    """'cpu' | 'gpu' | 'cuda' | 'cuda:N' | 'gpu:N' -> (DALI kind, device_id, torch device)."""
+    text = str(device)
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu", None, torch.device("cpu")
+    if kind in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={text!r} asks for a GPU but torch sees no CUDA device; use device='cpu'")
+        device_id = int(index) if index else torch.cuda.current_device()
+        return "gpu", device_id, torch.device("cuda", device_id)
+    raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {text!r}")
+
+
+# ----------------------------------------------------------------------------- shard indices
+
+
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
+    """(Re)make the DALI index of one tar (the ``wds2idx`` v1.2 format), written atomically."""
+    samples: dict[str, list[str]] = {}
+    with tarfile.open(tar_path, mode="r:") as tf:
+        for member in tf:
+            base = member.name.rsplit("/", 1)[-1]
+            if not member.isfile() or base.startswith("."):
+                continue
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, []).append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    if not samples:
+        raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
+    tmp = Path(str(idx_path) + ".tmp")
+    tmp.write_text(f"v1.2 {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n")
+    os.replace(tmp, idx_path)
+
+
+def ensure_indices(root: Path, tars: list[str], idxs: list[str]) -> list[str]:
+    """The index paths to use: missing ones are regenerated from their tar (beside it when the
+    dataset directory is writable, else in a temporary directory), with a warning."""
+    out = []
+    fallback_dir: Path | None = None
+    for tar, idx in zip(tars, idxs):
+        if Path(idx).is_file():
+            out.append(idx)
+            continue
+        target = Path(idx)
+        if not os.access(target.parent, os.W_OK):
+            fallback_dir = fallback_dir or Path(tempfile.mkdtemp(prefix="ensiam_idx_"))
+            target = fallback_dir / target.name
+        warnings.warn(
+            f"DALI index {idx} is missing; regenerating it from {tar} into {target} "
+            f"(tools/make_shards.py writes it; {VERIFY_HINT.format(root=root)})",
+            stacklevel=3,
+        )
+        try:
+            write_index(tar, target)
+        except (OSError, tarfile.TarError) as e:
+            raise ShardFormatError(f"cannot index shard {tar} ({e}); {VERIFY_HINT.format(root=root)}") from e
+        out.append(str(target))
+    return out
+
+
+def _index_entries(idx_path: str) -> list[tuple[str, int, int, str]]:
+    """(ext, offset, size, member) of the image component of every sample in an index."""
+    lines = Path(idx_path).read_text().splitlines()
+    width = 4 if lines and lines[0].startswith("v1.2") else 3
+    entries = []
+    for line in lines[1:]:
+        fields = line.split()
+        for i in range(0, len(fields) - width + 1, width):
+            ext, offset, size = fields[i], int(fields[i + 1]), int(fields[i + 2])
+            if ext in ("jpg", "png"):
+                name = fields[i + 3] if width == 4 else f"<sample at byte {offset}>"
+                entries.append((ext, offset, size, name))
+    return entries
+
+
+def find_undecodable(tars: list[str], idxs: list[str], budget_s: float = 30.0) -> tuple[str, str] | None:
+    """The first (tar, member) whose image PIL cannot decode, searched for at most ``budget_s``."""
+    from PIL import Image
+
+    deadline = time.monotonic() + budget_s
+    for tar, idx in zip(tars, idxs):
+        with open(tar, "rb") as f:
+            for _, offset, size, name in _index_entries(idx):
+                if time.monotonic() > deadline:
+                    return None
+                f.seek(offset)
+                try:
+                    with Image.open(io.BytesIO(f.read(size))) as im:
+                        im.convert("RGB").load()
+                except Exception:  # any decoder failure is what we are looking for
+                    return tar, name
+    return None
+
+
+# ----------------------------------------------------------------------------- the DALI loader
+
+
+class DaliLoader:
+    """One epoch of (x, y) batches per iteration; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        *,
+        batch_size: int,
+        views: int,
+        preset: str | AugPreset,
+        device: str | torch.device = "cpu",
+        shard_id: int = 0,
+        num_shards: int = 1,
+        seed: int = 0,
+        train: bool = True,
+        image_size: int | None = None,
+        num_threads: int | None = None,
+    ):
+        from pipelines import dali as dali_pipes
+
+        self._pipes = dali_pipes
+        dali_pipes.check_views(views)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
+            raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+        self.root = Path(root)
+        self.split = split
+        self.train = bool(train)
+        self.preset = resolve_preset(preset, train)
+        self.kind, self.device_id, self.device = resolve_device(device)
+        manifest = read_manifest(self.root)
+        info = manifest.split(split)
+        self.size = resolve_image_size(image_size, manifest.image_size, self.root)
+        dali_pipes.check_jigsaw(self.size, self.preset.jigsaw_grid)
+        tars, idxs = shard_paths(self.root, split)
+        self._tars = tars
+        self._idxs = ensure_indices(self.root, tars, idxs)
+        self.views = views
+        self.batch_size = batch_size
+        self.labeled = info.labeled
+        self.num_classes = manifest.num_classes
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.seed = int(seed)
+        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self._total = info.num_samples
+        start, end = shard_bounds(self._total, shard_id, num_shards)
+        self.num_samples = end - start
+        # Training drops the last partial batch; every rank takes as many steps as the smallest
+        # shard allows (shards differ by at most one sample), so distributed ranks stay in step.
+        available = self._total // num_shards if self.train else self.num_samples
+        if batch_size > available:
+            raise ValueError(
+                f"batch_size {batch_size} is larger than the {available} samples shard {shard_id}/{num_shards} "
+                f"of split {split!r} ({self._total} samples in {self.root}) provides; lower batch_size or num_shards"
+            )
+        self._batches = available // batch_size if self.train else -(-available // batch_size)
+        self.epoch = 0
+        self._pipe = None
+        self._pipe_fresh = False
+        self.last_build_s = 0.0
+        self._build()  # fail at construction, not in the middle of the first epoch
+
+    # -- contract -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose data order and augmentations the next iteration yields."""
+        if int(epoch) != self.epoch or not self._pipe_fresh:
+            self.epoch = int(epoch)
+            self._build()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_batch.. of the current epoch, identical to a full pass from that point."""
+        if not 0 <= start_batch <= self._batches:
+            raise ValueError(f"start_batch must be in 0..{self._batches}, got {start_batch}")
+        if not self._pipe_fresh:
+            self._build()
+        self._pipe_fresh = False
+        return self._epoch(self._pipe, start_batch)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _epoch_tars(self) -> tuple[list[str], list[str]]:
+        """This epoch's tar order: permuted for training with a seed every rank shares."""
+        if not self.train:
+            return self._tars, self._idxs
+        order = np.random.default_rng(derive_seed(self.seed, self.epoch, 0xD1)).permutation(len(self._tars))
+        return [self._tars[i] for i in order], [self._idxs[i] for i in order]
+
+    def _build(self) -> None:
+        self._pipe = None  # release the previous pipeline's threads and buffers first
+        t0 = time.perf_counter()
+        tars, idxs = self._epoch_tars()
+        pipe = self._pipes.build_kview_pipeline(
+            tars,
+            idxs,
+            labeled=self.labeled,
+            preset=self.preset,
+            views=self.views,
+            size=self.size,
+            batch_size=self.batch_size,
+            device=self.kind,
+            device_id=self.device_id,
+            num_threads=self.num_threads,
+            seed=derive_seed(self.seed, self.epoch, self.shard_id, 0xA6),
+            reader_seed=derive_seed(self.seed, self.epoch, self.shard_id, 0x5F),
+            shuffle=self.train,
+            initial_fill=min(SHUFFLE_BUFFER, max(1, self.num_samples)),
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise ShardFormatError(
+                f"DALI could not open the shards of split {self.split!r} in {self.root}: {_first_line(e)}; "
+                + VERIFY_HINT.format(root=self.root)
+            ) from e
+        epoch_size = pipe.reader_meta(READER)["epoch_size"]
+        if epoch_size != self._total:
+            raise ShardFormatError(
+                f"the indices of split {self.split!r} in {self.root} list {epoch_size} samples but the manifest "
+                f"says {self._total}; " + VERIFY_HINT.format(root=self.root)
+            )
+        self._pipe, self._pipe_fresh = pipe, True
+        self.last_build_s = time.perf_counter() - t0
+
+    def _run(self, pipe, batch: int):
+        try:
+            return pipe.run()
+        except RuntimeError as e:
+            raise self._explain(e, batch) from e
+
+    def _epoch(self, pipe, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        for b in range(start):  # exact resume: the RNG state only advances by running
+            self._run(pipe, b)
+        stream = torch.cuda.current_stream(self.device) if self.kind == "gpu" else None
+        shape = (self.views, self.batch_size, 3, self.size, self.size)
+        for b in range(start, self._batches):
+            outs = self._run(pipe, b)
+            x = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            for k in range(self.views):  # one copy per view, straight into its final place
+                feed_ndarray(outs[k].as_tensor(), x[k], cuda_stream=stream)
+            if self.labeled:
+                y = torch.from_numpy(parse_labels(np.asarray(outs[self.views].as_tensor())))
+            else:
+                y = torch.full((self.batch_size,), -1, dtype=torch.int64)
+            keep = min(self.batch_size, self.num_samples - b * self.batch_size)
+            if keep < self.batch_size:  # evaluation's last batch: drop the reader's wrap-around
+                x, y = x[:, :keep].contiguous(), y[:keep]
+            yield x, y.to(self.device, non_blocking=True)
+
+    def _explain(self, error: RuntimeError, batch: int) -> Exception:
+        """Map a DALI pipeline failure to an error naming the shard and what to do."""
+        text = str(error)
+        head = f"split {self.split!r} of {self.root}, epoch {self.epoch}, batch {batch}"
+        if "decoders.image" in text or "nvImageCodec" in text or "decod" in text.lower():
+            found = find_undecodable(self._tars, self._idxs)
+            where = (
+                f"image {found[1]} in shard {found[0]}"
+                if found
+                else f"an image in one of the shards {', '.join(Path(t).name for t in self._tars[:8])}"
+                + (" ..." if len(self._tars) > 8 else "")
+            )
+            return ShardFormatError(
+                f"cannot decode {where} ({head}); the shard is corrupt: re-make it, and "
+                + VERIFY_HINT.format(root=self.root)
+            )
+        return RuntimeError(
+            f"DALI pipeline failed ({head}): {_first_line(error)}; " + VERIFY_HINT.format(root=self.root)
+        )
+
+
+def _first_line(error: Exception) -> str:
+    lines = [ln for ln in str(error).splitlines() if ln.strip() and "Critical error" not in ln]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:
+    """The preset to apply: evaluation forces 'eval' unless 'linear' is asked for."""
+    resolved = get_preset(preset)
+    if not train and resolved.name not in ("linear", "eval"):
+        return get_preset("eval")
+    return resolved
+
+
+def resolve_image_size(image_size: int | None, manifest_size: list[int] | None, root: Path) -> int:
+    if image_size is not None:
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+        return image_size
+    if not manifest_size:
+        raise ValueError(f"{root}/manifest.json has no image_size (its images differ in size): pass image_size=...")
+    return int(manifest_size[0])
+
+
+# ----------------------------------------------------------------------------- the factory
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    views: int,
+    preset: str | AugPreset,
+    device: str | torch.device = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    train: bool = True,
+    image_size: int | None = None,
+    num_threads: int | None = None,
+    backend: str = "dali",
+):
+    """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring."""
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
+    kwargs = dict(
+        batch_size=batch_size,
+        views=views,
+        preset=preset,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        train=train,
+        image_size=image_size,
+        num_threads=num_threads,
+    )
+    if backend == "dali" and not dali_available():
+        warnings.warn("NVIDIA DALI is not importable: falling back to the torchvision loader", stacklevel=2)
+        backend = "torch"
+    if backend == "torch":
+        from pipelines.reference import build_reference_loader
+
+        return build_reference_loader(root, split, **kwargs)
+    return DaliLoader(root, split, **kwargs)

@@ -1,0 +1,346 @@
+"""DALI pipelines: read WebDataset shards, decode each image once, make K augmented views.
+
+Pure processing functions (one per augmentation stage) plus one thin ``@pipeline_def`` wrapper.
+The same code builds the CPU and the GPU pipeline: ``device`` only picks the decoder backend
+(``cpu`` or ``mixed``); every later operator runs where its input lives, and the per-sample random
+parameters (drawn on the CPU, where DALI draws them) are moved next to the image when needed.
+
+Views leave the pipeline as uint8 CHW (normalisation happens in torch on the device, so only
+bytes cross PCIe). Stage order per view follows ``pipelines.presets``: crop -> flip -> colour
+jitter -> grayscale -> blur -> RandAugment -> jigsaw; the flip is applied last, fused with the
+HWC->CHW transpose (see ``finish``), which gives the same distribution of views.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
+
+from pipelines.presets import AugPreset
+
+MAX_VIEWS = 16
+# ITU-R 601 luma, the weights torchvision's rgb_to_grayscale (and DALI's hsv) use.
+LUMA = (0.299, 0.587, 0.114)
+# torchvision's RandAugment translates by up to 150/331 of the image side at the top magnitude.
+RANDAUG_MAX_TRANSLATE_REL = 150.0 / 331.0
+
+
+def decoder_backend(device: str) -> str:
+    """DALI backend of the image decoder: 'mixed' (CPU bytes in, GPU pixels out) or 'cpu'."""
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    return "mixed" if device == "gpu" else "cpu"
+
+
+def read_shards(
+    tars: list[str],
+    idxs: list[str],
+    *,
+    labeled: bool,
+    shuffle: bool,
+    initial_fill: int,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    name: str = "reader",
+):
+    """Encoded images (and raw ``.cls`` bytes when labelled) of this shard, in reader order.
+
+    The reader splits the concatenation of ``tars`` (in the order given) into ``num_shards``
+    contiguous blocks of samples; callers permute ``tars`` per epoch for shard-order shuffling.
+    """
+    ext = ["jpg;png", "cls"] if labeled else ["jpg;png"]
+    outputs = fn.readers.webdataset(
+        paths=tars,
+        index_paths=idxs,
+        ext=ext,
+        missing_component_behavior="error",
+        random_shuffle=shuffle,
+        initial_fill=initial_fill,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        name=name,
+    )
+    if labeled:
+        return outputs[0], outputs[1]
+    return (outputs if not isinstance(outputs, (list, tuple)) else outputs[0]), None
+
+
+def decode(encoded, device: str):
+    """Decode JPEG/PNG bytes to uint8 RGB HWC, on the GPU (nvJPEG) when device == 'gpu'."""
+    return fn.decoders.image(encoded, device=decoder_backend(device), output_type=types.RGB)
+
+
+def _near(param, device: str):
+    """Move a per-sample CPU parameter next to GPU images (arithmetic needs one placement)."""
+    return param.gpu() if device == "gpu" else param
+
+
+def _applied(p: float):
+    """1.0 with probability p, else 0.0 (per sample, float)."""
+    return fn.cast(fn.random.coin_flip(probability=p, dtype=types.UINT8), dtype=types.FLOAT)
+
+
+def _factor(strength: float, apply):
+    """ColorJitter factor: U[max(0, 1 - s), 1 + s] when applied, exactly 1 otherwise."""
+    lo = max(0.0, 1.0 - strength)
+    return 1.0 + apply * (fn.random.uniform(range=[lo, 1.0 + strength]) - 1.0)
+
+
+def crop(images, preset: AugPreset, size: int):
+    """Random resized crop to size x size, or (no randomness) shorter side to resize_ratio*size
+    and a centre crop."""
+    if preset.crop:
+        return fn.random_resized_crop(
+            images,
+            size=[size, size],
+            random_area=list(preset.crop_scale),
+            random_aspect_ratio=list(preset.crop_ratio),
+            antialias=True,
+        )
+    shorter = max(size, int(round(preset.resize_ratio * size)))
+    resized = fn.resize(images, resize_shorter=shorter, antialias=True)
+    return fn.crop(resized, crop=[size, size])
+
+
+def colour(images, preset: AugPreset, device: str):
+    """Colour jitter (with p=jitter_p) then grayscale (p=grayscale_p), torchvision semantics.
+
+    Brightness and contrast are one fused expression: contrast blends with the mean grey of the
+    image like torchvision, and b * (m + c * (x - m)) equals brightness-then-contrast exactly
+    (up to torchvision's intermediate clamp). Saturation, hue and grayscale are one ``hsv`` op:
+    saturation scales chroma around the same luma, and grayscale is saturation 0 (hue does not
+    matter then). The order is fixed (b, c, s, h); torchvision draws a random order per image.
+    """
+    out = images
+    apply = _applied(preset.jitter_p) if preset.jitter_p > 0 else None
+    if apply is not None and (preset.brightness > 0 or preset.contrast > 0):
+        b = _factor(preset.brightness, apply)
+        c = _factor(preset.contrast, apply)
+        channel_mean = fn.reductions.mean(out, axes=[0, 1])  # (3,) per image, where the image is
+        grey_mean = fn.reductions.sum(channel_mean * types.Constant(np.float32(LUMA)))
+        scale = _near(b * c, device)
+        shift = _near(b * (1.0 - c), device) * grey_mean
+        out = fn.cast(out * scale + shift, dtype=types.UINT8)  # cast rounds and saturates
+    sat = None
+    hue = None
+    if apply is not None and preset.saturation > 0:
+        sat = _factor(preset.saturation, apply)
+    if apply is not None and preset.hue > 0:
+        # torchvision's hue factor is a fraction of the colour circle; DALI takes degrees.
+        hue = apply * fn.random.uniform(range=[-360.0 * preset.hue, 360.0 * preset.hue])
+    if preset.grayscale_p > 0:
+        keep_colour = 1.0 - _applied(preset.grayscale_p)
+        sat = keep_colour if sat is None else sat * keep_colour
+    if sat is not None or hue is not None:
+        kwargs = {}
+        if sat is not None:
+            kwargs["saturation"] = sat
+        if hue is not None:
+            kwargs["hue"] = hue
+        out = fn.hsv(out, **kwargs)
+    return out
+
+
+def blur(images, preset: AugPreset):
+    """Gaussian blur with sigma ~ U(blur_sigma), applied with probability blur_p.
+
+    A DALI conditional routes only the chosen samples through the convolution. The kernel
+    window is DALI's default for the sigma, 2 * ceil(3 * sigma) + 1.
+    """
+    if preset.blur_p <= 0:
+        return images
+    sigma = fn.random.uniform(range=list(preset.blur_sigma))
+    if fn.random.coin_flip(probability=preset.blur_p, dtype=types.BOOL):
+        images = fn.gaussian_blur(images, sigma=sigma)
+    return images
+
+
+def rand_augment(images, preset: AugPreset, size: int):
+    """RandAugment(n, m) with torchvision's conventions (black fill, 150/331 max translation)."""
+    if preset.randaugment_n <= 0:
+        return images
+    # DALI's own suite still calls its deprecated fn.experimental aliases (and forces those
+    # warnings on); recording them keeps the log clean, there is nothing for a user to act on.
+    with warnings.catch_warnings(record=True):
+        return dali_rand_augment.rand_augment(
+            images,
+            n=preset.randaugment_n,
+            m=preset.randaugment_m,
+            num_magnitude_bins=preset.randaugment_bins,
+            shape=(size, size),
+            max_translate_rel=RANDAUG_MAX_TRANSLATE_REL,
+            fill_value=0,
+        )
+
+
+def check_jigsaw(size: int, grid: int) -> None:
+    if grid > 0 and size % grid != 0:
+        raise ValueError(
+            f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
+            f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0"
+        )
+
+
+def jigsaw(images, grid: int, size: int):
+    """Cut each size x size image into grid x grid tiles and paste them back in a uniformly random
+    order, drawn independently per sample.
+
+    The permutation is the rank of grid*grid random keys; key = random * n + position is never
+    tied, so the ranks always form a permutation. ``multi_paste`` with the image given once per
+    tile pastes tile t of sample i into sample i at its permuted place (one pass over pixels).
+    """
+    check_jigsaw(size, grid)
+    n = grid * grid
+    tile = size // grid
+    keys = fn.random.uniform(range=[0, 1 << 20], shape=[n], dtype=types.INT32) * n + types.Constant(
+        np.arange(n, dtype=np.int32)
+    )
+    # rank[i] = number of keys smaller than key[i]
+    smaller = fn.reshape(keys, shape=[1, n]) < fn.reshape(keys, shape=[n, 1])
+    rank = fn.reductions.sum(fn.cast(smaller, dtype=types.INT32), axes=[1])
+    out_anchors = fn.cast(fn.stack((rank // grid) * tile, (rank % grid) * tile, axis=1), dtype=types.INT32)
+    positions = np.stack(np.divmod(np.arange(n), grid), axis=1).astype(np.int32) * tile
+    return fn.multi_paste(
+        *([images] * n),
+        in_anchors=types.Constant(positions),
+        out_anchors=out_anchors,
+        shapes=types.Constant(np.full((n, 2), tile, dtype=np.int32)),
+    )
+
+
+def finish(images, flip_p: float):
+    """Horizontal flip with probability flip_p fused with the HWC -> CHW transpose (uint8 out).
+
+    Applied last rather than right after the crop: every stage in between is either pointwise,
+    mirror-symmetric (blur kernel, RandAugment's signed magnitudes) or a uniform permutation of
+    a symmetric grid (jigsaw), so flipping last yields the same distribution of views.
+    """
+    mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else 0
+    return fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
+
+
+def augment_view(images, preset: AugPreset, size: int, device: str):
+    """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
+    view = crop(images, preset, size)
+    view = colour(view, preset, device)
+    view = blur(view, preset)
+    view = rand_augment(view, preset, size)
+    if preset.jigsaw_grid > 0:
+        view = jigsaw(view, preset.jigsaw_grid, size)
+    return finish(view, preset.flip_p)
+
+
+def check_views(views: int) -> None:
+    if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views (K) must be an integer in 1..{MAX_VIEWS}, got {views!r}")
+
+
+def label_bytes(cls):
+    """The ``.cls`` bytes, zero-padded to the longest in the batch: (B, L) uint8 for the host."""
+    return fn.pad(cls, fill_value=0, axes=[0])
+
+
+@pipeline_def(enable_conditionals=True)
+def kview_pipeline(
+    *,
+    tars: list[str],
+    idxs: list[str],
+    labeled: bool,
+    preset: AugPreset,
+    views: int,
+    size: int,
+    device: str,
+    shuffle: bool,
+    initial_fill: int,
+    shard_id: int,
+    num_shards: int,
+    reader_seed: int,
+):
+    """Outputs: K views (each a batch of uint8 3 x size x size) and, when labelled, label bytes."""
+    encoded, cls = read_shards(
+        tars,
+        idxs,
+        labeled=labeled,
+        shuffle=shuffle,
+        initial_fill=initial_fill,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=reader_seed,
+    )
+    images = decode(encoded, device)
+    outputs = [augment_view(images, preset, size, device) for _ in range(views)]
+    if labeled:
+        outputs.append(label_bytes(cls))
+    return tuple(outputs)
+
+
+def build_kview_pipeline(
+    tars: list[str],
+    idxs: list[str],
+    *,
+    labeled: bool,
+    preset: AugPreset,
+    views: int,
+    size: int,
+    batch_size: int,
+    device: str = "cpu",
+    device_id: int | None = None,
+    num_threads: int = 1,
+    seed: int = 0,
+    reader_seed: int = 0,
+    shuffle: bool = False,
+    initial_fill: int = 1024,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    prefetch_queue_depth: int = 2,
+):
+    """Define (not build) the K-view pipeline; ``device_id`` must be None on the CPU."""
+    check_views(views)
+    check_jigsaw(size, preset.jigsaw_grid)
+    decoder_backend(device)
+    if device == "gpu" and device_id is None:
+        raise ValueError("device='gpu' needs a device_id (the CUDA device index)")
+    if device == "cpu":
+        device_id = None  # DALI 2.x: a CPU-only pipeline is one without a device
+    return kview_pipeline(
+        tars=list(tars),
+        idxs=list(idxs),
+        labeled=labeled,
+        preset=preset,
+        views=views,
+        size=size,
+        device=device,
+        shuffle=shuffle,
+        initial_fill=max(1, int(initial_fill)),
+        shard_id=shard_id,
+        num_shards=num_shards,
+        reader_seed=reader_seed,
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
+
+
+__all__ = [
+    "MAX_VIEWS",
+    "augment_view",
+    "blur",
+    "build_kview_pipeline",
+    "check_jigsaw",
+    "check_views",
+    "colour",
+    "crop",
+    "decode",
+    "finish",
+    "jigsaw",
+    "kview_pipeline",
+    "rand_augment",
+    "read_shards",
+]
