@@ -16,12 +16,15 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import struct
 import sys
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ensiam_fast.shards import (
@@ -37,7 +40,15 @@ from ensiam_fast.shards import (
     write_manifest,
     write_shard,
 )
-from ensiam_fast.sources import DATASETS, Sample, Source, load_image, open_source, to_rgb8
+from ensiam_fast.sources import (
+    DATASETS,
+    Sample,
+    Source,
+    load_image,
+    open_source,
+    pil_from_pixels,
+    to_rgb8,
+)
 
 PLAN = ".make_shards_plan.json"
 PROGRESS = ".make_shards_done.jsonl"
@@ -90,8 +101,49 @@ def _shrink(img: Image.Image, resize: int) -> Image.Image:
     return img.resize(size, Image.BICUBIC)
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless 8-bit RGB PNG of an (H, W, 3) uint8 array.
+
+    Every row uses PNG's "Average" filter, computed with numpy; with zlib that is about four times
+    faster than Pillow's PNG writer at 32x32 and within a few percent of its file size.
+    """
+    h, w, _ = pixels.shape
+    rows = pixels.reshape(h, w * 3).astype(np.int16)
+    left = np.zeros_like(rows)
+    left[:, 3:] = rows[:, :-3]  # the same channel of the pixel to the left (3 bytes per pixel)
+    up = np.zeros_like(rows)
+    up[1:] = rows[:-1]
+    filtered = np.empty((h, 1 + w * 3), np.uint8)
+    filtered[:, 0] = 3  # filter type: Average
+    filtered[:, 1:] = (rows - ((left + up) >> 1)) & 0xFF
+    header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit truecolour, no interlace
+    idat = zlib.compress(filtered.tobytes(), 6)
+    return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _PNG_END
+
+
+def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    small = max(img.size) <= SMALL_IMAGE_SIDE
+    img.save(buf, format="JPEG", quality=quality, subsampling=0 if small else -1)
+    return buf.getvalue()
+
+
 def encode_sample(sample: Sample, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
     """Return (extension, encoded bytes, (H, W)) for one sample; raises when it cannot be read."""
+    px = sample.pixels
+    if px is not None and (opts.resize is None or min(px.shape[:2]) <= opts.resize):
+        # The hot path for array datasets (CIFAR, STL-10, digits): no decoding, no conversion.
+        if opts.format == "png":
+            return "png", encode_png(px), px.shape[:2]
+        return "jpg", _encode_jpeg(pil_from_pixels(px), opts.quality), px.shape[:2]
     img, raw, src_format, needs_resize = _open_for_encoding(sample, opts.resize)
     keep = raw is not None and src_format == "JPEG" and img.mode == "RGB" and opts.format == "jpg"
     if keep and not needs_resize and not opts.reencode:
@@ -99,13 +151,9 @@ def encode_sample(sample: Sample, opts: EncodeOptions) -> tuple[str, bytes, tupl
     img = to_rgb8(img)
     if needs_resize:
         img = _shrink(img, opts.resize)
-    buf = io.BytesIO()
     if opts.format == "png":
-        img.save(buf, format="PNG", compress_level=1)  # lossless either way; level 1 is the fastest
-    else:
-        small = max(img.size) <= SMALL_IMAGE_SIDE
-        img.save(buf, format="JPEG", quality=opts.quality, subsampling=0 if small else -1)
-    return opts.format, buf.getvalue(), (img.height, img.width)
+        return "png", encode_png(np.asarray(img)), (img.height, img.width)
+    return "jpg", _encode_jpeg(img, opts.quality), (img.height, img.width)
 
 
 @dataclass

@@ -469,10 +469,17 @@ def open_source(dataset: str, src: str | os.PathLike | None) -> Source:
     return OPENERS[dataset](None if src is None else Path(src))
 
 
+def pil_from_pixels(pixels: np.ndarray) -> Image.Image:
+    """A Pillow view of an (H, W, 3) uint8 array (no copy when it is contiguous)."""
+    pixels = np.ascontiguousarray(pixels)
+    h, w, _ = pixels.shape
+    return Image.frombuffer("RGB", (w, h), pixels, "raw", "RGB", 0, 1)
+
+
 def load_image(sample: Sample) -> tuple[Image.Image, bytes | None, str | None]:
     """Open a sample as RGB; also return the file bytes and Pillow's format for file samples."""
     if sample.pixels is not None:
-        return Image.fromarray(sample.pixels), None, None
+        return pil_from_pixels(sample.pixels), None, None
     data = sample.path.read_bytes()
     img = Image.open(io.BytesIO(data))
     img.load()  # decode now so that a truncated or corrupt file fails here

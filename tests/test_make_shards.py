@@ -629,3 +629,14 @@ def test_cli_subprocess_two_workers(sources, converted, tmp_path):
     (out / "test-000000.idx").unlink()
     check = subprocess.run([sys.executable, str(TOOL), "--verify", str(out)], capture_output=True, text=True)
     assert check.returncode != 0 and "test-000000.idx is missing" in check.stderr
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (32, 32), (7, 96)])
+def test_encode_png_is_lossless(shape):
+    import io
+
+    px = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    data = convert.encode_png(px)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        assert np.array_equal(np.asarray(img), px)

@@ -29,3 +29,29 @@ def test_index_offsets_point_at_member_bytes(tiny_dataset):
     assert data[int(off) : int(off) + 2] == b"\xff\xd8"  # JPEG start-of-image marker
     assert json.loads((tiny_dataset / "manifest.json").read_text())["num_classes"] == 12
     assert np.sum([int(c) for c in [count]]) == 16
+
+
+def test_write_shard_matches_tarfile_byte_for_byte(tmp_path):
+    import io
+    import tarfile
+
+    from ensiam_fast.shards import check_shard, write_shard
+
+    rng = np.random.default_rng(0)
+    samples = [
+        (f"k_{i:04d}", {"bin": rng.bytes(int(n)), "cls": str(i).encode()})
+        for i, n in enumerate([0, 1, 511, 512, 513, 5000])
+    ]
+    rec = write_shard(tmp_path / "x-000000.tar", samples)
+    ref = io.BytesIO()
+    with tarfile.open(fileobj=ref, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for key, parts in samples:
+            for ext, data in parts.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode = len(data), 0o644
+                tf.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "x-000000.tar").read_bytes() == ref.getvalue()
+    assert rec.num_samples == 6 and not list(tmp_path.glob("*.tmp"))
+    # The index agrees with the tar member for member (images absent, so only the image check fails).
+    problems = check_shard(tmp_path / "x-000000.tar", labeled=True, num_classes=10, decode=False).problems
+    assert problems and all("should have one image" in p for p in problems)

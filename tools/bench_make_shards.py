@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Benchmark tools/make_shards.py: conversion rate in images/s.
+
+Synthetic sources, written once into a temporary folder in the real on-disk layouts:
+  * 32x32 images in the CIFAR-10 pickle layout (smooth colour fields plus noise, so JPEG and PNG
+    have work comparable to real photographs), converted to JPEG and to PNG;
+  * ~500x375 JPEG files in the imagefolder layout (ImageNet-like), converted with the default
+    (RGB JPEG bytes kept as they are, each image still fully decoded to check it), with --reencode,
+    and with --resize 160.
+Each case runs with 1 and 2 worker processes; the figure is the median of --repeats runs of the whole
+conversion (source reading, planning, encoding, tar writing, manifest). Prints one JSON object last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ensiam_fast.convert import EncodeOptions, convert
+from ensiam_fast.sources import open_source
+
+
+def photo_like(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
+    """Low-frequency colour fields plus sensor-like noise."""
+    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(coarse[i]).resize((w, h), Image.BICUBIC))
+    noise = rng.normal(0, 8, out.shape)
+    return np.clip(out + noise, 0, 255).astype(np.uint8)
+
+
+def write_cifar_like(root: Path, n: int, rng: np.random.Generator) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    per = n // 6
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = photo_like(rng, per, 32, 32)
+        batch = {
+            b"data": images.transpose(0, 3, 1, 2).reshape(per, -1),
+            b"labels": rng.integers(0, 10, per).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [str(i).encode() for i in range(10)]})
+    )
+    return folder
+
+
+def write_imagefolder(root: Path, n: int, rng: np.random.Generator) -> Path:
+    for i in range(n):
+        w, h = (500, 375) if i % 2 else (375, 500)
+        path = root / "train" / f"class{i % 10:02d}" / f"img{i:05d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo_like(rng, 1, h, w)[0]).save(path, quality=90)
+    return root
+
+
+def time_case(dataset: str, src: Path, work: Path, opts: EncodeOptions, workers: int, repeats: int) -> dict:
+    rates = []
+    count = 0
+    for _ in range(repeats):
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        manifest, _ = convert(open_source(dataset, src), out, opts, workers=workers, progress=False)
+        seconds = time.perf_counter() - start
+        count = sum(s.num_samples for s in manifest.splits.values())
+        rates.append(count / seconds)
+    return {
+        "images": count,
+        "images_per_s": round(statistics.median(rates)),
+        "runs": [round(r) for r in rates],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--small", type=int, default=30000, help="32x32 images (CIFAR layout)")
+    p.add_argument("--large", type=int, default=600, help="~500x375 JPEG files (imagefolder layout)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shard-size", type=int, default=2000)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cifar = write_cifar_like(tmp / "cifar", args.small, rng)
+        folder = write_imagefolder(tmp / "folder", args.large, rng)
+        cases = [
+            ("32x32_jpg", "cifar10", cifar, EncodeOptions("jpg", 95, args.shard_size)),
+            ("32x32_png", "cifar10", cifar, EncodeOptions("png", 95, args.shard_size)),
+            ("500x375_keep_jpeg", "imagefolder", folder, EncodeOptions("jpg", 95, args.shard_size // 10)),
+            (
+                "500x375_reencode",
+                "imagefolder",
+                folder,
+                EncodeOptions("jpg", 95, args.shard_size // 10, None, True),
+            ),
+            (
+                "500x375_resize160",
+                "imagefolder",
+                folder,
+                EncodeOptions("jpg", 95, args.shard_size // 10, 160),
+            ),
+        ]
+        for name, dataset, src, opts in cases:
+            for workers in (1, 2):
+                r = time_case(dataset, src, tmp / "work", opts, workers, args.repeats)
+                results[f"{name}_w{workers}"] = r
+                print(
+                    f"{name:22s} workers={workers}: {r['images_per_s']:7d} images/s  runs {r['runs']}",
+                    flush=True,
+                )
+    summary = {
+        "benchmark": "make_shards",
+        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "pillow": Image.__version__,
+        "results": {k: v["images_per_s"] for k, v in results.items()},
+        "ratios": {
+            "32x32_jpg_2w_over_1w": round(
+                results["32x32_jpg_w2"]["images_per_s"] / results["32x32_jpg_w1"]["images_per_s"], 2
+            ),
+            "32x32_png_over_jpg_2w": round(
+                results["32x32_png_w2"]["images_per_s"] / results["32x32_jpg_w2"]["images_per_s"], 2
+            ),
+            "500x375_keep_over_reencode_2w": round(
+                results["500x375_keep_jpeg_w2"]["images_per_s"]
+                / results["500x375_reencode_w2"]["images_per_s"],
+                2,
+            ),
+        },
+        "target_32x32_images_per_s": 5000,
+        "runs": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
