@@ -79,6 +79,25 @@ def blur_kernel_size(sigma: float, side: int) -> int:
     return max(1, min(k, largest))
 
 
+def gaussian_blur(img: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """torchvision's Gaussian blur (reflect padding, same kernel), done as two 1-D passes.
+
+    ``torchvision.transforms.v2.functional.gaussian_blur`` convolves with the full k x k kernel;
+    the Gaussian is separable, so two k-tap passes give the same picture (to rounding) about six
+    times faster at 224x224 with k=13. Keeps the baseline honest rather than slow.
+    """
+    half = (kernel - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel)
+    k1 = torch.softmax(-(x / sigma).pow(2) / 2, dim=0)  # exp(-x^2 / 2 sigma^2), normalised
+    c = img.shape[-3]
+    out = img.to(torch.float32).unsqueeze(0)
+    pad = kernel // 2
+    out = torch.nn.functional.pad(out, [pad, pad, pad, pad], mode="reflect")
+    out = torch.nn.functional.conv2d(out, k1.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
+    out = torch.nn.functional.conv2d(out, k1.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
+    return out.squeeze(0).round_().clamp_(0, 255).to(img.dtype)
+
+
 class ViewAugment:
     """One augmented view of a uint8 (3, H, W) image, following every field of an ``AugPreset``.
 
@@ -129,7 +148,7 @@ class ViewAugment:
             lo, hi = p.blur_sigma
             sigma = lo + (hi - lo) * float(torch.rand(()))
             k = blur_kernel_size(sigma, min(img.shape[-2:]))
-            img = TF.gaussian_blur(img, [k, k], [sigma, sigma])
+            img = gaussian_blur(img, k, sigma)
         if self.randaugment is not None:
             img = self.randaugment(img)
         if p.jigsaw_grid > 0:
