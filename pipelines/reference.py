@@ -210,9 +210,15 @@ def plan_epoch(
         order = order[: num_batches * batch_size]
     else:
         shard_order = list(range(len(shard_sizes)))
-        order = np.array_split(np.arange(total, dtype=np.int64), num_shards)[shard_id]
+        start, end = shard_bounds(total, shard_id, num_shards)
+        order = np.arange(start, end, dtype=np.int64)
         num_batches = math.ceil(len(order) / batch_size)
     return EpochPlan(order=order, shard_order=shard_order, batch_size=batch_size, num_batches=num_batches)
+
+
+def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[start, end) of one rank's contiguous block of samples (the split DALI's readers use)."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
 def batch_seed(seed: int, epoch: int, shard_id: int, batch: int) -> int:
@@ -395,12 +401,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return device
     if device == "cpu":
         return torch.device("cpu")
-    if device in ("gpu", "cuda") or device.startswith("cuda:"):
+    device = str(device)
+    kind, _, index = device.partition(":")
+    if kind in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
-        index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-        return torch.device("cuda", index)
-    raise ValueError(f"device must be 'cpu', 'gpu' or 'cuda[:N]', got {device!r}")
+        return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+    raise ValueError(f"device must be 'cpu', 'gpu[:N]' or 'cuda[:N]', got {device!r}")
 
 
 def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:
@@ -451,17 +458,17 @@ def build_reference_loader(
     plan_args = dict(
         shard_sizes=sizes, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train
     )
-    per_rank = info.num_samples // num_shards if train else len(
-        np.array_split(np.arange(info.num_samples), num_shards)[shard_id]
-    )
-    if train and batch_size > per_rank:
+    start, end = shard_bounds(info.num_samples, shard_id, num_shards)
+    # Training uses total // num_shards samples on every rank (equal len() everywhere).
+    available = info.num_samples // num_shards if train else end - start
+    if batch_size > available:
         raise ValueError(
-            f"batch_size {batch_size} is larger than the {per_rank} samples of split {split!r} that shard "
+            f"batch_size {batch_size} is larger than the {available} samples of split {split!r} that shard "
             f"{shard_id}/{num_shards} gets; lower the batch size"
         )
     augment = ViewAugment(resolve_preset(preset, train), image_size)
     stream = _KViewStream(tars, sizes, info.labeled, views, augment)
-    workers = (os.cpu_count() or 1) if num_threads is None else int(num_threads)
+    workers = len(os.sched_getaffinity(0)) if num_threads is None else int(num_threads)
     if workers < 0:
         raise ValueError(f"num_threads must be >= 0, got {num_threads}")
     return ReferenceLoader(
@@ -470,5 +477,5 @@ def build_reference_loader(
         num_workers=workers,
         device=resolve_device(device),
         num_classes=manifest.num_classes,
-        num_samples=per_rank,
+        num_samples=end - start,
     )
