@@ -44,7 +44,6 @@ from ensiam_fast.sources import (
     DATASETS,
     Sample,
     Source,
-    load_image,
     open_source,
     pil_from_pixels,
     to_rgb8,
@@ -73,25 +72,6 @@ class EncodeOptions:
 
 
 # --------------------------------------------------------------------------- encoding (worker side)
-
-
-def _open_for_encoding(
-    sample: Sample, resize: int | None
-) -> tuple[Image.Image, bytes | None, str | None, bool]:
-    """Open a sample; the last value says whether it must be scaled down to ``resize``."""
-    if sample.pixels is not None:
-        img, raw, fmt = load_image(sample)
-        return img, raw, fmt, resize is not None and min(img.size) > resize
-    if resize is None:
-        return (*load_image(sample), False)
-    data = sample.path.read_bytes()
-    img = Image.open(io.BytesIO(data))
-    scale = resize / min(img.size)
-    if scale < 1 and img.format == "JPEG":
-        # Let libjpeg decode at a reduced scale (DCT scaling): much faster for ImageNet-size files.
-        img.draft("RGB", (int(img.width * scale) + 1, int(img.height * scale) + 1))
-    img.load()
-    return img, data, img.format, scale < 1
 
 
 def _shrink(img: Image.Image, resize: int) -> Image.Image:
@@ -136,24 +116,47 @@ def _encode_jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def _encode(img: Image.Image, fmt: str, quality: int) -> tuple[str, bytes, tuple[int, int]]:
+    data = encode_png(np.asarray(img)) if fmt == "png" else _encode_jpeg(img, quality)
+    return fmt, data, (img.height, img.width)
+
+
+def _encode_pixels(px: np.ndarray, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
+    if opts.resize is not None and min(px.shape[:2]) > opts.resize:
+        return _encode(_shrink(pil_from_pixels(px), opts.resize), opts.format, opts.quality)
+    # The hot path for array datasets (CIFAR, STL-10, digits): no decoding, no conversion.
+    if opts.format == "png":
+        return "png", encode_png(px), px.shape[:2]
+    return "jpg", _encode_jpeg(pil_from_pixels(px), opts.quality), px.shape[:2]
+
+
+def _encode_file(path: Path, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
+    data = path.read_bytes()
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    scale = 1.0 if opts.resize is None else min(1.0, opts.resize / min(w, h))
+    is_rgb_jpeg = img.format == "JPEG" and img.mode == "RGB"
+    if is_rgb_jpeg and opts.format == "jpg" and scale == 1 and not opts.reencode:
+        # Already what a shard holds: keep the bytes. Decoding at 1/8 scale (DCT scaling) still reads
+        # the whole entropy-coded stream, so truncated or corrupt files fail here, at a fraction of the cost.
+        img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+        img.load()
+        return "jpg", data, (h, w)
+    if is_rgb_jpeg and scale < 1:
+        # libjpeg decodes straight to a smaller size (at least the target): much faster for ImageNet.
+        img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+    img.load()  # decode now so that a truncated or corrupt file fails here
+    img = to_rgb8(img)
+    if scale < 1:
+        img = _shrink(img, opts.resize)
+    return _encode(img, opts.format, opts.quality)
+
+
 def encode_sample(sample: Sample, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
     """Return (extension, encoded bytes, (H, W)) for one sample; raises when it cannot be read."""
-    px = sample.pixels
-    if px is not None and (opts.resize is None or min(px.shape[:2]) <= opts.resize):
-        # The hot path for array datasets (CIFAR, STL-10, digits): no decoding, no conversion.
-        if opts.format == "png":
-            return "png", encode_png(px), px.shape[:2]
-        return "jpg", _encode_jpeg(pil_from_pixels(px), opts.quality), px.shape[:2]
-    img, raw, src_format, needs_resize = _open_for_encoding(sample, opts.resize)
-    keep = raw is not None and src_format == "JPEG" and img.mode == "RGB" and opts.format == "jpg"
-    if keep and not needs_resize and not opts.reencode:
-        return "jpg", raw, (img.height, img.width)  # already what the shard needs: keep the bytes
-    img = to_rgb8(img)
-    if needs_resize:
-        img = _shrink(img, opts.resize)
-    if opts.format == "png":
-        return "png", encode_png(np.asarray(img)), (img.height, img.width)
-    return "jpg", _encode_jpeg(img, opts.quality), (img.height, img.width)
+    if sample.pixels is not None:
+        return _encode_pixels(sample.pixels, opts)
+    return _encode_file(sample.path, opts)
 
 
 @dataclass

@@ -11,7 +11,6 @@ Images come out as 8-bit RGB. :func:`to_rgb8` documents how other modes are conv
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import re
@@ -474,13 +473,3 @@ def pil_from_pixels(pixels: np.ndarray) -> Image.Image:
     pixels = np.ascontiguousarray(pixels)
     h, w, _ = pixels.shape
     return Image.frombuffer("RGB", (w, h), pixels, "raw", "RGB", 0, 1)
-
-
-def load_image(sample: Sample) -> tuple[Image.Image, bytes | None, str | None]:
-    """Open a sample as RGB; also return the file bytes and Pillow's format for file samples."""
-    if sample.pixels is not None:
-        return pil_from_pixels(sample.pixels), None, None
-    data = sample.path.read_bytes()
-    img = Image.open(io.BytesIO(data))
-    img.load()  # decode now so that a truncated or corrupt file fails here
-    return img, data, img.format

@@ -147,6 +147,9 @@ def write_tiny_imagenet(parent: Path, rng: np.random.Generator) -> dict:
             save_jpeg(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", px)
             train[0].append(px)
             train[1].append(order.index(wnid))
+    # A JPEG cut short in its entropy-coded data: the kept-bytes path must still catch it.
+    whole = (root / "train" / order[0] / "images" / f"{order[0]}_0.JPEG").read_bytes()
+    (root / "train" / order[0] / "images" / f"{order[0]}_9.JPEG").write_bytes(whole[: len(whole) // 2])
     lines, val = [], ([], [])
     for i, wnid in enumerate(["n02124075", "n09999999", "n01443537", "n02124075"]):
         px = smooth_images(rng, 1, 64, 64)[0]
@@ -347,6 +350,9 @@ def test_tiny_imagenet_train_and_val(sources, converted):
     m = read_manifest(converted["tiny-imagenet"])
     assert m.classes == ["n01443537", "n02124075", "n09999999"] and m.image_size == [64, 64]
     assert m.extra["class_descriptions"][0] == "thing n01443537"
+    skipped = m.splits["train"].skipped
+    assert [s["source"] for s in skipped] == ["train/n01443537/images/n01443537_9.JPEG"]
+    assert "truncated" in skipped[0]["reason"]
     for split in ("train", "val"):
         check_split(converted["tiny-imagenet"], split, want[split], exact=False)
 

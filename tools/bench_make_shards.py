@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import platform
 import shutil
@@ -97,21 +98,22 @@ def main() -> None:
         tmp = Path(tmp)
         cifar = write_cifar_like(tmp / "cifar", args.small, rng)
         folder = write_imagefolder(tmp / "folder", args.large, rng)
+        large_shard = max(1, args.large // 8)  # several shards, so that two workers can share them
         cases = [
             ("32x32_jpg", "cifar10", cifar, EncodeOptions("jpg", 95, args.shard_size)),
             ("32x32_png", "cifar10", cifar, EncodeOptions("png", 95, args.shard_size)),
-            ("500x375_keep_jpeg", "imagefolder", folder, EncodeOptions("jpg", 95, args.shard_size // 10)),
+            ("500x375_keep_jpeg", "imagefolder", folder, EncodeOptions("jpg", 95, large_shard)),
             (
                 "500x375_reencode",
                 "imagefolder",
                 folder,
-                EncodeOptions("jpg", 95, args.shard_size // 10, None, True),
+                EncodeOptions("jpg", 95, large_shard, None, True),
             ),
             (
                 "500x375_resize160",
                 "imagefolder",
                 folder,
-                EncodeOptions("jpg", 95, args.shard_size // 10, 160),
+                EncodeOptions("jpg", 95, large_shard, 160),
             ),
         ]
         for name, dataset, src, opts in cases:
@@ -124,8 +126,9 @@ def main() -> None:
                 )
     summary = {
         "benchmark": "make_shards",
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "pillow": Image.__version__,
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": {k: v["images_per_s"] for k, v in results.items()},
         "ratios": {
             "32x32_jpg_2w_over_1w": round(
