@@ -1,0 +1,529 @@
+"""Evaluation: the kNN monitor (the paper's Figure 3) and the linear-evaluation protocol.
+
+    python -m ensiam_fast.evaluate knn --run runs/demo
+    python -m ensiam_fast.evaluate linear --run runs/demo [--precomputed] [--epochs 100]
+
+kNN follows the usual SSL protocol (Wu et al. 2018, InstDisc): l2-normalised backbone features of
+the labelled training split form the bank; each test image votes with its k most cosine-similar
+bank images, weighted by exp(similarity / t), with k=200 and t=0.1.
+
+Linear evaluation (the paper's Section 4.1, which follows SimSiam, Chen & He 2021, Appendix A):
+the backbone is frozen in eval mode (BatchNorm uses its running statistics) and a linear classifier
+``nn.Linear(feature_dim, classes)`` on the globally pooled features, initialised N(0, 0.01) with a
+zero bias as in SimSiam's ``main_lincls.py``, is trained with cross-entropy for 100 epochs on random
+resized crop + flip views (preset ``linear``). Optimizer: SGD, momentum 0.9, a cosine schedule
+without warm-up, lr = base_lr x batch / 256 with base_lr 0.1 and batch 256 (EnSiam Section 4.1:
+"We used SGD for both pretraining and linear evaluation ... baselr 0.10"). Weight decay 0, as in
+SimSiam's linear protocol (EnSiam's 1e-4 is stated for its optimizer in general; ``--weight-decay``
+sets it). SimSiam itself uses LARS with base lr 0.02 at batch 4096 for ImageNet; we do not.
+``--feature-norm bn`` puts a BatchNorm1d without affine parameters before the linear layer (MoCo v3
+/ MAE linear probing): still a linear classifier at test time, and insensitive to feature scale.
+The test split is scored with the ``eval`` preset, every sample exactly once across processes.
+
+``--precomputed`` is the fast variant for CPUs: features of the un-augmented training images are
+extracted once (``eval`` preset) and the classifier is trained on those tensors. It skips the crop
+augmentation, so its numbers are close to, not equal to, the protocol's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.config import TrainConfig
+from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.export import ExportError, load_backbone, source_info
+from ensiam_fast.shards import ShardFormatError, read_manifest
+from pipelines.presets import get_preset
+
+
+def gather_uneven(accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along dim 0, where lengths may differ per rank."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return tensor
+    sizes = accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+    padded = accelerator.gather(accelerator.pad_across_processes(tensor, dim=0))
+    longest = max(sizes)
+    return torch.cat([padded[r * longest : r * longest + n] for r, n in enumerate(sizes)])
+
+
+@torch.no_grad()
+def extract_features(backbone_features, loader, *, channels_last: bool = False, autocast=None,
+                     l2_normalize: bool = True):
+    """Run ``backbone_features`` ((N,3,H,W) -> (N,D)) over one evaluation pass of ``loader``.
+
+    Returns float32 features (N, D), l2-normalised unless ``l2_normalize=False``, and labels (N,)
+    of this process's samples."""
+    feats, labels = [], []
+    for x, y in loader:
+        x = normalize(x, channels_last=channels_last)[0]  # (1, B, 3, H, W) -> (B, 3, H, W)
+        if autocast is not None:
+            with autocast():
+                f = backbone_features(x)
+        else:
+            f = backbone_features(x)
+        f = f.float()
+        feats.append(F.normalize(f, dim=1) if l2_normalize else f)
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_predict(
+    features: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (N, C) by weighted cosine kNN. ``features`` and ``bank`` are l2-normalised."""
+    k = min(k, bank.shape[0])
+    scores = []
+    for start in range(0, features.shape[0], chunk):
+        sim = features[start : start + chunk] @ bank.T  # (n, M) cosine similarities
+        top_sim, top_idx = sim.topk(k, dim=1)  # (n, k)
+        weights = (top_sim / t).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)  # sum the weights per class
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """How many rows have their label among the top-k scores, for each k."""
+    ranked = scores.argsort(dim=1, descending=True)
+    hits = ranked == labels[:, None]
+    return {k: int(hits[:, : min(k, scores.shape[1])].any(dim=1).sum()) for k in ks}
+
+
+def knn_evaluate(
+    backbone_features,
+    *,
+    root: str,
+    train_split: str,
+    test_split: str,
+    image_size: int | None,
+    batch_size: int,
+    device: str = "cpu",
+    accelerator=None,
+    k: int = 200,
+    t: float = 0.1,
+    resize_ratio: float = 1.0,
+    backend: str = "dali",
+    channels_last: bool = False,
+    autocast=None,
+    num_threads: int | None = None,
+) -> dict[str, float]:
+    """kNN top-1/top-5 accuracy (percent) of the test split against the train-split bank.
+
+    Each process extracts features for its share of both splits; the bank is gathered whole on every
+    process, and each test sample is scored exactly once, by the process that holds it."""
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    common = dict(
+        batch_size=batch_size,
+        views=1,
+        preset=get_preset("eval", resize_ratio=resize_ratio),
+        device=device,
+        shard_id=rank,
+        num_shards=world,
+        train=False,
+        image_size=image_size,
+        backend=backend,
+        num_threads=num_threads,
+    )
+    bank_loader = build_loader(root, train_split, **common)
+    test_loader = build_loader(root, test_split, **common)
+    for loader, split in ((bank_loader, train_split), (test_loader, test_split)):
+        if not loader.labeled:
+            raise ValueError(f"kNN needs labels, but split {split!r} of {root} is unlabelled")
+    bank, bank_labels = extract_features(backbone_features, bank_loader, channels_last=channels_last,
+                                         autocast=autocast)
+    bank, bank_labels = gather_uneven(accelerator, bank), gather_uneven(accelerator, bank_labels)
+    feats, labels = extract_features(backbone_features, test_loader, channels_last=channels_last,
+                                     autocast=autocast)
+    scores = knn_predict(feats, bank, bank_labels, bank_loader.num_classes, k=k, t=t)
+    correct = topk_correct(scores, labels)
+    counts = torch.tensor([correct[1], correct[5], labels.shape[0]], device=feats.device, dtype=torch.float64)
+    if accelerator is not None and world > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    top1, top5, n = counts.tolist()
+    return {"knn_top1": 100.0 * top1 / n, "knn_top5": 100.0 * top5 / n, "knn_samples": int(n)}
+
+
+class EvaluationError(RuntimeError):
+    """Data or settings that cannot be evaluated; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the linear classifier (pure tensors: no loaders, no processes)
+
+FEATURE_NORMS = ("none", "bn")
+
+
+@dataclass
+class LinearSettings:
+    epochs: int = 100
+    batch_size: int = 256  # global, split across processes
+    base_lr: float = 0.1  # lr = base_lr * batch_size / 256 unless ``lr`` is given
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    feature_norm: str = "none"  # none | bn (non-affine BatchNorm1d before the linear layer)
+    seed: int = 0
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise EvaluationError(f"epochs={self.epochs} and batch_size={self.batch_size} must be at least 1")
+        if self.peak_lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+            raise EvaluationError(f"lr={self.peak_lr} must be > 0, momentum={self.momentum} and "
+                                  f"weight_decay={self.weight_decay} >= 0")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise EvaluationError(f"feature_norm={self.feature_norm!r} is not one of {FEATURE_NORMS}")
+
+
+def linear_classifier(feature_dim: int, num_classes: int, feature_norm: str = "none",
+                      generator: torch.Generator | None = None) -> nn.Sequential:
+    """[BatchNorm1d(affine=False)] + Linear, the weight drawn from N(0, 0.01) and a zero bias."""
+    fc = nn.Linear(feature_dim, num_classes)
+    nn.init.normal_(fc.weight, std=0.01, generator=generator)
+    nn.init.zeros_(fc.bias)
+    norm = [nn.BatchNorm1d(feature_dim, affine=False)] if feature_norm == "bn" else []
+    return nn.Sequential(*norm, fc)
+
+
+def cosine_lr(step: int, total_steps: int, peak_lr: float) -> float:
+    """Cosine decay from ``peak_lr`` at step 0 to 0 at ``total_steps``, no warm-up."""
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+
+
+def linear_optimizer(head: nn.Module, settings: LinearSettings) -> torch.optim.SGD:
+    return torch.optim.SGD(head.parameters(), lr=settings.peak_lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: LinearSettings,
+                 *, progress: bool = False) -> nn.Module:
+    """Train the classifier on fixed features (N, D): reshuffled every epoch, last partial batch
+    dropped (as the training loader does), cosine lr per step. Deterministic given ``settings.seed``."""
+    settings.check()
+    n, batch = features.shape[0], settings.batch_size
+    if batch > n:
+        raise EvaluationError(f"batch_size={batch} is larger than the {n} training samples; lower --batch-size")
+    gen = torch.Generator().manual_seed(settings.seed)
+    head = linear_classifier(features.shape[1], num_classes, settings.feature_norm, gen).to(features.device)
+    optimizer = linear_optimizer(head, settings)
+    steps_per_epoch = n // batch
+    total = settings.epochs * steps_per_epoch
+    head.train()
+    step = 0
+    bar = tqdm(range(settings.epochs), desc="linear (features)", disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        order = torch.randperm(n, generator=gen).to(features.device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            set_lr(optimizer, cosine_lr(step, total, settings.peak_lr))
+            loss = F.cross_entropy(head(features[idx]), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return head.eval()
+
+
+@torch.no_grad()
+def classifier_correct(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                       chunk: int = 4096) -> dict[int, int]:
+    """Top-1 and top-5 hits of ``head`` (in eval mode) on features (N, D)."""
+    head.eval()
+    hits = {1: 0, 5: 0}
+    for start in range(0, features.shape[0], chunk):
+        got = topk_correct(head(features[start : start + chunk]), labels[start : start + chunk])
+        hits = {k: hits[k] + got[k] for k in hits}
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol over a dataset
+
+
+@dataclass
+class EvalData:
+    root: str
+    train_split: str
+    test_split: str
+    image_size: int
+    num_classes: int
+
+
+def resolve_eval_data(cfg: TrainConfig, *, root: str | None = None, train_split: str | None = None,
+                      test_split: str | None = None, image_size: int | None = None) -> EvalData:
+    """Dataset and splits from the run's config, with overrides; both splits must be labelled."""
+    root = root or cfg.data.root
+    train_split = train_split or cfg.data.knn_train_split
+    test_split = test_split or cfg.data.knn_test_split
+    try:
+        manifest = read_manifest(root)
+        for flag, split in (("--train-split", train_split), ("--test-split", test_split)):
+            if not manifest.split(split).labeled:
+                raise EvaluationError(
+                    f"split {split!r} of {root} is unlabelled, but evaluation needs labels; "
+                    f"pass a labelled split with {flag} (labelled: "
+                    f"{', '.join(n for n, s in manifest.splits.items() if s.labeled) or 'none'})"
+                )
+    except ShardFormatError as e:
+        raise EvaluationError(str(e)) from e
+    size = image_size or cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
+    if size is None:
+        raise EvaluationError(f"{root} has images of several sizes and the config sets no data.image_size; "
+                              "pass --image-size")
+    for split in (train_split, test_split):
+        if manifest.split(split).num_samples == 0:
+            raise EvaluationError(f"split {split!r} of {root} holds no samples")
+    if manifest.num_classes < 2:
+        raise EvaluationError(f"{root}/manifest.json lists {manifest.num_classes} classes; evaluation needs 2+")
+    return EvalData(root, train_split, test_split, int(size), manifest.num_classes)
+
+
+@dataclass
+class Runtime:
+    """Where evaluation runs: the accelerator, the data device and how features are computed."""
+
+    accelerator: object
+    data_device: str  # cpu | gpu (where DALI decodes)
+    backend: str
+    channels_last: bool
+    num_threads: int | None
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def loader(self, data: EvalData, split: str, *, batch_size: int, train: bool, preset, seed: int = 0):
+        return build_loader(data.root, split, batch_size=batch_size, views=1, preset=preset,
+                            device=self.data_device, shard_id=self.rank, num_shards=self.world, seed=seed,
+                            train=train, image_size=data.image_size, num_threads=self.num_threads,
+                            backend=self.backend)
+
+    def features_fn(self, backbone: nn.Module):
+        device = self.accelerator.device
+        return lambda x: backbone(x.to(device, non_blocking=True))
+
+    def extract(self, backbone, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (not normalised) features and labels of this process's share of ``loader``."""
+        feats, labels = extract_features(self.features_fn(backbone), loader, channels_last=self.channels_last,
+                                         autocast=self.accelerator.autocast, l2_normalize=False)
+        return feats, labels.to(feats.device)
+
+
+def fit_precomputed(backbone, data: EvalData, settings: LinearSettings, rt: Runtime, *, eval_batch_size: int,
+                    resize_ratio: float, progress: bool) -> tuple[nn.Module, int]:
+    """Extract un-augmented training features once, then train the classifier on the tensors.
+
+    Every process gathers all features and trains the same classifier (same seed, same data)."""
+    preset = get_preset("eval", resize_ratio=resize_ratio)
+    loader = rt.loader(data, data.train_split, batch_size=eval_batch_size, train=False, preset=preset)
+    feats, labels = rt.extract(backbone, loader)
+    feats, labels = gather_uneven(rt.accelerator, feats), gather_uneven(rt.accelerator, labels)
+    return train_linear(feats, labels, data.num_classes, settings, progress=progress), int(feats.shape[0])
+
+
+def fit_augmented(backbone, data: EvalData, settings: LinearSettings, rt: Runtime, *,
+                  progress: bool) -> tuple[nn.Module, int]:
+    """The protocol: every step a fresh random-resized-crop + flip batch through the frozen backbone."""
+    settings.check()
+    if settings.batch_size % rt.world:
+        raise EvaluationError(f"batch_size={settings.batch_size} does not split evenly over {rt.world} processes")
+    loader = rt.loader(data, data.train_split, batch_size=settings.batch_size // rt.world, train=True,
+                       preset="linear", seed=settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    head = linear_classifier(backbone.num_features, data.num_classes, settings.feature_norm, gen)
+    head = head.to(rt.accelerator.device)
+    optimizer = linear_optimizer(head, settings)
+    head, optimizer = rt.accelerator.prepare(head, optimizer)  # DDP over processes: gradients averaged
+    features = rt.features_fn(backbone)
+    total = settings.epochs * len(loader)
+    bar = tqdm(total=total, desc="linear (augmented)", disable=not progress, dynamic_ncols=True)
+    step = 0
+    head.train()
+    for epoch in range(settings.epochs):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            with torch.no_grad(), rt.accelerator.autocast():
+                f = features(normalize(x, channels_last=rt.channels_last)[0])  # (B, D), frozen
+            set_lr(optimizer, cosine_lr(step, total, settings.peak_lr))
+            loss = F.cross_entropy(head(f.float()), y.to(f.device))
+            optimizer.zero_grad(set_to_none=True)
+            rt.accelerator.backward(loss)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % 20 == 0 or step == total:  # .item() syncs the device: not every step
+                bar.set_postfix(loss=f"{loss.item():.4f}", epoch=epoch)
+    bar.close()
+    return rt.accelerator.unwrap_model(head).eval(), len(loader) * settings.batch_size
+
+
+def linear_evaluate(backbone: nn.Module, data: EvalData, settings: LinearSettings, rt: Runtime, *,
+                    precomputed: bool = False, eval_batch_size: int = 256, resize_ratio: float = 1.0,
+                    progress: bool = True) -> dict:
+    """Train the linear classifier and score the test split: top-1/top-5 in percent."""
+    settings.check()
+    start = time.perf_counter()
+    if precomputed:
+        head, seen = fit_precomputed(backbone, data, settings, rt, eval_batch_size=eval_batch_size,
+                                     resize_ratio=resize_ratio, progress=progress)
+    else:
+        head, seen = fit_augmented(backbone, data, settings, rt, progress=progress)
+    preset = get_preset("eval", resize_ratio=resize_ratio)
+    test_loader = rt.loader(data, data.test_split, batch_size=eval_batch_size, train=False, preset=preset)
+    feats, labels = rt.extract(backbone, test_loader)
+    hits = classifier_correct(head, feats, labels)
+    counts = torch.tensor([hits[1], hits[5], labels.shape[0]], device=feats.device, dtype=torch.float64)
+    if rt.world > 1:
+        counts = rt.accelerator.reduce(counts, reduction="sum")
+    top1, top5, n = counts.tolist()
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "samples": int(n),
+            "mode": "precomputed" if precomputed else "augmented", "train_samples_per_epoch": seen,
+            "peak_lr": settings.peak_lr, **asdict(settings), "seconds": round(time.perf_counter() - start, 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    if accelerator.device.type == "cuda":
+        torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
+    on_gpu = accelerator.device.type == "cuda" and cfg.data.device != "cpu"
+    return Runtime(accelerator, "gpu" if on_gpu else "cpu", backend or cfg.data.backend,
+                   cfg.model.channels_last, cfg.data.num_threads)
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_command(args: argparse.Namespace) -> dict:
+    path, state = resolve_checkpoint(args.run, args.checkpoint)
+    backbone, cfg = load_backbone(state, path)
+    data = resolve_eval_data(cfg, root=args.data, train_split=args.train_split, test_split=args.test_split,
+                             image_size=args.image_size)
+    rt = make_runtime(cfg, args.backend)
+    backbone = backbone.to(rt.accelerator.device)
+    if rt.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    eval_batch = max(1, (args.eval_batch_size or cfg.eval_batch_size) // rt.world)
+    source = source_info(path, state, cfg)
+    info = {"checkpoint": str(path), "step": source["step"], "epoch": source["epoch"], "method": cfg.method,
+            "data": data.root, "train_split": data.train_split, "test_split": data.test_split}
+    if args.command == "knn":
+        k, t = args.k or cfg.knn_k, args.t or cfg.knn_t
+        result = knn_evaluate(rt.features_fn(backbone), root=data.root, train_split=data.train_split,
+                              test_split=data.test_split, image_size=data.image_size, batch_size=eval_batch,
+                              device=rt.data_device, accelerator=rt.accelerator, k=k, t=t,
+                              resize_ratio=cfg.data.eval_resize_ratio, backend=rt.backend,
+                              channels_last=rt.channels_last, autocast=rt.accelerator.autocast,
+                              num_threads=rt.num_threads)
+        record = {"top1": result["knn_top1"], "top5": result["knn_top5"], "samples": result["knn_samples"],
+                  "k": k, "t": t, **info}
+    else:
+        settings = LinearSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr,
+                                  momentum=args.momentum, weight_decay=args.weight_decay,
+                                  feature_norm=args.feature_norm, seed=args.seed)
+        result = linear_evaluate(backbone, data, settings, rt, precomputed=args.precomputed,
+                                 eval_batch_size=eval_batch, resize_ratio=cfg.data.eval_resize_ratio,
+                                 progress=rt.accelerator.is_main_process and not args.quiet)
+        record = {**result, **info}
+    if rt.accelerator.is_main_process:
+        out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
+        write_json_atomic(out, record)
+    return record
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ensiam_fast.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = LinearSettings()
+    for name, help_text in (("linear", "linear evaluation (frozen backbone, trained linear classifier)"),
+                            ("knn", "weighted kNN accuracy, the training monitor's protocol")):
+        p = commands.add_parser(name, help=help_text)
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--run", help="run directory: its newest complete checkpoint is evaluated")
+        source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")
+        p.add_argument("--data", help="dataset directory (default: the run's data.root)")
+        p.add_argument("--train-split", help="labelled training split (default: data.knn_train_split)")
+        p.add_argument("--test-split", help="labelled test split (default: data.knn_test_split)")
+        p.add_argument("--image-size", type=int, help="default: the run's data.image_size or the dataset's")
+        p.add_argument("--backend", choices=("dali", "torch"), help="loader backend (default: the run's)")
+        p.add_argument("--eval-batch-size", type=int, help="feature-extraction batch (default: eval_batch_size)")
+        p.add_argument("--out", help=f"result file (default: RUN/{name}.json)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "knn":
+            p.add_argument("--k", type=int, help="neighbours (default: the run's knn_k)")
+            p.add_argument("--t", type=float, help="temperature (default: the run's knn_t)")
+        else:
+            p.add_argument("--epochs", type=int, default=defaults.epochs)
+            p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global training batch")
+            p.add_argument("--base-lr", type=float, default=defaults.base_lr, help="lr = base_lr * batch / 256")
+            p.add_argument("--lr", type=float, help="absolute peak lr (overrides --base-lr)")
+            p.add_argument("--momentum", type=float, default=defaults.momentum)
+            p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+            p.add_argument("--feature-norm", choices=FEATURE_NORMS, default=defaults.feature_norm,
+                           help="bn: a BatchNorm1d without affine parameters before the linear layer")
+            p.add_argument("--precomputed", action="store_true",
+                           help="train on cached features of un-augmented images (fast; no crop augmentation)")
+            p.add_argument("--seed", type=int, default=defaults.seed)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        record = run_command(args)
+    except (CheckpointError, ExportError, EvaluationError, ValueError) as e:
+        # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
