@@ -107,25 +107,42 @@ def crop(images, preset: AugPreset, size: int):
     return fn.crop(resized, crop=[size, size])
 
 
+def grey_mean(images):
+    """Per-image mean of the luma (torchvision's contrast centre), a float scalar per sample."""
+    channel_mean = fn.reductions.mean(images, axes=[0, 1])  # (3,)
+    return fn.reductions.sum(channel_mean * types.Constant(np.float32(LUMA)))
+
+
+def brightness_contrast_expr(images, scale, shift):
+    """round(x * scale + shift) saturated to uint8, as one fused element-wise expression."""
+    return fn.cast(images * scale + shift, dtype=types.UINT8)  # cast rounds and saturates
+
+
+def brightness_contrast(images, b, c, device: str):
+    """torchvision's brightness(b) then contrast(c): b * (m + c * (x - m)), m the mean grey.
+
+    On the CPU the per-image centre is an argument of DALI's fused operator (the cheapest path).
+    On the GPU m is computed on the GPU, and DALI takes operator arguments only from the CPU, so
+    the same formula runs as one element-wise expression there (cheap on a GPU).
+    """
+    m = grey_mean(images)
+    if device == "cpu":
+        return fn.brightness_contrast(images, brightness=b, contrast=c, contrast_center=m)
+    return brightness_contrast_expr(images, _near(b * c, device), _near(b * (1.0 - c), device) * m)
+
+
 def colour(images, preset: AugPreset, device: str):
     """Colour jitter (with p=jitter_p) then grayscale (p=grayscale_p), torchvision semantics.
 
-    Brightness and contrast are one fused expression: contrast blends with the mean grey of the
-    image like torchvision, and b * (m + c * (x - m)) equals brightness-then-contrast exactly
-    (up to torchvision's intermediate clamp). Saturation, hue and grayscale are one ``hsv`` op:
-    saturation scales chroma around the same luma, and grayscale is saturation 0 (hue does not
-    matter then). The order is fixed (b, c, s, h); torchvision draws a random order per image.
+    Brightness and contrast are one fused step (exact up to torchvision's intermediate clamp).
+    Saturation, hue and grayscale are one ``hsv`` op: saturation scales chroma around the same
+    luma torchvision uses, and grayscale is saturation 0 (hue does not matter then). The order is
+    fixed (b, c, s, h), where torchvision draws a random order per image.
     """
     out = images
     apply = _applied(preset.jitter_p) if preset.jitter_p > 0 else None
     if apply is not None and (preset.brightness > 0 or preset.contrast > 0):
-        b = _factor(preset.brightness, apply)
-        c = _factor(preset.contrast, apply)
-        channel_mean = fn.reductions.mean(out, axes=[0, 1])  # (3,) per image, where the image is
-        grey_mean = fn.reductions.sum(channel_mean * types.Constant(np.float32(LUMA)))
-        scale = _near(b * c, device)
-        shift = _near(b * (1.0 - c), device) * grey_mean
-        out = fn.cast(out * scale + shift, dtype=types.UINT8)  # cast rounds and saturates
+        out = brightness_contrast(out, _factor(preset.brightness, apply), _factor(preset.contrast, apply), device)
     sat = None
     hue = None
     if apply is not None and preset.saturation > 0:

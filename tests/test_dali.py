@@ -1,0 +1,183 @@
+"""pipelines.dali: the augmentation stages on their own (CPU), and the GPU graph's placement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nvidia.dali import fn, pipeline_def
+
+from ensiam_fast.shards import shard_paths
+from pipelines import dali as D
+from pipelines.presets import get_preset
+
+SIZE = 32
+# Only the stage under test is on; crop=False + resize_ratio 1 leaves a 32x32 image untouched.
+IDENTITY = get_preset("eval").replace(name="identity")
+
+
+def run_once(pipe):
+    pipe.build()
+    return [np.asarray(out.as_tensor()) for out in pipe.run()]
+
+
+def binomial_bounds(p: float, n: int, z: float = 4.5) -> tuple[float, float]:
+    sd = (p * (1 - p) / n) ** 0.5
+    return p - z * sd, p + z * sd
+
+
+def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: int = 3):
+    """(reference, views): the un-augmented image (uint8 CHW) and K views from one decode."""
+    tars, idxs = shard_paths(root, "train")
+
+    @pipeline_def(batch_size=batch_size, num_threads=2, device_id=None, seed=seed, enable_conditionals=True)
+    def pipe():
+        encoded, _ = D.read_shards(
+            tars, idxs, labeled=True, shuffle=False, initial_fill=1, shard_id=0, num_shards=1, seed=seed
+        )
+        images = D.decode(encoded, "cpu")
+        reference = D.finish(images, 0.0)
+        return (reference, *[D.augment_view(images, preset, SIZE, "cpu") for _ in range(views)])
+
+    outs = run_once(pipe())
+    return outs[0], np.stack(outs[1:])  # (B, 3, H, W), (K, B, 3, H, W)
+
+
+def test_flip_rate_matches_preset(tiny_dataset):
+    preset = IDENTITY.replace(flip_p=0.5)
+    ref, views = views_and_reference(tiny_dataset, preset, views=16)
+    same = (views == ref[None]).all(axis=(2, 3, 4))
+    mirrored = (views == ref[None, ..., ::-1]).all(axis=(2, 3, 4))
+    assert (same ^ mirrored).all(), "every view is the image or its mirror, nothing else"
+    lo, hi = binomial_bounds(0.5, mirrored.size)
+    assert lo < mirrored.mean() < hi, mirrored.mean()
+
+
+def test_grayscale_rate_matches_preset(tiny_dataset):
+    preset = IDENTITY.replace(grayscale_p=0.2)
+    ref, views = views_and_reference(tiny_dataset, preset, views=16)
+    v = views.astype(int)
+    grey = (np.abs(v[:, :, 0] - v[:, :, 1]) <= 1).all(axis=(2, 3)) & (np.abs(v[:, :, 1] - v[:, :, 2]) <= 1).all(
+        axis=(2, 3)
+    )
+    untouched = (views == ref[None]).all(axis=(2, 3, 4))
+    assert (grey ^ untouched).all(), "a view is either grey or the untouched colour image"
+    # the grey views carry torchvision's luma of the source
+    luma = np.tensordot(np.float32(D.LUMA), ref.astype(np.float32), axes=([0], [1]))  # (B, H, W)
+    k, b = np.nonzero(grey)
+    assert np.abs(v[k, b, 0] - luma[b]).max() <= 1.0
+    lo, hi = binomial_bounds(0.2, grey.size)
+    assert lo < grey.mean() < hi, grey.mean()
+
+
+def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset):
+    _, views = views_and_reference(tiny_dataset, get_preset("default"), views=4, batch_size=8)
+    assert views.dtype == np.uint8 and views.shape == (4, 8, 3, SIZE, SIZE)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert (views[i] != views[j]).any(axis=(1, 2, 3)).all()
+
+
+def test_very_strong_views_run(tiny_dataset):
+    _, views = views_and_reference(tiny_dataset, get_preset("very_strong"), views=2, batch_size=8)
+    assert views.shape == (2, 8, 3, SIZE, SIZE)
+    assert (views[0] != views[1]).any(axis=(1, 2, 3)).all()
+
+
+def tile_grid(image: np.ndarray, grid: int) -> np.ndarray:
+    """(grid*grid, t, t, C) tiles of an HWC image, row-major."""
+    h, w, c = image.shape
+    t = h // grid
+    return image.reshape(grid, t, grid, t, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, t, t, c)
+
+
+def test_jigsaw_permutes_tiles_of_a_known_image():
+    grid, size, batch = 4, 16, 64
+    # every tile has its own value, so the output tells where each tile went
+    known = np.repeat(np.repeat(np.arange(grid * grid, dtype=np.uint8).reshape(grid, grid), 4, 0), 4, 1)
+    known = np.stack([known, known + 100, 255 - known], axis=-1)
+
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7)
+    def pipe():
+        images = fn.external_source(source=lambda: [known] * batch, batch=True, layout="HWC")
+        return D.jigsaw(images, grid, size)
+
+    (out,) = run_once(pipe())
+    src_tiles = tile_grid(known, grid)
+    perms = []
+    for image in out:
+        tiles = tile_grid(image, grid)
+        # each output tile is exactly one source tile, and all source tiles are used once
+        where = [int(np.flatnonzero((src_tiles == t).all(axis=(1, 2, 3)))[0]) for t in tiles]
+        assert sorted(where) == list(range(grid * grid))
+        perms.append(tuple(where))
+    identity = tuple(range(grid * grid))
+    assert sum(p == identity for p in perms) <= 1
+    assert len(set(perms)) == batch, "permutations are drawn per sample"
+    # uniform placement: tile 0 lands in many different places
+    assert len({p.index(0) for p in perms}) >= 10
+
+
+def test_jigsaw_and_views_reject_bad_arguments():
+    with pytest.raises(ValueError, match="not divisible by the jigsaw grid 4"):
+        D.check_jigsaw(30, 4)
+    D.check_jigsaw(30, 0)
+    for bad in (0, 17, 2.0):
+        with pytest.raises(ValueError, match=r"views \(K\) must be an integer in 1\.\.16"):
+            D.check_views(bad)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'gpu'"):
+        D.decoder_backend("tpu")
+
+
+def test_brightness_contrast_formula_both_paths():
+    """The CPU operator path and the expression the GPU path uses both give b*(m + c*(x - m))."""
+    rng = np.random.default_rng(0)
+    batch = 8
+    images = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(batch)]
+    bs = rng.uniform(0.6, 1.4, batch).astype(np.float32)
+    cs = rng.uniform(0.6, 1.4, batch).astype(np.float32)
+
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=1)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        b = fn.external_source(source=lambda: list(bs), batch=True)
+        c = fn.external_source(source=lambda: list(cs), batch=True)
+        op = D.brightness_contrast(x, b, c, "cpu")
+        expr = D.brightness_contrast_expr(x, b * c, b * (1.0 - c) * D.grey_mean(x))
+        return op, expr
+
+    op, expr = run_once(pipe())
+    for i, x in enumerate(images):
+        m = float(np.tensordot(x.reshape(-1, 3).mean(0), np.float64(D.LUMA), axes=1))
+        want = np.clip(bs[i] * (m + cs[i] * (x.astype(np.float64) - m)), 0, 255)
+        assert np.abs(op[i] - want).max() <= 1.0
+        assert np.abs(expr[i] - want).max() <= 1.0
+
+
+@pytest.mark.parametrize("preset", ["default", "very_strong", "eval"])
+def test_gpu_pipeline_graph_builds_on_the_gpu(tiny_dataset, preset):
+    """Without a GPU DALI cannot instantiate a GPU pipeline, but the Python graph (every operator,
+    its placement) can be built: the views come out on the GPU, the label bytes on the CPU."""
+    tars, idxs = shard_paths(tiny_dataset, "train")
+    pipe = D.build_kview_pipeline(
+        tars, idxs, labeled=True, preset=get_preset(preset), views=2, size=SIZE, batch_size=8,
+        device="gpu", device_id=0,
+    )  # fmt: skip
+    pipe._build_graph()  # private, but the only way to trace a GPU graph on a CPU-only host
+    placement = [node.device for node in pipe._graph_outputs]
+    assert placement == ["gpu", "gpu", "cpu"]
+    with pytest.raises(ValueError, match="needs a device_id"):
+        D.build_kview_pipeline(tars, idxs, labeled=True, preset=get_preset(preset), views=1, size=SIZE,
+                               batch_size=8, device="gpu")  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pipeline_runs(tiny_dataset):
+    tars, idxs = shard_paths(tiny_dataset, "train")
+    pipe = D.build_kview_pipeline(
+        tars, idxs, labeled=True, preset=get_preset("very_strong"), views=2, size=SIZE, batch_size=8,
+        device="gpu", device_id=0,
+    )  # fmt: skip
+    pipe.build()
+    outs = pipe.run()
+    assert np.asarray(outs[0].as_cpu().as_tensor()).shape == (8, 3, SIZE, SIZE)
