@@ -318,21 +318,22 @@ class DaliLoader:
         self._pipe, self._pipe_fresh = pipe, True
         self.last_build_s = time.perf_counter() - t0
 
-    def _run(self, pipe, batch: int):
+    def _run(self, pipe, batch: int, stream=None):
+        # On the GPU the outputs are bound to torch's stream: no host synchronisation per batch.
         try:
-            return pipe.run()
+            return pipe.run(stream)
         except RuntimeError as e:
             raise self._explain(e, batch) from e
 
     def _epoch(self, pipe, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        for b in range(start):  # exact resume: the RNG state only advances by running
-            self._run(pipe, b)
         stream = torch.cuda.current_stream(self.device) if self.kind == "gpu" else None
+        for b in range(start):  # exact resume: the RNG state only advances by running
+            self._run(pipe, b, stream)
         shape = (self.views, self.batch_size, 3, self.size, self.size)
         for b in range(start, self._batches):
-            outs = self._run(pipe, b)
+            outs = self._run(pipe, b, stream)
             x = torch.empty(shape, dtype=torch.uint8, device=self.device)
             for k in range(self.views):  # one copy per view, straight into its final place
                 feed_ndarray(outs[k].as_tensor(), x[k], cuda_stream=stream)
