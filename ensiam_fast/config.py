@@ -137,17 +137,31 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"config key {name!r} is a section; give its fields, e.g. {name}.FIELD=...")
             _apply(current, value, prefix=f"{name}.")
         else:
+            if isinstance(value, _Raw):
+                value = value.parse(hints[key])
             setattr(obj, key, _check_type(name, value, hints[key]))
 
 
+class _Raw(str):
+    """A command-line value, parsed once the type of its key is known: a ``str`` key takes the text
+    as it is (so ``mixed_precision=no`` stays "no" rather than YAML's False), others parse as YAML."""
+
+    def parse(self, tp: Any) -> Any:
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if str in args and not (type(None) in args and self in ("null", "~", "None")):
+            return str(self)
+        return yaml.safe_load(self) if self != "" else None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": "1"}, "c": "x"}``; values stay text until their key's type
+    is known (then YAML parses them, e.g. ``1`` -> 1, ``{p: 1}`` -> a mapping)."""
     tree: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _Raw(raw)
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:

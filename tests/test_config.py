@@ -68,4 +68,12 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 
 def test_parse_overrides_tree():
-    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": "1", "c": "x"}, "d": "[1, 2]"}
+
+
+def test_text_values_stay_text_for_str_keys():
+    # YAML would read these as False / 1.0 / None; a str key keeps the text as typed.
+    cfg = load_config("demo", ["mixed_precision=no", "output_dir=1.0", "data.knn_test_split=null"])
+    assert (cfg.mixed_precision, cfg.output_dir, cfg.data.knn_test_split) == ("no", "1.0", "null")
+    assert load_config("demo", ["max_steps=null"]).max_steps is None
+    assert load_config("demo", ["data.preset_overrides={blur_p: 1.0}"]).data.preset_overrides == {"blur_p": 1.0}
