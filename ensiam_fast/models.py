@@ -26,7 +26,6 @@ from __future__ import annotations
 import difflib
 import warnings
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -269,6 +268,8 @@ class SiameseNet(nn.Module):
 
 def create_backbone(name: str, cifar_stem: bool) -> nn.Module:
     """A timm model by name with its classifier removed (pooled features out)."""
+    import timm  # here, not at the top: spawned workers that only need the layers skip its import time
+
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Close matches: {', '.join(close)}." if close else ""
