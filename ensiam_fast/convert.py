@@ -329,6 +329,8 @@ def _run_tasks(
         min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict)
     ) as pool:
         yield from pool.imap_unordered(convert_shard, tasks)
+        pool.close()  # let the workers exit on their own (and be reaped) rather than be terminated
+        pool.join()
 
 
 def build_manifest(
