@@ -1,0 +1,392 @@
+"""Pretraining entry point.
+
+    accelerate launch ensiam_fast/train.py --config ensiam_fast/configs/cifar10.yaml [key=value ...]
+    python -m ensiam_fast.train --config demo epochs=2
+
+Running the same command again resumes from the run directory's newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch ensiam_fast/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+
+from ensiam_fast.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_config
+from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.evaluate import knn_evaluate
+from ensiam_fast.methods import build_method
+from ensiam_fast.shards import ShardFormatError, read_manifest
+from pipelines.presets import get_preset
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+def build_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        if not torch.cuda.is_available():
+            mp = "no"  # CPU autocast is slower than float32 for these convolutions
+        else:
+            mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir)
+    return Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=project)
+
+
+def check_data(cfg: TrainConfig, num_processes: int) -> dict:
+    """Every data problem that would stop the run, found before anything is built."""
+    try:
+        manifest = read_manifest(cfg.data.root)
+        train = manifest.split(cfg.data.split)
+        needed = [cfg.data.knn_train_split, cfg.data.knn_test_split] if cfg.knn_every else []
+        for name in needed:
+            if not manifest.split(name).labeled:
+                raise TrainingError(
+                    f"the kNN monitor needs labels, but split {name!r} of {cfg.data.root} is unlabelled; "
+                    f"set data.knn_train_split/data.knn_test_split to labelled splits or knn_every=0"
+                )
+    except ShardFormatError as e:
+        raise TrainingError(str(e)) from e
+    if train.num_samples == 0:
+        raise TrainingError(f"split {cfg.data.split!r} of {cfg.data.root} holds no samples")
+    if cfg.batch_size % num_processes:
+        raise TrainingError(
+            f"batch_size={cfg.batch_size} (global) does not split evenly over {num_processes} processes"
+        )
+    if cfg.batch_size > train.num_samples:
+        raise TrainingError(
+            f"batch_size={cfg.batch_size} is larger than split {cfg.data.split!r} of {cfg.data.root} "
+            f"({train.num_samples} samples); lower batch_size"
+        )
+    size = cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
+    if size is None:
+        raise TrainingError(f"{cfg.data.root} has images of several sizes: set data.image_size")
+    return {"image_size": size, "num_samples": train.num_samples, "dataset": manifest.dataset}
+
+
+def data_device(cfg: TrainConfig, accelerator) -> str:
+    if cfg.data.device == "auto":
+        return "gpu" if accelerator.device.type == "cuda" else "cpu"
+    if cfg.data.device == "gpu" and accelerator.device.type != "cuda":
+        raise TrainingError("data.device=gpu needs a CUDA device; use data.device=cpu or auto")
+    return cfg.data.device
+
+
+def build_optimizer(method, cfg: TrainConfig, peak_lr: float) -> torch.optim.Optimizer:
+    groups = method.param_groups(peak_lr, cfg.optim.fix_pred_lr)
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warm-up to ``peak_lr``, then cosine decay to 0, per optimizer step."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Position:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one JSON object per line, written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            # Lines logged after the checkpoint we resume from describe steps that will run again.
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def run(cfg: TrainConfig) -> dict:
+    accelerator = build_accelerator(cfg)
+    info = check_data(cfg, accelerator.num_processes)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    if accelerator.device.type == "cuda":
+        torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+
+    device = data_device(cfg, accelerator)
+    per_process_batch = cfg.batch_size // accelerator.num_processes
+    preset = get_preset(cfg.data.preset, **cfg.data.preset_overrides)
+    loader = build_loader(
+        cfg.data.root, cfg.data.split, batch_size=per_process_batch, views=cfg.views, preset=preset,
+        device=device, shard_id=accelerator.process_index, num_shards=accelerator.num_processes,
+        seed=cfg.seed, train=True, image_size=info["image_size"], num_threads=cfg.data.num_threads,
+        backend=cfg.data.backend,
+    )  # fmt: skip
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    schedule_steps = cfg.epochs * steps_per_epoch  # max_steps caps the run, not the schedule
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
+
+    m = cfg.model
+    method = build_method(
+        cfg.method, cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers,
+        bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden,
+    )  # fmt: skip
+    optimizer = build_optimizer(method, cfg, peak_lr)
+
+    pos = Position()
+    resumed = latest_checkpoint(out)
+    if resumed is not None:
+        path, state = resumed
+        check_compatible(cfg, state, path)
+        method.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+        accelerator.print(f"resuming from {path} at step {pos.step} (epoch {pos.epoch})")
+
+    if m.sync_bn and accelerator.num_processes > 1:
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if m.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    raw_method = method  # parameters shared with the wrapped module; used for checkpoints
+    method, optimizer = accelerator.prepare(method, optimizer)
+    if resumed is not None:
+        if state.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+    step_fn = torch.compile(method) if m.compile else method
+
+    accelerator.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()))
+    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, pos.step if resumed else None)
+
+    def knn(epoch: int) -> dict:
+        raw_method.eval()
+        result = knn_evaluate(
+            raw_method.model.features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
+            test_split=cfg.data.knn_test_split, image_size=info["image_size"],
+            batch_size=max(1, cfg.eval_batch_size // accelerator.num_processes), device=device,
+            accelerator=accelerator, k=cfg.knn_k, t=cfg.knn_t, resize_ratio=cfg.data.eval_resize_ratio,
+            backend=cfg.data.backend, channels_last=m.channels_last, autocast=accelerator.autocast,
+            num_threads=cfg.data.num_threads,
+        )  # fmt: skip
+        raw_method.train()
+        record = {"step": pos.step, "epoch": epoch, **result}
+        log.write(record)
+        accelerator.log(result, step=pos.step)
+        accelerator.print(f"kNN at step {pos.step} (epoch {epoch}): top-1 {result['knn_top1']:.2f}%")
+        return result
+
+    def checkpoint() -> None:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_checkpoint(out, {
+                "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                "config": cfg.to_dict(), "model": raw_method.model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": rng_state(),
+            }, keep=cfg.keep_checkpoints)  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    summary: dict = {"steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    if cfg.knn_every and pos.step == 0:
+        summary["knn_start"] = knn(0)["knn_top1"]
+
+    method.train()
+    bar = tqdm(total=total_steps, initial=pos.step, disable=not accelerator.is_main_process,
+               desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
+    window = Window(accelerator.device)
+    last_good = pos.step
+    while pos.step < total_steps:
+        loader.set_epoch(pos.epoch)
+        window.restart()
+        for x, _ in loader.iter_from(pos.batch_in_epoch):
+            window.data_ready()
+            lr = lr_at(pos.step, schedule_steps, warmup_steps, peak_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = peak_lr if group.get("fix_lr") else lr
+            with accelerator.autocast():
+                outputs = step_fn(normalize(x, channels_last=m.channels_last))
+            accelerator.backward(outputs["loss"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos.step += 1
+            pos.batch_in_epoch += 1
+            window.step_done(outputs, cfg.batch_size)
+
+            if pos.step % cfg.log_every == 0 or pos.step == total_steps or pos.batch_in_epoch == steps_per_epoch:
+                record = window.flush(accelerator)
+                if not math.isfinite(record["loss"]):
+                    raise TrainingError(
+                        f"the loss became non-finite ({record['loss']}) between steps {last_good} and "
+                        f"{pos.step}; stopping. The newest checkpoint in {out / 'checkpoints'} is from before "
+                        f"it. Lower optim.base_lr or try mixed_precision=no."
+                    )
+                last_good = pos.step
+                record.update(step=pos.step, epoch=pos.epoch, lr=lr)
+                log.write(record)
+                accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=pos.step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4f}",
+                                img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")  # fmt: skip
+            bar.update(1)
+            if pos.step % cfg.checkpoint_every == 0 and pos.step < total_steps:
+                checkpoint()
+            if pos.step >= total_steps:
+                break
+        if pos.batch_in_epoch >= steps_per_epoch:  # the epoch ran to its end
+            finished = pos.epoch + 1
+            pos.epoch, pos.batch_in_epoch = finished, 0
+            line = f"epoch {finished}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
+            if cfg.knn_every and finished % cfg.knn_every == 0 and pos.step < total_steps:
+                line += f", kNN top-1 {knn(finished)['knn_top1']:.2f}%"
+            if accelerator.is_main_process:
+                bar.write(line)
+    bar.close()
+    if cfg.knn_every:
+        summary["knn_end"] = knn(pos.epoch)["knn_top1"]
+    checkpoint()
+    accelerator.end_training()
+    summary.update(final_step=pos.step, final_epoch=pos.epoch)
+    return summary
+
+
+def check_compatible(cfg: TrainConfig, state: dict, path: Path) -> None:
+    """A checkpoint from a different network or method cannot be resumed into this config."""
+    saved = state["config"]
+    for key in ("method", "views"):
+        if saved.get(key) != getattr(cfg, key):
+            raise TrainingError(
+                f"{path} was trained with {key}={saved.get(key)!r} but this config has {key}="
+                f"{getattr(cfg, key)!r}; use a new output_dir or the same settings"
+            )
+    for key in ("backbone", "cifar_stem", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden", "bn_mode"):
+        if saved["model"].get(key) != getattr(cfg.model, key):
+            raise TrainingError(
+                f"{path} was trained with model.{key}={saved['model'].get(key)!r} but this config has "
+                f"{getattr(cfg.model, key)!r}; use a new output_dir or the same settings"
+            )
+
+
+class Window:
+    """Throughput and data-wait accounting over the steps since the last log line.
+
+    ``data_wait`` is the fraction of wall time spent waiting for the next batch. Losses are summed
+    on the device and read once per log line, so logging adds one sync per window, not per step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.epoch_sum, self.epoch_n = 0.0, 0
+        self._reset()
+        self.restart()
+
+    def _reset(self):
+        self.wait = 0.0
+        self.images = 0
+        self.steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.start = time.perf_counter()
+
+    def restart(self):
+        self.mark = time.perf_counter()
+
+    def data_ready(self):
+        now = time.perf_counter()
+        self.wait += now - self.mark
+        self.mark = now
+
+    def step_done(self, outputs: dict, images: int):
+        self.images += images
+        self.steps += 1
+        for k, v in outputs.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.mark = time.perf_counter()
+
+    def flush(self, accelerator) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        names = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[k] for k in names]), reduction="mean") / self.steps
+        record = {k: float(v) for k, v in zip(names, means.tolist())}
+        record["images_per_s"] = self.images / elapsed
+        record["data_wait"] = min(1.0, self.wait / elapsed)
+        self.epoch_sum += record["loss"] * self.steps
+        self.epoch_n += self.steps
+        self._reset()
+        return record
+
+    def epoch_loss(self) -> float:
+        value = self.epoch_sum / max(1, self.epoch_n)
+        self.epoch_sum, self.epoch_n = 0.0, 0
+        return value
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run(cfg)
+    except (ConfigError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "knn_start" in summary and "knn_end" in summary:
+        print(f"kNN top-1: {summary['knn_start']:.2f}% at the start, {summary['knn_end']:.2f}% at the end")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""End-to-end runs of the real entry point on tiny shards (CPU, a few seconds each)."""
+
+import json
+
+import pytest
+import torch
+
+from ensiam_fast import train
+from ensiam_fast.checkpoint import latest_checkpoint
+from ensiam_fast.config import load_config
+
+# A CPU-sized network and run: small heads, batch 8, 16x16 crops of the tiny 32x32 dataset.
+TINY = [
+    "batch_size=8", "epochs=2", "log_every=1", "checkpoint_every=1000", "knn_every=1", "knn_k=5",
+    "eval_batch_size=16", "data.image_size=16", "data.num_threads=1", "model.proj_hidden=32",
+    "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false", "optim.warmup_epochs=1",
+    "mixed_precision=no",
+]  # fmt: skip
+
+
+def run_main(tmp_path, tiny_dataset, *extra, name="run"):
+    out = tmp_path / name
+    argv = ["--config", "demo", f"output_dir={out}", f"data.root={tiny_dataset}", *TINY, *extra]
+    return train.main(argv), out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "method, views", [("ensiam", 4), ("simsiam_kaug", 4), ("simsiam", 2), ("fastsiam", 3)]
+)
+def test_smoke_run_each_method(tmp_path, tiny_dataset, method, views, capsys):
+    rc, out = run_main(tmp_path, tiny_dataset, f"method={method}", f"views={views}", "max_steps=3")
+    assert rc == 0
+    rows = metrics(out)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3]
+    for r in rows:
+        if "loss" in r:
+            assert torch.isfinite(torch.tensor(r["loss"]))
+            assert {"epoch", "lr", "images_per_s", "data_wait", "collapse_std"} <= set(r)
+            assert 0.0 <= r["data_wait"] <= 1.0 and r["images_per_s"] > 0
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert knn_rows[0]["step"] == 0 and knn_rows[-1]["step"] == 3  # random-init baseline and the end
+    assert (out / "config.yaml").is_file()
+    _, state = latest_checkpoint(out)
+    assert state["step"] == 3 and state["config"]["method"] == method
+    assert "kNN top-1" in capsys.readouterr().out
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_dataset):
+    # 6 batches per epoch (48 / 8): stopping at step 4 leaves the data position mid-epoch.
+    rc, whole = run_main(tmp_path, tiny_dataset, "max_steps=8", "knn_every=0", name="whole")
+    assert rc == 0
+    rc, split = run_main(tmp_path, tiny_dataset, "max_steps=4", "knn_every=0", name="split")
+    assert rc == 0
+    _, first = latest_checkpoint(split)
+    assert (first["step"], first["epoch"], first["batch_in_epoch"]) == (4, 0, 4)
+    rc, _ = run_main(tmp_path, tiny_dataset, "max_steps=8", "knn_every=0", name="split")
+    assert rc == 0
+    steps = [r["step"] for r in metrics(split) if "loss" in r]
+    assert steps == list(range(1, 9))  # continued at step 5, did not restart at 1
+    a, b = latest_checkpoint(whole)[1], latest_checkpoint(split)[1]
+    assert (b["step"], b["epoch"], b["batch_in_epoch"]) == (8, 1, 2)
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), rtol=1e-5, atol=1e-6), key
+    losses_whole = [r["loss"] for r in metrics(whole) if "loss" in r]
+    losses_split = [r["loss"] for r in metrics(split) if "loss" in r]
+    assert losses_whole == pytest.approx(losses_split, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["data.root=/nonexistent/dataset"], "does not exist"),
+        (["data.split=validation"], "has no split 'validation'"),
+        (["data.knn_train_split=unlabeled"], "unlabelled"),
+        (["batch_size=4096"], "larger than split"),
+        (["method=simsiam_kaug", "views=3"], "views must be even"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, tiny_dataset, capsys, extra, needle):
+    rc, out = run_main(tmp_path, tiny_dataset, *extra)
+    assert rc != 0
+    assert needle in capsys.readouterr().err
+    assert not (out / "checkpoints").exists()
+
+
+def test_empty_dataset_dir_is_reported(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = train.main(["--config", "demo", f"output_dir={tmp_path / 'r'}", f"data.root={empty}"])
+    assert rc != 0 and "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_lr_schedule_warmup_then_cosine():
+    peak = 0.2
+    assert train.lr_at(0, 100, 10, peak) == pytest.approx(0.02)
+    assert train.lr_at(9, 100, 10, peak) == pytest.approx(peak)
+    assert train.lr_at(10, 100, 10, peak) == pytest.approx(peak)
+    assert train.lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
+    assert train.lr_at(99, 100, 10, peak) < 0.001
+    assert load_config("demo").optim.base_lr > 0
