@@ -10,8 +10,9 @@ Data order and augmentation are a function of (seed, epoch, shard_id): every epo
 freshly built DALI pipeline, whose tar list is permuted with a seed shared by all ranks before the
 reader splits it into ``num_shards`` blocks, and whose shuffle buffer and augmentation seeds differ
 per rank. A rebuild costs ~0.2 s for the default preset (K=4) but several seconds for very_strong,
-whose RandAugment graph DALI traces through AutoGraph each time (``loader.last_build_s``). ``backend="torch"`` (or a host without
-DALI) uses ``pipelines.reference.build_reference_loader`` with the same arguments and contract.
+whose RandAugment graph DALI traces through AutoGraph each time (``loader.last_build_s``).
+``backend="torch"`` (or a host without DALI) uses ``pipelines.reference.build_reference_loader``
+with the same arguments and contract.
 """
 
 from __future__ import annotations
