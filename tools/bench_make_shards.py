@@ -95,6 +95,57 @@ def time_case(dataset: str, src: Path, work: Path, opts: EncodeOptions, workers:
     }
 
 
+def naive_convert(src: Path, out: Path, fmt: str) -> int:
+    """The baseline: the straightforward loop (Pillow's fromarray and save, tarfile), one process."""
+    import io
+    import tarfile
+
+    from ensiam_fast.sources import open_cifar10
+
+    source = open_cifar10(src)
+    out.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for split, reader in source.splits.items():
+        with tarfile.open(out / f"{split}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
+            for sample in reader.read(0, len(reader)):
+                buf = io.BytesIO()
+                img = Image.fromarray(sample.pixels)
+                if fmt == "png":
+                    img.save(buf, format="PNG")
+                else:
+                    img.save(buf, format="JPEG", quality=95, subsampling=0)
+                for ext, data in ((fmt, buf.getvalue()), ("cls", str(sample.label).encode())):
+                    info = tarfile.TarInfo(f"{split}_{sample.index:08d}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                count += 1
+    return count
+
+
+def time_naive(src: Path, work: Path, fmt: str, repeats: int) -> dict:
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        shutil.rmtree(work / "naive", ignore_errors=True)
+        start, cpu_start = time.perf_counter(), cpu_seconds()
+        count = naive_convert(src, work / "naive", fmt)
+        rates.append(count / (time.perf_counter() - start))
+        cpu_rates.append(count / (cpu_seconds() - cpu_start))
+    return {
+        "images": count,
+        "images_per_s": round(statistics.median(rates)),
+        "images_per_cpu_s": round(statistics.median(cpu_rates)),
+        "runs": [round(r) for r in rates],
+    }
+
+
+def report(name: str, r: dict) -> None:
+    print(
+        f"{name:24s}: {r['images_per_s']:6d} images/s "
+        f"({r['images_per_cpu_s']:6d} per CPU-s)  runs {r['runs']}",
+        flush=True,
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", type=int, default=30000, help="32x32 images (CIFAR layout)")
@@ -126,15 +177,14 @@ def main() -> None:
                 EncodeOptions("jpg", 95, large_shard, 160),
             ),
         ]
+        for fmt in ("jpg", "png"):
+            results[f"32x32_{fmt}_naive_baseline"] = r = time_naive(cifar, tmp / "work", fmt, args.repeats)
+            report(f"32x32_{fmt}_naive_baseline", r)
         for name, dataset, src, opts in cases:
             for workers in (1, 2):
                 r = time_case(dataset, src, tmp / "work", opts, workers, args.repeats)
                 results[f"{name}_w{workers}"] = r
-                print(
-                    f"{name:20s} workers={workers}: {r['images_per_s']:6d} images/s "
-                    f"({r['images_per_cpu_s']:6d} per CPU-s)  runs {r['runs']}",
-                    flush=True,
-                )
+                report(f"{name}_w{workers}", r)
     summary = {
         "benchmark": "make_shards",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -143,6 +193,16 @@ def main() -> None:
         "results": {k: v["images_per_s"] for k, v in results.items()},
         "per_cpu_second": {k: v["images_per_cpu_s"] for k, v in results.items()},
         "ratios": {
+            "32x32_jpg_w1_over_naive_per_cpu_s": round(
+                results["32x32_jpg_w1"]["images_per_cpu_s"]
+                / results["32x32_jpg_naive_baseline"]["images_per_cpu_s"],
+                2,
+            ),
+            "32x32_png_w1_over_naive_per_cpu_s": round(
+                results["32x32_png_w1"]["images_per_cpu_s"]
+                / results["32x32_png_naive_baseline"]["images_per_cpu_s"],
+                2,
+            ),
             "32x32_jpg_2w_over_1w": round(
                 results["32x32_jpg_w2"]["images_per_s"] / results["32x32_jpg_w1"]["images_per_s"], 2
             ),
