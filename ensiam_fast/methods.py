@@ -20,6 +20,7 @@ class SSLMethod(nn.Module):
         super().__init__()
         self.loss_fn = get_loss(method, views)  # validates method and views first
         self.model, self.method, self.views = model, method, views
+        model.set_views(views)  # before any torch.compile traces the forward
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 5 or x.shape[0] != self.views:

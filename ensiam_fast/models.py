@@ -243,7 +243,9 @@ class SiameseNet(nn.Module):
         self.backbone_name, self.cifar_stem, self.bn_mode = backbone_name, cifar_stem, bn_mode
         self._num_views = 1
 
-    def _set_views(self, k: int) -> None:
+    def set_views(self, k: int) -> None:
+        """Set K for the per-view BatchNorms. ``forward`` does it when K changes; setting it once
+        before ``torch.compile`` spares the recompile that the first change would cause."""
         if k != self._num_views:  # walk the modules only when K changes
             set_num_views(self, k)
             self._num_views = k
@@ -252,7 +254,7 @@ class SiameseNet(nn.Module):
         if x.ndim != 5:
             raise ValueError(f"expected views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
         k, b = x.shape[:2]
-        self._set_views(k)
+        self.set_views(k)
         feats = self.backbone(x.flatten(0, 1))  # (K*B, F): one backbone pass over all views
         z = self.projector(feats)  # (K*B, D)
         p = self.predictor(z)
@@ -262,8 +264,12 @@ class SiameseNet(nn.Module):
         """Pooled backbone features ``(N, feature_dim)`` of ``(N, 3, H, W)`` images, for evaluation."""
         if x.ndim != 4:
             raise ValueError(f"expected images shaped (N, 3, H, W), got {tuple(x.shape)}")
-        self._set_views(1)
-        return self.backbone(x)
+        k = self._num_views
+        self.set_views(1)
+        try:
+            return self.backbone(x)
+        finally:
+            self.set_views(k)  # back to the training K, so a compiled forward keeps its guards
 
 
 def create_backbone(name: str, cifar_stem: bool) -> nn.Module:
