@@ -413,10 +413,11 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
         for name in info.shards
     ]
     if workers > 1 and len(jobs) > 1:
-        from multiprocessing import get_context
+        import multiprocessing as mp
 
-        with get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            checks = pool.map(_check_shard_args, jobs)
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+        with ctx.Pool(min(workers, len(jobs))) as pool:
+            checks = pool.map(_check_shard_args, jobs, chunksize=1)
     else:
         checks = [check_shard(*job) for job in jobs]
     results = iter(checks)
