@@ -240,6 +240,9 @@ class DaliLoader:
         # Training drops the last partial batch; every rank takes as many steps as the smallest
         # shard allows (shards differ by at most one sample), so distributed ranks stay in step.
         available = self._total // num_shards if self.train else self.num_samples
+        if not self.train:
+            # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
+            batch_size = self.batch_size = min(batch_size, max(1, available))
         if batch_size > available:
             raise ValueError(
                 f"batch_size {batch_size} is larger than the {available} samples shard {shard_id}/{num_shards} "

@@ -217,7 +217,6 @@ def test_normalize_matches_formula_and_channels_last():
         (dict(split="val"), ShardFormatError, "has no split 'val'"),
         (dict(preset="very_strong", image_size=30), ValueError, "30 is not divisible by the jigsaw grid 4"),
         (dict(batch_size=25, num_shards=2), ValueError, "batch_size 25 is larger than the 24 samples"),
-        (dict(split="test", train=False, batch_size=25), ValueError, "larger than the 24 samples"),
         (dict(shard_id=2, num_shards=2), ValueError, "shard_id < num_shards"),
         (dict(device="tpu"), ValueError, "device must be"),
         (dict(backend="jax"), ValueError, "backend must be 'dali' or 'torch'"),
@@ -228,6 +227,13 @@ def test_bad_arguments_fail_clearly(tiny_dataset, kwargs, error, match):
     split = args.pop("split")
     with pytest.raises(error, match=match):
         build_loader(tiny_dataset, split, **args)
+
+
+def test_evaluation_batch_larger_than_split_is_one_short_batch(tiny_dataset):
+    loader = build_loader(tiny_dataset, "test", batch_size=25, views=1, preset="eval", train=False)
+    batches = list(loader)
+    assert len(loader) == 1 and [y.shape[0] for _, y in batches] == [24]
+    assert sorted(batches[0][1].tolist()) == sorted(i % 12 for i in range(24))
 
 
 def test_directory_without_manifest(tmp_path):
