@@ -263,9 +263,8 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> dict[tuple[str, in
     if overwrite and out.is_dir():
         _clear(out)
     out.mkdir(parents=True, exist_ok=True)
-    entries = [p for p in out.iterdir()]
     plan_file = out / PLAN
-    if not entries:
+    if overwrite or not any(out.iterdir()):
         plan_file.write_text(json.dumps(plan) + "\n")
         return {}
     if not plan_file.is_file():
@@ -274,7 +273,10 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> dict[tuple[str, in
             f"--out {out} is not empty and holds {what}; choose an empty folder or pass --overwrite "
             "(which deletes its .tar, .idx, .tmp and manifest files)"
         )
-    old = json.loads(plan_file.read_text())
+    try:
+        old = json.loads(plan_file.read_text())
+    except json.JSONDecodeError:
+        old = {"dataset": f"(unreadable {PLAN})"}
     if old != plan:
         raise ConversionError(
             f"--out {out} already holds another conversion: {_describe_difference(old, plan)}; "

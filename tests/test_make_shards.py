@@ -602,6 +602,8 @@ def test_refuses_other_dataset_unless_overwrite(sources, converted, tmp_path, ca
     (tmp_path / "other" / "keep.txt").write_text("x")
     assert run("--dataset", "digits", "--out", tmp_path / "other") != 0
     assert "not empty" in capsys.readouterr().err
+    assert run("--dataset", "digits", "--out", tmp_path / "other", "--overwrite") == 0
+    assert (tmp_path / "other" / "keep.txt").exists() and verify_dataset(tmp_path / "other").ok
 
 
 # --------------------------------------------------------------------------- the real command line
