@@ -56,8 +56,8 @@ class PerViewBatchNorm(nn.Module):
     """BatchNorm whose training statistics are computed per view group of a ``(K*B, C, ...)`` input.
 
     Same parameters, buffers and state-dict keys as ``nn.BatchNorm{1,2,3}d`` (so checkpoints and
-    exported backbones do not care which was used). ``num_views`` is set by :class:`SiameseNet`
-    before each forward; with ``num_views == 1`` this is exactly plain BatchNorm.
+    exported backbones do not care which was used). ``num_views`` (K) is set by
+    :meth:`SiameseNet.set_views`; with ``num_views == 1`` this is exactly plain BatchNorm.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,

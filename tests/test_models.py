@@ -24,12 +24,23 @@ SMALL = dict(proj_hidden=64, proj_dim=32, pred_hidden=16)
 K, B = 3, 4
 
 
-def pair(channels_last=False):
-    """A per-view model and a plain-BN (joint) model holding the same weights."""
+@pytest.fixture(scope="module")
+def built():
     torch.manual_seed(0)
     fused = build_model(bn_mode="per_view", **SMALL)
     plain = build_model(bn_mode="joint", **SMALL)
     plain.load_state_dict(fused.state_dict())
+    return fused, plain
+
+
+@pytest.fixture
+def pair(built):
+    """A per-view model and a plain-BN (joint) model holding the same weights (fresh copies)."""
+    return lambda channels_last=False: _copies(*built, channels_last)
+
+
+def _copies(fused, plain, channels_last):
+    fused, plain = copy.deepcopy(fused), copy.deepcopy(plain)
     if channels_last:
         fused, plain = fused.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
     return fused, plain
@@ -71,10 +82,13 @@ def test_heads_structure():
     assert pred[0].bias is None and pred[1].bias is not None
     z, p = model(views())
     assert z.shape == p.shape == (K, B, 32)
+    # features() normalises its N images together (train mode too) and leaves K as it was.
+    assert model.features(torch.randn(5, 3, 32, 32)).shape == (5, 512)
+    assert {m.num_views for m in model.modules() if isinstance(m, PerViewBatchNorm)} == {K}
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_per_view_equals_separate_forwards(channels_last):
+def test_per_view_equals_separate_forwards(channels_last, pair):
     fused, plain = pair(channels_last)
     x = views(k=2 if channels_last else K)
     if channels_last:
@@ -94,7 +108,7 @@ def test_per_view_equals_separate_forwards(channels_last):
     assert int(fused.backbone.bn1.num_batches_tracked) == x.shape[0]
 
 
-def test_sgd_step_matches_loop_over_views():
+def test_sgd_step_matches_loop_over_views(pair):
     fused, plain = pair()
     x = views(k=2)
     for model, run in [(fused, fused), (plain, lambda v: separate_forwards(plain, v))]:
@@ -107,7 +121,7 @@ def test_sgd_step_matches_loop_over_views():
         assert torch.allclose(param, ref[name], atol=1e-5), name
 
 
-def test_joint_differs_in_train_matches_in_eval():
+def test_joint_differs_in_train_matches_in_eval(pair):
     fused, plain = pair()
     x = views(k=2)
     z_pv, _ = fused(x)
@@ -137,7 +151,7 @@ def test_running_stats_cumulative_momentum():
     assert int(per_view.num_batches_tracked) == int(ref.num_batches_tracked) == 6
 
 
-def test_bf16_autocast_forward():
+def test_bf16_autocast_forward(pair):
     fused, plain = pair()
     x = views(k=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -167,7 +181,7 @@ def test_errors():
         convert_per_view_bn(nn.Sequential(nn.SyncBatchNorm(4)))
 
 
-def test_torch_sync_conversion_leaves_per_view_layers():
+def test_torch_sync_conversion_leaves_per_view_layers(pair):
     fused, plain = pair()
     torch_converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in torch_converted.modules())
