@@ -92,8 +92,8 @@ _PNG_END = _png_chunk(b"IEND", b"")
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless 8-bit RGB PNG of an (H, W, 3) uint8 array.
 
-    Every row uses PNG's "Average" filter, computed with numpy; with zlib that is several times
-    faster than Pillow's PNG writer at 32x32 and within a few percent of its file size.
+    Every row uses PNG's "Average" filter, computed with numpy; at 32x32 this takes about half the
+    CPU time of Pillow's PNG writer, for files about 4% larger.
     """
     h, w, _ = pixels.shape
     rows = pixels.reshape(h, w * 3).astype(np.int16)
