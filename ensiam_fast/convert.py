@@ -426,6 +426,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="make_shards.py",
         description="Convert a dataset to WebDataset shards with DALI indices, or verify converted shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--dataset", choices=DATASETS, help="source layout to read")
     p.add_argument("--src", type=Path, help="source folder (not needed for digits)")

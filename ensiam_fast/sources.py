@@ -212,7 +212,7 @@ def _cifar_arrays(path: Path, label_key: str, dataset: str) -> tuple[np.ndarray,
             f"and {len(labels)} labels"
         )
     # Rows hold the red, green, blue 32x32 planes one after another.
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
 
 
 # --------------------------------------------------------------------------- datasets
