@@ -281,14 +281,22 @@ class _KViewStream(IterableDataset):
         size = self.augment.size
         x = torch.empty((self.views, len(samples), 3, size, size), dtype=torch.uint8)
         y = torch.empty(len(samples), dtype=torch.int64)
-        with torch.random.fork_rng(devices=[]):
-            # Seeding per batch makes the output independent of worker count and of iter_from.
-            torch.manual_seed(batch_seed(*self.seed_key, b))
-            for j, (data, label, where) in enumerate(samples):
-                img = decode_rgb(data, where)
-                for k in range(self.views):
-                    x[k, j] = self.augment(img)
-                y[j] = label
+        threads = torch.get_num_threads()
+        # Ops on one small image gain nothing from intra-op threads and lose a lot to their
+        # hand-offs (20x slower in-process at 32x32 on a busy 2-core box); DataLoader workers
+        # already run single-threaded, the in-process path (num_threads=0) needs it said.
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                # Seeding per batch makes the output independent of worker count and of iter_from.
+                torch.manual_seed(batch_seed(*self.seed_key, b))
+                for j, (data, label, where) in enumerate(samples):
+                    img = decode_rgb(data, where)
+                    for k in range(self.views):
+                        x[k, j] = self.augment(img)
+                    y[j] = label
+        finally:
+            torch.set_num_threads(threads)
         return x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
