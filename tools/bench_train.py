@@ -15,6 +15,8 @@ both; figures are medians over the timed steps. Images/s counts B per step, view
 Memory: on CUDA the peak allocated bytes per implementation (``torch.cuda.max_memory_allocated``,
 reset before each step). On CPU there is no per-allocation counter, so only the process peak RSS
 (``ru_maxrss``, all configurations together) is reported, which says little about either one.
+On a CPU shared with other jobs, pass ``--threads 1``: with several OpenMP threads, a parallel region
+waits for whichever thread the scheduler parked, and those stalls swamp the difference being measured.
 The last line printed is one JSON object.
 """
 
@@ -207,6 +209,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bn-layer", action="store_true",
                     help="also time one BatchNorm layer's per-view variants (why PerViewBatchNorm chunks)")
+    ap.add_argument("--bn-layer-only", action="store_true", help="only the BatchNorm-layer comparison")
     return ap.parse_args(argv)
 
 
@@ -223,7 +226,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     base = build_model()  # resnet18, CIFAR stem, paper heads (2048/2048/512), per-view BN
     flops = {k: count_step_flops(base, k, args.batch, device) for k in args.views}
-    bn_layer = bench_bn_layer(args, device) if args.bn_layer else None
+    bn_layer = bench_bn_layer(args, device) if args.bn_layer or args.bn_layer_only else None
+    if args.bn_layer_only:
+        print(json.dumps({"bench": "train_step_bn_layer", "device": str(device), "torch": torch.__version__,
+                          "threads": torch.get_num_threads(), "batch": args.batch, "bn_layer": bn_layer}))
+        return bn_layer
     results = []
     for cfg in configs:
         res = measure(cfg, base, args, device)
