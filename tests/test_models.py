@@ -242,3 +242,17 @@ def test_synced_per_view_matches_single_process():
         assert torch.allclose(r_var, ref.running_var, atol=1e-5)
     # Each rank's weight gradient covers its own samples; DDP would sum (average) them.
     assert torch.allclose(results[0][2] + results[1][2], ref.weight.grad, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_per_view_equals_separate_forwards_cuda(pair):
+    fused, plain = (m.cuda() for m in pair())
+    x = views(k=2).cuda()
+    z, p = fused(x)
+    z_ref, p_ref = separate_forwards(plain, x)
+    assert torch.allclose(z, z_ref, atol=1e-3) and torch.allclose(p, p_ref, atol=1e-3)
+    ensiam_loss(p, z).backward()
+    ensiam_loss(p_ref, z_ref).backward()
+    ref = dict(plain.named_parameters())
+    for name, param in fused.named_parameters():
+        assert torch.allclose(param.grad, ref[name].grad, rtol=1e-2, atol=1e-3 * ref[name].grad.abs().max()), name
