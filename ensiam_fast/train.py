@@ -28,6 +28,7 @@ from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_confi
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.evaluate import knn_evaluate
 from ensiam_fast.methods import build_method
+from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
 
@@ -180,7 +181,8 @@ def run(cfg: TrainConfig) -> dict:
         accelerator.print(f"resuming from {path} at step {pos.step} (epoch {pos.epoch})")
 
     if m.sync_bn and accelerator.num_processes > 1:
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        # Our converter keeps per-view statistics per view (torch's would leave them unsynced).
+        method = convert_sync_batchnorm(method)
     if m.channels_last:
         method = method.to(memory_format=torch.channels_last)
     raw_method = method  # parameters shared with the wrapped module; used for checkpoints

@@ -13,7 +13,8 @@ from ensiam_fast.config import load_config
 TINY = [
     "batch_size=8", "epochs=2", "log_every=1", "checkpoint_every=1000", "knn_every=1", "knn_k=5",
     "eval_batch_size=16", "data.image_size=16", "data.num_threads=1", "model.proj_hidden=32",
-    "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false", "optim.warmup_epochs=1",
+    "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false",
+    "model.cifar_stem=true", "optim.warmup_epochs=1",
     "mixed_precision=no",
 ]  # fmt: skip
 
