@@ -76,7 +76,7 @@ def extract_features(backbone_features, loader, *, channels_last: bool = False, 
             f = backbone_features(x)
         f = f.float()
         feats.append(F.normalize(f, dim=1) if l2_normalize else f)
-        labels.append(y)
+        labels.append(y.to(f.device))  # the loader may run on another device than the model
     return torch.cat(feats), torch.cat(labels)
 
 

@@ -196,10 +196,13 @@ def run(cfg: TrainConfig) -> dict:
     accelerator.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()))
     log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, pos.step if resumed else None)
 
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return raw_method.model.features(x.to(accelerator.device, non_blocking=True))
+
     def knn(epoch: int) -> dict:
         raw_method.eval()
         result = knn_evaluate(
-            raw_method.model.features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
+            features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
             test_split=cfg.data.knn_test_split, image_size=info["image_size"],
             batch_size=max(1, cfg.eval_batch_size // accelerator.num_processes), device=device,
             accelerator=accelerator, k=cfg.knn_k, t=cfg.knn_t, resize_ratio=cfg.data.eval_resize_ratio,
@@ -243,6 +246,8 @@ def run(cfg: TrainConfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = peak_lr if group.get("fix_lr") else lr
             with accelerator.autocast():
+                # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
+                x = x.to(accelerator.device, non_blocking=True)
                 outputs = step_fn(normalize(x, channels_last=m.channels_last))
             accelerator.backward(outputs["loss"])
             optimizer.step()
