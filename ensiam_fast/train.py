@@ -12,7 +12,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,43 @@ from pipelines.presets import get_preset
 
 class TrainingError(RuntimeError):
     """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT arrived: a checkpoint was written at the next step boundary."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+class StopRequest:
+    """Turns SIGTERM/SIGINT (a cluster's pre-emption, Ctrl-C) into a flag the loop checks between
+    steps, so the run ends with a checkpoint instead of losing the work since the last one."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def agreed(self, accelerator) -> bool:
+        """True on every process once any of them was signalled (a collective: call it on all)."""
+        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,52 +276,64 @@ def run(cfg: TrainConfig) -> dict:
                desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
     window = Window(accelerator.device)
     last_good = pos.step
-    while pos.step < total_steps:
-        loader.set_epoch(pos.epoch)
-        window.restart()
-        for x, _ in loader.iter_from(pos.batch_in_epoch):
-            window.data_ready()
-            lr = lr_at(pos.step, schedule_steps, warmup_steps, peak_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = peak_lr if group.get("fix_lr") else lr
-            with accelerator.autocast():
-                # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
-                x = x.to(accelerator.device, non_blocking=True)
-                outputs = step_fn(normalize(x, channels_last=m.channels_last))
-            accelerator.backward(outputs["loss"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            pos.step += 1
-            pos.batch_in_epoch += 1
-            window.step_done(outputs, cfg.batch_size)
+    with StopRequest() as stop:
+        while pos.step < total_steps:
+            loader.set_epoch(pos.epoch)
+            window.restart()
+            for x, _ in loader.iter_from(pos.batch_in_epoch):
+                window.data_ready()
+                lr = lr_at(pos.step, schedule_steps, warmup_steps, peak_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = peak_lr if group.get("fix_lr") else lr
+                with accelerator.autocast():
+                    # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
+                    x = x.to(accelerator.device, non_blocking=True)
+                    outputs = step_fn(normalize(x, channels_last=m.channels_last))
+                accelerator.backward(outputs["loss"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos.step += 1
+                pos.batch_in_epoch += 1
+                window.step_done(outputs, cfg.batch_size)
 
-            if pos.step % cfg.log_every == 0 or pos.step == total_steps or pos.batch_in_epoch == steps_per_epoch:
-                record = window.flush(accelerator)
-                if not math.isfinite(record["loss"]):
-                    raise TrainingError(
-                        f"the loss became non-finite ({record['loss']}) between steps {last_good} and "
-                        f"{pos.step}; stopping. The newest checkpoint in {out / 'checkpoints'} is from before "
-                        f"it. Lower optim.base_lr or try mixed_precision=no."
-                    )
-                last_good = pos.step
-                record.update(step=pos.step, epoch=pos.epoch, lr=lr)
-                log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=pos.step)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4f}",
-                                img_s=f"{record['images_per_s']:.0f}", wait=f"{record['data_wait']:.0%}")  # fmt: skip
-            bar.update(1)
-            if pos.step % cfg.checkpoint_every == 0 and pos.step < total_steps:
-                checkpoint()
-            if pos.step >= total_steps:
-                break
-        if pos.batch_in_epoch >= steps_per_epoch:  # the epoch ran to its end
-            finished = pos.epoch + 1
-            pos.epoch, pos.batch_in_epoch = finished, 0
-            line = f"epoch {finished}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
-            if cfg.knn_every and finished % cfg.knn_every == 0 and pos.step < total_steps:
-                line += f", kNN top-1 {knn(finished)['knn_top1']:.2f}%"
-            if accelerator.is_main_process:
-                bar.write(line)
+                save_now = pos.step % cfg.checkpoint_every == 0 and pos.step < total_steps
+                end_of_window = pos.step == total_steps or pos.batch_in_epoch == steps_per_epoch
+                # One process acts on a signal at once; several agree on it when a window closes.
+                single_stop = stop.signum is not None and accelerator.num_processes == 1
+                stopping = False
+                # A checkpoint step also closes the window, so no checkpoint is written unchecked for NaN.
+                if pos.step % cfg.log_every == 0 or end_of_window or save_now or single_stop:
+                    record = window.flush(accelerator)
+                    if not math.isfinite(record["loss"]):
+                        raise TrainingError(
+                            f"the loss became non-finite ({record['loss']}) between steps {last_good} and "
+                            f"{pos.step}; stopping. The newest checkpoint in {out / 'checkpoints'} is from before "
+                            f"it. Lower optim.base_lr or try mixed_precision=no."
+                        )
+                    last_good = pos.step
+                    record.update(step=pos.step, epoch=pos.epoch, lr=lr)
+                    log.write(record)
+                    accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=pos.step)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4f}",
+                                    img_s=f"{record['images_per_s']:.0f}",
+                                    wait=f"{record['data_wait']:.0%}")  # fmt: skip
+                    stopping = single_stop or (accelerator.num_processes > 1 and stop.agreed(accelerator))
+                bar.update(1)
+                if save_now or stopping:
+                    checkpoint()
+                if stopping:
+                    bar.close()
+                    raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
+                if pos.step >= total_steps:
+                    break
+            if pos.batch_in_epoch >= steps_per_epoch:  # the epoch ran to its end
+                finished = pos.epoch + 1
+                pos.epoch, pos.batch_in_epoch = finished, 0
+                line = f"epoch {finished}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
+                if cfg.knn_every and finished % cfg.knn_every == 0 and pos.step < total_steps:
+                    line += f", kNN top-1 {knn(finished)['knn_top1']:.2f}%"
+                if accelerator.is_main_process:
+                    bar.write(line)
     bar.close()
     if cfg.knn_every:
         summary["knn_end"] = knn(pos.epoch)["knn_top1"]
@@ -388,6 +439,9 @@ def main(argv=None) -> int:
     except (ConfigError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"{e}; a checkpoint was written. Run the same command again to resume.", file=sys.stderr)
+        return 128 + e.signum
     if "knn_start" in summary and "knn_end" in summary:
         print(f"kNN top-1: {summary['knn_start']:.2f}% at the start, {summary['knn_end']:.2f}% at the end")
     print(json.dumps(summary))

@@ -104,3 +104,59 @@ def test_lr_schedule_warmup_then_cosine():
     assert train.lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
     assert train.lr_at(99, 100, 10, peak) < 0.001
     assert load_config("demo").optim.base_lr > 0
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dataset, capsys, monkeypatch):
+    from ensiam_fast import methods
+
+    forward = methods.SSLMethod.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):  # the 4th step's loss becomes NaN, as a diverging run's would
+        out = forward(self, x)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(methods.SSLMethod, "forward", poisoned)
+    # Logging every 5 steps: the checkpoint due at step 4 must still check the loss first.
+    rc, out = run_main(tmp_path, tiny_dataset, "max_steps=6", "knn_every=0", "checkpoint_every=2", "log_every=5")
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "between steps 2 and 4" in err
+    _, state = latest_checkpoint(out)
+    assert state["step"] == 2  # written before the NaN; nothing after it was saved
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny_dataset):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}",
+            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "resume" in err
+    _, state = latest_checkpoint(out)
+    stopped_at = state["step"]
+    assert stopped_at >= 2
+    # Same command, now capped a few steps later: it resumes where the signal stopped it.
+    rc, _ = run_main(tmp_path, tiny_dataset, "knn_every=0", "epochs=50", f"max_steps={stopped_at + 2}",
+                     name="killed")  # fmt: skip
+    assert rc == 0
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
+    assert steps == list(range(1, stopped_at + 3))
