@@ -173,174 +173,187 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def run(cfg: TrainConfig) -> dict:
-    accelerator = build_accelerator(cfg)
-    info = check_data(cfg, accelerator.num_processes)
-    out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    if accelerator.device.type == "cuda":
-        torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(cfg.seed)
+class Trainer:
+    """Everything one run needs, built once (``__init__``), then ``fit()``: the loop."""
 
-    device = data_device(cfg, accelerator)
-    per_process_batch = cfg.batch_size // accelerator.num_processes
-    preset = get_preset(cfg.data.preset, **cfg.data.preset_overrides)
-    loader = build_loader(
-        cfg.data.root, cfg.data.split, batch_size=per_process_batch, views=cfg.views, preset=preset,
-        device=device, shard_id=accelerator.process_index, num_shards=accelerator.num_processes,
-        seed=cfg.seed, train=True, image_size=info["image_size"], num_threads=cfg.data.num_threads,
-        backend=cfg.data.backend,
-    )  # fmt: skip
-    steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    schedule_steps = cfg.epochs * steps_per_epoch  # max_steps caps the run, not the schedule
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.accelerator = acc = build_accelerator(cfg)
+        self.info = check_data(cfg, acc.num_processes)
+        self.out = Path(cfg.output_dir)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        if acc.device.type == "cuda":
+            torch.cuda.set_device(acc.device)  # DALI's GPU pipeline uses the current device
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(cfg.seed)
+        self.data_device = data_device(cfg, acc)
+        self.loader = self.build_train_loader()
+        self.steps_per_epoch = len(self.loader)
+        self.schedule_steps = cfg.epochs * self.steps_per_epoch  # max_steps caps the run, not the schedule
+        self.total_steps = min(self.schedule_steps, cfg.max_steps or self.schedule_steps)
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
+        self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
+        self.pos = Position()
+        self.build_model_and_optimizer()
+        acc.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()))
+        self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, self.pos.step if self.resumed else None)
 
-    m = cfg.model
-    method = build_method(
-        cfg.method, cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers,
-        bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden,
-    )  # fmt: skip
-    optimizer = build_optimizer(method, cfg, peak_lr)
+    def build_train_loader(self):
+        cfg, acc = self.cfg, self.accelerator
+        return build_loader(
+            cfg.data.root, cfg.data.split, batch_size=cfg.batch_size // acc.num_processes, views=cfg.views,
+            preset=get_preset(cfg.data.preset, **cfg.data.preset_overrides), device=self.data_device,
+            shard_id=acc.process_index, num_shards=acc.num_processes, seed=cfg.seed, train=True,
+            image_size=self.info["image_size"], num_threads=cfg.data.num_threads, backend=cfg.data.backend,
+        )  # fmt: skip
 
-    pos = Position()
-    resumed = latest_checkpoint(out)
-    if resumed is not None:
-        path, state = resumed
-        check_compatible(cfg, state, path)
-        method.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
-        accelerator.print(f"resuming from {path} at step {pos.step} (epoch {pos.epoch})")
+    def build_model_and_optimizer(self) -> None:
+        """The method and SGD, restored from the newest checkpoint when there is one, then prepared."""
+        cfg, acc, m = self.cfg, self.accelerator, self.cfg.model
+        method = build_method(
+            cfg.method, cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers,
+            bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden,
+        )  # fmt: skip
+        optimizer = build_optimizer(method, cfg, self.peak_lr)
+        self.resumed = latest_checkpoint(self.out)
+        if self.resumed is not None:
+            path, state = self.resumed
+            check_compatible(cfg, state, path)
+            method.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+            acc.print(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch})")
+        if m.sync_bn and acc.num_processes > 1:
+            # Our converter keeps per-view statistics per view (torch's would leave them unsynced).
+            method = convert_sync_batchnorm(method)
+        if m.channels_last:
+            method = method.to(memory_format=torch.channels_last)
+        self.raw_method = method  # parameters shared with the wrapped module; used for checkpoints
+        self.method, self.optimizer = acc.prepare(method, optimizer)
+        if self.resumed is not None:
+            if state.get("scaler") is not None and acc.scaler is not None:
+                acc.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        self.step_fn = torch.compile(self.method) if m.compile else self.method
 
-    if m.sync_bn and accelerator.num_processes > 1:
-        # Our converter keeps per-view statistics per view (torch's would leave them unsynced).
-        method = convert_sync_batchnorm(method)
-    if m.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    raw_method = method  # parameters shared with the wrapped module; used for checkpoints
-    method, optimizer = accelerator.prepare(method, optimizer)
-    if resumed is not None:
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-    step_fn = torch.compile(method) if m.compile else method
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.raw_method.model.features(x.to(self.accelerator.device, non_blocking=True))
 
-    accelerator.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()))
-    log = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, pos.step if resumed else None)
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        return raw_method.model.features(x.to(accelerator.device, non_blocking=True))
-
-    def knn(epoch: int) -> dict:
-        raw_method.eval()
+    def knn(self, epoch: int) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self.raw_method.eval()
         result = knn_evaluate(
-            features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
-            test_split=cfg.data.knn_test_split, image_size=info["image_size"],
-            batch_size=max(1, cfg.eval_batch_size // accelerator.num_processes), device=device,
-            accelerator=accelerator, k=cfg.knn_k, t=cfg.knn_t, resize_ratio=cfg.data.eval_resize_ratio,
-            backend=cfg.data.backend, channels_last=m.channels_last, autocast=accelerator.autocast,
+            self.features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
+            test_split=cfg.data.knn_test_split, image_size=self.info["image_size"],
+            batch_size=max(1, cfg.eval_batch_size // acc.num_processes), device=self.data_device,
+            accelerator=acc, k=cfg.knn_k, t=cfg.knn_t, resize_ratio=cfg.data.eval_resize_ratio,
+            backend=cfg.data.backend, channels_last=cfg.model.channels_last, autocast=acc.autocast,
             num_threads=cfg.data.num_threads,
         )  # fmt: skip
-        raw_method.train()
-        record = {"step": pos.step, "epoch": epoch, **result}
-        log.write(record)
-        accelerator.log(result, step=pos.step)
-        accelerator.print(f"kNN at step {pos.step} (epoch {epoch}): top-1 {result['knn_top1']:.2f}%")
+        self.raw_method.train()
+        self.log.write({"step": self.pos.step, "epoch": epoch, **result})
+        acc.log(result, step=self.pos.step)
+        acc.print(f"kNN at step {self.pos.step} (epoch {epoch}): top-1 {result['knn_top1']:.2f}%")
         return result
 
-    def checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            save_checkpoint(out, {
+    def checkpoint(self) -> None:
+        acc, pos = self.accelerator, self.pos
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            save_checkpoint(self.out, {
                 "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
-                "config": cfg.to_dict(), "model": raw_method.model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "config": self.cfg.to_dict(), "model": self.raw_method.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "rng": rng_state(),
-            }, keep=cfg.keep_checkpoints)  # fmt: skip
-        accelerator.wait_for_everyone()
+            }, keep=self.cfg.keep_checkpoints)  # fmt: skip
+        acc.wait_for_everyone()
 
-    summary: dict = {"steps": total_steps, "steps_per_epoch": steps_per_epoch}
-    if cfg.knn_every and pos.step == 0:
-        summary["knn_start"] = knn(0)["knn_top1"]
+    def train_step(self, x: torch.Tensor) -> tuple[dict, float]:
+        lr = lr_at(self.pos.step, self.schedule_steps, self.warmup_steps, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.peak_lr if group.get("fix_lr") else lr
+        with self.accelerator.autocast():
+            # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
+            x = x.to(self.accelerator.device, non_blocking=True)
+            outputs = self.step_fn(normalize(x, channels_last=self.cfg.model.channels_last))
+        self.accelerator.backward(outputs["loss"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pos.step += 1
+        self.pos.batch_in_epoch += 1
+        return outputs, lr
 
-    method.train()
-    bar = tqdm(total=total_steps, initial=pos.step, disable=not accelerator.is_main_process,
-               desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
-    window = Window(accelerator.device)
-    last_good = pos.step
-    with StopRequest() as stop:
-        while pos.step < total_steps:
-            loader.set_epoch(pos.epoch)
-            window.restart()
-            for x, _ in loader.iter_from(pos.batch_in_epoch):
-                window.data_ready()
-                lr = lr_at(pos.step, schedule_steps, warmup_steps, peak_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = peak_lr if group.get("fix_lr") else lr
-                with accelerator.autocast():
-                    # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
-                    x = x.to(accelerator.device, non_blocking=True)
-                    outputs = step_fn(normalize(x, channels_last=m.channels_last))
-                accelerator.backward(outputs["loss"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                pos.step += 1
-                pos.batch_in_epoch += 1
-                window.step_done(outputs, cfg.batch_size)
+    def close_window(self, window: Window, lr: float, last_good: int, bar) -> None:
+        """Log the steps since the last line; a non-finite loss ends the run before any checkpoint."""
+        record = window.flush(self.accelerator)
+        if not math.isfinite(record["loss"]):
+            raise TrainingError(
+                f"the loss became non-finite ({record['loss']}) between steps {last_good} and {self.pos.step}; "
+                f"stopping. The newest checkpoint in {self.out / 'checkpoints'} is from before it. "
+                "Lower optim.base_lr or try mixed_precision=no."
+            )
+        record.update(step=self.pos.step, epoch=self.pos.epoch, lr=lr)
+        self.log.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.pos.step)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4f}", img_s=f"{record['images_per_s']:.0f}",
+                        wait=f"{record['data_wait']:.0%}")  # fmt: skip
 
-                save_now = pos.step % cfg.checkpoint_every == 0 and pos.step < total_steps
-                end_of_window = pos.step == total_steps or pos.batch_in_epoch == steps_per_epoch
-                # One process acts on a signal at once; several agree on it when a window closes.
-                single_stop = stop.signum is not None and accelerator.num_processes == 1
-                stopping = False
-                # A checkpoint step also closes the window, so no checkpoint is written unchecked for NaN.
-                if pos.step % cfg.log_every == 0 or end_of_window or save_now or single_stop:
-                    record = window.flush(accelerator)
-                    if not math.isfinite(record["loss"]):
-                        raise TrainingError(
-                            f"the loss became non-finite ({record['loss']}) between steps {last_good} and "
-                            f"{pos.step}; stopping. The newest checkpoint in {out / 'checkpoints'} is from before "
-                            f"it. Lower optim.base_lr or try mixed_precision=no."
-                        )
-                    last_good = pos.step
-                    record.update(step=pos.step, epoch=pos.epoch, lr=lr)
-                    log.write(record)
-                    accelerator.log({k: v for k, v in record.items() if k not in ("step",)}, step=pos.step)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.4f}",
-                                    img_s=f"{record['images_per_s']:.0f}",
-                                    wait=f"{record['data_wait']:.0%}")  # fmt: skip
-                    stopping = single_stop or (accelerator.num_processes > 1 and stop.agreed(accelerator))
-                bar.update(1)
-                if save_now or stopping:
-                    checkpoint()
-                if stopping:
-                    bar.close()
-                    raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
-                if pos.step >= total_steps:
-                    break
-            if pos.batch_in_epoch >= steps_per_epoch:  # the epoch ran to its end
-                finished = pos.epoch + 1
-                pos.epoch, pos.batch_in_epoch = finished, 0
-                line = f"epoch {finished}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
-                if cfg.knn_every and finished % cfg.knn_every == 0 and pos.step < total_steps:
-                    line += f", kNN top-1 {knn(finished)['knn_top1']:.2f}%"
-                if accelerator.is_main_process:
-                    bar.write(line)
-    bar.close()
-    if cfg.knn_every:
-        summary["knn_end"] = knn(pos.epoch)["knn_top1"]
-    checkpoint()
-    accelerator.end_training()
-    summary.update(final_step=pos.step, final_epoch=pos.epoch)
-    return summary
+    def fit(self) -> dict:
+        cfg, acc, pos = self.cfg, self.accelerator, self.pos
+        summary: dict = {"steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        if cfg.knn_every and pos.step == 0:
+            summary["knn_start"] = self.knn(0)["knn_top1"]
+        self.method.train()
+        bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process,
+                   desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
+        window, last_good = Window(), pos.step
+        with StopRequest() as stop:
+            while pos.step < self.total_steps:
+                self.loader.set_epoch(pos.epoch)
+                window.restart()
+                for x, _ in self.loader.iter_from(pos.batch_in_epoch):
+                    window.data_ready()
+                    outputs, lr = self.train_step(x)
+                    window.step_done(outputs, cfg.batch_size)
+                    save_now = pos.step % cfg.checkpoint_every == 0 and pos.step < self.total_steps
+                    # One process acts on a signal at once; several agree on it when a window closes.
+                    single_stop = stop.signum is not None and acc.num_processes == 1
+                    stopping = False
+                    # A checkpoint step also closes the window, so no checkpoint is written unchecked for NaN.
+                    if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps or save_now or single_stop
+                            or pos.batch_in_epoch == self.steps_per_epoch):  # fmt: skip
+                        self.close_window(window, lr, last_good, bar)
+                        last_good = pos.step
+                        stopping = single_stop or (acc.num_processes > 1 and stop.agreed(acc))
+                    bar.update(1)
+                    if save_now or stopping:
+                        self.checkpoint()
+                    if stopping:
+                        bar.close()
+                        raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
+                    if pos.step >= self.total_steps:
+                        break
+                if pos.batch_in_epoch >= self.steps_per_epoch:  # the epoch ran to its end
+                    pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+                    line = f"epoch {pos.epoch}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
+                    if cfg.knn_every and pos.epoch % cfg.knn_every == 0 and pos.step < self.total_steps:
+                        line += f", kNN top-1 {self.knn(pos.epoch)['knn_top1']:.2f}%"
+                    if acc.is_main_process:
+                        bar.write(line)
+        bar.close()
+        if cfg.knn_every:
+            summary["knn_end"] = self.knn(pos.epoch)["knn_top1"]
+        self.checkpoint()
+        acc.end_training()
+        summary.update(final_step=pos.step, final_epoch=pos.epoch)
+        return summary
+
+
+def run(cfg: TrainConfig) -> dict:
+    return Trainer(cfg).fit()
 
 
 def check_compatible(cfg: TrainConfig, state: dict, path: Path) -> None:
@@ -366,8 +379,7 @@ class Window:
     ``data_wait`` is the fraction of wall time spent waiting for the next batch. Losses are summed
     on the device and read once per log line, so logging adds one sync per window, not per step."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self):
         self.epoch_sum, self.epoch_n = 0.0, 0
         self._reset()
         self.restart()
