@@ -3,7 +3,7 @@
 Shape legend: ``p`` are the predictor outputs g_k and ``z`` the projector outputs f_k of the K views,
 both ``(K, B, D)``. Every loss stops the gradient through its target (the paper's phi) and returns
 the mean over views and samples, so it is a scalar tensor. Equation numbers refer to the EnSiam paper
-(Jeon et al., "EnSiam: Self-Supervised Learning With Ensemble Representations").
+(Han and Lee, "EnSiam: Self-Supervised Learning With Ensemble Representations").
 """
 
 from __future__ import annotations
