@@ -9,8 +9,11 @@
 Data order and augmentation are a function of (seed, epoch, shard_id): every epoch gets its own
 freshly built DALI pipeline, whose tar list is permuted with a seed shared by all ranks before the
 reader splits it into ``num_shards`` blocks, and whose shuffle buffer and augmentation seeds differ
-per rank. A rebuild costs ~0.2 s for the default preset (K=4) but several seconds for very_strong,
-whose RandAugment graph DALI traces through AutoGraph each time (``loader.last_build_s``).
+per rank. A build costs ~0.5-1 s for the default preset (K=4) and several seconds for very_strong,
+whose RandAugment graph DALI traces through AutoGraph; so a training loader builds epoch e+1's
+pipeline in a background thread as soon as epoch e starts, and ``set_epoch(e + 1)`` only picks it
+up (``loader.last_build_s`` is the time ``set_epoch`` spent, ``loader.last_built_ahead`` says
+whether the pipeline came from the background). Any other epoch is built on the spot.
 ``backend="torch"`` (or a host without DALI) uses ``pipelines.reference.build_reference_loader``
 with the same arguments and contract.
 """
@@ -21,6 +24,7 @@ import io
 import os
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -191,6 +195,9 @@ def find_undecodable(tars: list[str], idxs: list[str], budget_s: float = 30.0) -
 class DaliLoader:
     """One epoch of (x, y) batches per iteration; see the module docstring for the contract."""
 
+    # Training loaders build the next epoch's pipeline in the background once an epoch starts.
+    build_ahead = True
+
     def __init__(
         self,
         root: str | os.PathLike,
@@ -252,7 +259,9 @@ class DaliLoader:
         self.epoch = 0
         self._pipe = None
         self._pipe_fresh = False
+        self._ahead: tuple | None = None  # (epoch, thread, result box) of the pipeline built ahead
         self.last_build_s = 0.0
+        self.last_built_ahead = False
         self._build()  # fail at construction, not in the middle of the first epoch
 
     # -- contract -----------------------------------------------------------------------------
@@ -275,20 +284,61 @@ class DaliLoader:
         if not self._pipe_fresh:
             self._build()
         self._pipe_fresh = False
-        return self._epoch(self._pipe, start_batch)
+        return self._epoch(self._pipe, start_batch, self.epoch)
 
     # -- internals ----------------------------------------------------------------------------
-    def _epoch_tars(self) -> tuple[list[str], list[str]]:
-        """This epoch's tar order: permuted for training with a seed every rank shares."""
+    def _epoch_tars(self, epoch: int) -> tuple[list[str], list[str]]:
+        """An epoch's tar order: permuted for training with a seed every rank shares."""
         if not self.train:
             return self._tars, self._idxs
-        order = np.random.default_rng(derive_seed(self.seed, self.epoch, 0xD1)).permutation(len(self._tars))
+        order = np.random.default_rng(derive_seed(self.seed, epoch, 0xD1)).permutation(len(self._tars))
         return [self._tars[i] for i in order], [self._idxs[i] for i in order]
 
     def _build(self) -> None:
+        """Make the current epoch's pipeline ready: the one built ahead if any, else built now."""
         self._pipe = None  # release the previous pipeline's threads and buffers first
         t0 = time.perf_counter()
-        tars, idxs = self._epoch_tars()
+        pipe = self._take_ahead(self.epoch)
+        self.last_built_ahead = pipe is not None
+        self._pipe = pipe if pipe is not None else self._make_pipe(self.epoch)
+        self._pipe_fresh = True
+        self.last_build_s = time.perf_counter() - t0
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building ``epoch``'s pipeline in a background thread (the current epoch runs on).
+
+        Tracing a RandAugment graph takes seconds of Python; DALI's graph definition state is
+        thread-local, so it can happen while the current pipeline runs. The pipeline depends only
+        on (seed, epoch, shard), so one built ahead is the one ``set_epoch`` would build.
+        """
+        if not self.build_ahead or (self._ahead is not None and self._ahead[0] == epoch):
+            return
+        box: dict = {}
+
+        def work():
+            try:
+                box["pipe"] = self._make_pipe(epoch)
+            except BaseException as e:  # re-raised in the thread that asks for this epoch
+                box["error"] = e
+
+        thread = threading.Thread(target=work, name=f"dali-build-epoch-{epoch}", daemon=True)
+        thread.start()
+        self._ahead = (epoch, thread, box)
+
+    def _take_ahead(self, epoch: int):
+        """The pipeline built ahead for ``epoch`` (waiting for it), or None."""
+        if self._ahead is None or self._ahead[0] != epoch:
+            return None
+        _, thread, box = self._ahead
+        self._ahead = None
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["pipe"]
+
+    def _make_pipe(self, epoch: int):
+        """Define, build and check the pipeline of one epoch (no loader state is changed)."""
+        tars, idxs = self._epoch_tars(epoch)
         pipe = self._pipes.build_kview_pipeline(
             tars,
             idxs,
@@ -300,8 +350,8 @@ class DaliLoader:
             device=self.kind,
             device_id=self.device_id,
             num_threads=self.num_threads,
-            seed=derive_seed(self.seed, self.epoch, self.shard_id, 0xA6),
-            reader_seed=derive_seed(self.seed, self.epoch, self.shard_id, 0x5F),
+            seed=derive_seed(self.seed, epoch, self.shard_id, 0xA6),
+            reader_seed=derive_seed(self.seed, epoch, self.shard_id, 0x5F),
             shuffle=self.train,
             initial_fill=min(SHUFFLE_BUFFER, max(1, self.num_samples)),
             shard_id=self.shard_id,
@@ -320,8 +370,7 @@ class DaliLoader:
                 f"the indices of split {self.split!r} in {self.root} list {epoch_size} samples but the manifest "
                 f"says {self._total}; " + VERIFY_HINT.format(root=self.root)
             )
-        self._pipe, self._pipe_fresh = pipe, True
-        self.last_build_s = time.perf_counter() - t0
+        return pipe
 
     def _run(self, pipe, batch: int, stream=None):
         # On the GPU the outputs are bound to torch's stream: no host synchronisation per batch.
@@ -330,7 +379,7 @@ class DaliLoader:
         except RuntimeError as e:
             raise self._explain(e, batch) from e
 
-    def _epoch(self, pipe, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch(self, pipe, start: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         stream = torch.cuda.current_stream(self.device) if self.kind == "gpu" else None
@@ -339,6 +388,8 @@ class DaliLoader:
         shape = (self.views, self.batch_size, 3, self.size, self.size)
         for b in range(start, self._batches):
             outs = self._run(pipe, b, stream)
+            if b == start and self.train:  # this epoch is under way: prepare the next one
+                self._build_ahead(epoch + 1)
             x = torch.empty(shape, dtype=torch.uint8, device=self.device)
             for k in range(self.views):  # one copy per view, straight into its final place
                 feed_ndarray(outs[k].as_tensor(), x[k], cuda_stream=stream)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
@@ -80,17 +81,6 @@ def _near(param, device: str):
     return param.gpu() if device == "gpu" else param
 
 
-def _applied(p: float):
-    """1.0 with probability p, else 0.0 (per sample, float)."""
-    return fn.cast(fn.random.coin_flip(probability=p, dtype=types.UINT8), dtype=types.FLOAT)
-
-
-def _factor(strength: float, apply):
-    """ColorJitter factor: U[max(0, 1 - s), 1 + s] when applied, exactly 1 otherwise."""
-    lo = max(0.0, 1.0 - strength)
-    return 1.0 + apply * (fn.random.uniform(range=[lo, 1.0 + strength]) - 1.0)
-
-
 def crop(images, preset: AugPreset, size: int):
     """Random resized crop to size x size, or (no randomness) shorter side to resize_ratio*size
     and a centre crop."""
@@ -131,36 +121,100 @@ def brightness_contrast(images, b, c, device: str):
     return brightness_contrast_expr(images, _near(b * c, device), _near(b * (1.0 - c), device) * m)
 
 
+def _coin(p: float):
+    """A per-sample boolean, True with probability p (a predicate for DALI conditionals)."""
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def _chroma_matrices(grey: bool) -> tuple[np.ndarray, ...]:
+    """Constants (C0, C1, C2, C3) with hue(theta) . saturation(s) = C0 + s C1 + s cos C2 + s sin C3.
+
+    Saturation is torchvision's blend with the luma grey, s I + (1 - s) 1 l^T. The hue shift is a
+    rotation by theta about the grey diagonal (1, 1, 1): it keeps each pixel's channel sum and its
+    distance from grey and, like HSV's hue, turns red into green at 120 degrees (a YIQ rotation,
+    what DALI's ``hsv`` does, spreads the channels much less than torchvision's hue shift). With
+    ``grey`` the matrices are premultiplied by the grey projection 1 l^T (jitter, then grayscale).
+    """
+    luma = np.array(LUMA, dtype=np.float64)
+    eye, ones = np.eye(3), np.ones(3)
+    u = ones / np.sqrt(3.0)
+    diag = np.outer(u, u)
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    to_luma = np.outer(ones, luma)
+    keep_luma = eye - to_luma
+    mats = (to_luma, diag @ keep_luma, (eye - diag) @ keep_luma, cross @ keep_luma)
+    if grey:
+        mats = tuple(to_luma @ m for m in mats)
+    return tuple(np.float32(m) for m in mats)
+
+
+def chroma_matrix(preset: AugPreset, grey: bool):
+    """Per-sample 3x3 colour matrix: saturation ~ U[1-s, 1+s], then hue ~ U[-h, h] of the circle."""
+    c0, c1, c2, c3 = (types.Constant(m) for m in _chroma_matrices(grey))
+    sat = 1.0
+    if preset.saturation > 0:
+        sat = fn.random.uniform(range=[max(0.0, 1.0 - preset.saturation), 1.0 + preset.saturation])
+    if preset.hue <= 0:
+        return c0 + sat * (c1 + c2)
+    theta = fn.random.uniform(range=[-2.0 * np.pi * preset.hue, 2.0 * np.pi * preset.hue])
+    return c0 + sat * (c1 + dmath.cos(theta) * c2 + dmath.sin(theta) * c3)
+
+
+def jitter(images, preset: AugPreset, device: str, *, grey: bool = False):
+    """ColorJitter(b, c, s, h) with every factor drawn, always applied (callers pick the samples),
+    followed by the grayscale conversion when ``grey``.
+
+    Brightness and contrast are one fused step (exact up to torchvision's intermediate clamp);
+    saturation, hue (and grey) are one per-pixel 3x3 matrix (``coord_transform`` over the channel
+    axis, rounded and saturated once). The order is fixed (b, c, s, h), where torchvision draws a
+    random order per image.
+    """
+    out = images
+    if preset.brightness > 0 or preset.contrast > 0:
+        b = fn.random.uniform(range=[max(0.0, 1.0 - preset.brightness), 1.0 + preset.brightness])
+        c = fn.random.uniform(range=[max(0.0, 1.0 - preset.contrast), 1.0 + preset.contrast])
+        out = brightness_contrast(out, b, c, device)
+    if preset.saturation > 0 or preset.hue > 0:
+        return fn.coord_transform(out, M=chroma_matrix(preset, grey), dtype=types.UINT8)
+    return to_grey(out) if grey else out
+
+
+def to_grey(images):
+    """Exact grey, 3 channels: ITU-R 601 luma, rounded once, copied into R, G and B."""
+    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
+
+
 def colour(images, preset: AugPreset, device: str):
     """Colour jitter (with p=jitter_p) then grayscale (p=grayscale_p), torchvision semantics.
 
-    Brightness and contrast are one fused step (exact up to torchvision's intermediate clamp).
-    Saturation, hue and grayscale are one ``hsv`` op: saturation scales chroma around the same
-    luma torchvision uses, and grayscale is saturation 0 (hue does not matter then). The order is
-    fixed (b, c, s, h), where torchvision draws a random order per image.
+    DALI conditionals route each view only through the operators it draws, so the per-pixel
+    passes run on the views that need them: jitter on ~jitter_p of them, grey on ~grayscale_p
+    (folded into the jitter's colour matrix when both apply). Grey views are exactly grey.
     """
-    out = images
-    apply = _applied(preset.jitter_p) if preset.jitter_p > 0 else None
-    if apply is not None and (preset.brightness > 0 or preset.contrast > 0):
-        out = brightness_contrast(out, _factor(preset.brightness, apply), _factor(preset.contrast, apply), device)
-    sat = None
-    hue = None
-    if apply is not None and preset.saturation > 0:
-        sat = _factor(preset.saturation, apply)
-    if apply is not None and preset.hue > 0:
-        # torchvision's hue factor is a fraction of the colour circle; DALI takes degrees.
-        hue = apply * fn.random.uniform(range=[-360.0 * preset.hue, 360.0 * preset.hue])
-    if preset.grayscale_p > 0:
-        keep_colour = 1.0 - _applied(preset.grayscale_p)
-        sat = keep_colour if sat is None else sat * keep_colour
-    if sat is not None or hue is not None:
-        kwargs = {}
-        if sat is not None:
-            kwargs["saturation"] = sat
-        if hue is not None:
-            kwargs["hue"] = hue
-        out = fn.hsv(out, **kwargs)
-    return out
+    has_jitter = preset.jitter_p > 0 and max(preset.brightness, preset.contrast, preset.saturation, preset.hue) > 0
+    if not has_jitter and preset.grayscale_p <= 0:
+        return images
+    # Both draws happen for every sample, whatever branch it takes, so the random streams do
+    # not depend on earlier outcomes.
+    apply = _coin(preset.jitter_p) if has_jitter else None
+    grey = _coin(preset.grayscale_p) if preset.grayscale_p > 0 else None
+    if apply is None:
+        if grey:
+            images = to_grey(images)
+        return images
+    if grey is None:
+        if apply:
+            images = jitter(images, preset, device)
+        return images
+    if apply:
+        if grey:
+            images = jitter(images, preset, device, grey=True)
+        else:
+            images = jitter(images, preset, device)
+    elif grey:
+        images = to_grey(images)
+    return images
 
 
 def blur(images, preset: AugPreset):
@@ -172,7 +226,7 @@ def blur(images, preset: AugPreset):
     if preset.blur_p <= 0:
         return images
     sigma = fn.random.uniform(range=list(preset.blur_sigma))
-    if fn.random.coin_flip(probability=preset.blur_p, dtype=types.BOOL):
+    if _coin(preset.blur_p):
         images = fn.gaussian_blur(images, sigma=sigma)
     return images
 
@@ -353,6 +407,8 @@ __all__ = [
     "check_jigsaw",
     "check_views",
     "colour",
+    "jitter",
+    "to_grey",
     "crop",
     "decode",
     "finish",

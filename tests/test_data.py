@@ -284,3 +284,22 @@ def test_torch_backend_dispatch_and_fallback(tiny_dataset, monkeypatch):
     with pytest.warns(UserWarning, match="DALI is not importable"):
         build_loader(tiny_dataset, "test", batch_size=8, views=1, preset="eval", train=False)
     assert calls[-1][0] == "test" and calls[-1][1]["train"] is False
+
+
+def test_next_epoch_built_ahead_is_identical_to_one_built_on_the_spot(tiny_dataset):
+    kw = dict(batch_size=8, views=2, preset="default", seed=11)
+    ahead = build_loader(tiny_dataset, "train", **kw)
+    spot = build_loader(tiny_dataset, "train", **kw)
+    spot.build_ahead = False
+    for e in range(3):
+        ahead.set_epoch(e)
+        spot.set_epoch(e)
+        assert ahead.last_built_ahead == (e > 0) and not spot.last_built_ahead
+        for (xa, ya), (xs, ys) in zip(epoch(ahead), epoch(spot), strict=True):
+            assert torch.equal(xa, xs) and torch.equal(ya, ys)
+    # a jump to another epoch (resume) builds on the spot, and still matches
+    ahead.set_epoch(7)
+    spot.set_epoch(7)
+    assert not ahead.last_built_ahead
+    for (xa, _), (xs, _) in zip(ahead.iter_from(2), spot.iter_from(2), strict=True):
+        assert torch.equal(xa, xs)
