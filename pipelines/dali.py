@@ -217,17 +217,41 @@ def colour(images, preset: AugPreset, device: str):
     return images
 
 
-def blur(images, preset: AugPreset):
+def gaussian_taps(sigma, max_sigma: float):
+    """Per-sample normalised 1-D Gaussian weights over a fixed 2 * ceil(3 * max_sigma) + 1 window,
+    zero outside +-ceil(3 * sigma): the kernel of size 2 * ceil(3 * sigma) + 1 the reference and
+    DALI's ``gaussian_blur`` use, padded to one length for the whole batch."""
+    half = int(np.ceil(3.0 * max_sigma))
+    offsets = types.Constant(np.arange(-half, half + 1, dtype=np.float32))
+    inside = fn.cast(dmath.abs(offsets) <= dmath.ceil(3.0 * sigma), dtype=types.FLOAT)
+    weights = dmath.exp(offsets * offsets * (-0.5 / (sigma * sigma))) * inside
+    return weights / fn.reductions.sum(weights), 2 * half + 1
+
+
+def separable_blur(images, sigma, max_sigma: float):
+    """Gaussian blur as a row then a column pass of DALI's generic filter with reflect-101
+    borders (what torchvision pads with); the row pass stays float, so one rounding at the end.
+    On the CPU this is ~3x faster than ``fn.gaussian_blur``, which recomputes its windows."""
+    taps, n = gaussian_taps(sigma, max_sigma)
+    rows = fn.filter(images, fn.reshape(taps, shape=[1, n]), border="reflect_101", dtype=types.FLOAT)
+    cols = fn.filter(rows, fn.reshape(taps, shape=[n, 1]), border="reflect_101", dtype=types.FLOAT)
+    return fn.cast(cols, dtype=types.UINT8)
+
+
+def blur(images, preset: AugPreset, device: str = "cpu"):
     """Gaussian blur with sigma ~ U(blur_sigma), applied with probability blur_p.
 
-    A DALI conditional routes only the chosen samples through the convolution. The kernel
-    window is DALI's default for the sigma, 2 * ceil(3 * sigma) + 1.
+    A DALI conditional routes only the chosen samples through the convolution, whose window is
+    2 * ceil(3 * sigma) + 1. The GPU keeps DALI's ``gaussian_blur`` (cheap there).
     """
     if preset.blur_p <= 0:
         return images
-    sigma = fn.random.uniform(range=list(preset.blur_sigma))
     if _coin(preset.blur_p):
-        images = fn.gaussian_blur(images, sigma=sigma)
+        sigma = fn.random.uniform(range=list(preset.blur_sigma))
+        if device == "cpu":
+            images = separable_blur(images, sigma, preset.blur_sigma[1])
+        else:
+            images = fn.gaussian_blur(images, sigma=sigma)
     return images
 
 
@@ -299,7 +323,7 @@ def augment_view(images, preset: AugPreset, size: int, device: str):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
     view = crop(images, preset, size)
     view = colour(view, preset, device)
-    view = blur(view, preset)
+    view = blur(view, preset, device)
     view = rand_augment(view, preset, size)
     if preset.jigsaw_grid > 0:
         view = jigsaw(view, preset.jigsaw_grid, size)
