@@ -13,6 +13,8 @@ HWC->CHW transpose (see ``finish``), which gives the same distribution of views.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 
 import numpy as np
@@ -83,7 +85,11 @@ def _near(param, device: str):
 
 def crop(images, preset: AugPreset, size: int):
     """Random resized crop to size x size, or (no randomness) shorter side to resize_ratio*size
-    and a centre crop."""
+    and a centre crop.
+
+    Antialiased linear resampling, as torchvision's RandomResizedCrop on uint8 tensors: without
+    it the crop costs ~25% less here (0.7 vs 0.95 ms per 224x224 view) but aliases large crops.
+    """
     if preset.crop:
         return fn.random_resized_crop(
             images,
@@ -374,6 +380,39 @@ def kview_pipeline(
     return tuple(outputs)
 
 
+_TRACE_LOCK = threading.Lock()
+_TRACE_USERS = [0, True]  # definitions in progress, DALI's setting before the first of them
+
+
+@contextlib.contextmanager
+def origin_traces_off():
+    """Skip DALI's per-operator capture of the defining Python stack while a graph is defined.
+
+    DALI keeps it only to decorate error messages, and capturing it dominates the definition of
+    a RandAugment graph (about two thirds of its time): the loader names the failing shard itself.
+    DALI's switch is private and process-wide, so concurrent definitions (the loader builds the
+    next epoch in a thread) share one reference count and the first setting comes back after the
+    last. Without the switch (another DALI version) nothing changes but the speed.
+    """
+    try:
+        from nvidia.dali._utils import dali_trace
+    except ImportError:
+        yield
+        return
+    with _TRACE_LOCK:
+        if _TRACE_USERS[0] == 0:
+            _TRACE_USERS[1] = dali_trace.is_tracing_enabled()
+            dali_trace.set_tracing(enabled=False)
+        _TRACE_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _TRACE_LOCK:
+            _TRACE_USERS[0] -= 1
+            if _TRACE_USERS[0] == 0:
+                dali_trace.set_tracing(enabled=_TRACE_USERS[1])
+
+
 def build_kview_pipeline(
     tars: list[str],
     idxs: list[str],
@@ -402,25 +441,26 @@ def build_kview_pipeline(
         raise ValueError("device='gpu' needs a device_id (the CUDA device index)")
     if device == "cpu":
         device_id = None  # DALI 2.x: a CPU-only pipeline is one without a device
-    return kview_pipeline(
-        tars=list(tars),
-        idxs=list(idxs),
-        labeled=labeled,
-        preset=preset,
-        views=views,
-        size=size,
-        device=device,
-        shuffle=shuffle,
-        initial_fill=max(1, int(initial_fill)),
-        shard_id=shard_id,
-        num_shards=num_shards,
-        reader_seed=reader_seed,
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=prefetch_queue_depth,
-    )
+    with origin_traces_off():
+        return kview_pipeline(
+            tars=list(tars),
+            idxs=list(idxs),
+            labeled=labeled,
+            preset=preset,
+            views=views,
+            size=size,
+            device=device,
+            shuffle=shuffle,
+            initial_fill=max(1, int(initial_fill)),
+            shard_id=shard_id,
+            num_shards=num_shards,
+            reader_seed=reader_seed,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=seed,
+            prefetch_queue_depth=prefetch_queue_depth,
+        )
 
 
 __all__ = [

@@ -181,3 +181,19 @@ def test_gpu_pipeline_runs(tiny_dataset):
     pipe.build()
     outs = pipe.run()
     assert np.asarray(outs[0].as_cpu().as_tensor()).shape == (8, 3, SIZE, SIZE)
+
+
+def test_origin_traces_are_off_while_defining_and_restored_after(tiny_dataset):
+    from nvidia.dali._utils import dali_trace
+
+    tars, idxs = shard_paths(tiny_dataset, "train")
+    seen = []
+    with D.origin_traces_off():
+        seen.append(dali_trace.is_tracing_enabled())
+        with D.origin_traces_off():  # nested (as two threads defining at once) keeps it off
+            seen.append(dali_trace.is_tracing_enabled())
+        seen.append(dali_trace.is_tracing_enabled())
+    assert seen == [False, False, False]
+    assert dali_trace.is_tracing_enabled()  # DALI's own default again
+    D.build_kview_pipeline(tars, idxs, labeled=True, preset=get_preset("default"), views=1, size=SIZE, batch_size=4)
+    assert dali_trace.is_tracing_enabled()
