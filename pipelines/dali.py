@@ -154,15 +154,22 @@ def _chroma_matrices(grey: bool) -> tuple[np.ndarray, ...]:
     return tuple(np.float32(m) for m in mats)
 
 
-def chroma_matrix(preset: AugPreset, grey: bool):
-    """Per-sample 3x3 colour matrix: saturation ~ U[1-s, 1+s], then hue ~ U[-h, h] of the circle."""
-    c0, c1, c2, c3 = (types.Constant(m) for m in _chroma_matrices(grey))
-    sat = 1.0
+def draw_chroma(preset: AugPreset):
+    """Per-sample (saturation factor, hue angle in radians); None for a disabled one."""
+    sat = theta = None
     if preset.saturation > 0:
         sat = fn.random.uniform(range=[max(0.0, 1.0 - preset.saturation), 1.0 + preset.saturation])
-    if preset.hue <= 0:
+    if preset.hue > 0:
+        theta = fn.random.uniform(range=[-2.0 * np.pi * preset.hue, 2.0 * np.pi * preset.hue])
+    return sat, theta
+
+
+def chroma_matrix(sat, theta, grey: bool):
+    """Per-sample 3x3 colour matrix: saturation ``sat`` then a hue rotation by ``theta``."""
+    c0, c1, c2, c3 = (types.Constant(m) for m in _chroma_matrices(grey))
+    sat = 1.0 if sat is None else sat
+    if theta is None:
         return c0 + sat * (c1 + c2)
-    theta = fn.random.uniform(range=[-2.0 * np.pi * preset.hue, 2.0 * np.pi * preset.hue])
     return c0 + sat * (c1 + dmath.cos(theta) * c2 + dmath.sin(theta) * c3)
 
 
@@ -181,7 +188,7 @@ def jitter(images, preset: AugPreset, device: str, *, grey: bool = False):
         c = fn.random.uniform(range=[max(0.0, 1.0 - preset.contrast), 1.0 + preset.contrast])
         out = brightness_contrast(out, b, c, device)
     if preset.saturation > 0 or preset.hue > 0:
-        return fn.coord_transform(out, M=chroma_matrix(preset, grey), dtype=types.UINT8)
+        return fn.coord_transform(out, M=chroma_matrix(*draw_chroma(preset), grey), dtype=types.UINT8)
     return to_grey(out) if grey else out
 
 
@@ -191,14 +198,64 @@ def to_grey(images):
     return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
 
 
-def colour(images, preset: AugPreset, device: str):
+# From this view side up the colour stage routes views through DALI conditionals (per-pixel work
+# dominates); below it one pass over every view is cheaper than splitting and merging batches.
+BRANCH_MIN_SIZE = 96
+_EYE = np.eye(3, dtype=np.float32)
+
+
+def _has_jitter(preset: AugPreset) -> bool:
+    return preset.jitter_p > 0 and max(preset.brightness, preset.contrast, preset.saturation, preset.hue) > 0
+
+
+def _pick(flag, when_set, otherwise):
+    """flag * when_set + (1 - flag) * otherwise for a 0/1 float flag: exactly one of the two."""
+    return when_set * flag + otherwise * (1.0 - flag)
+
+
+def colour_every_view(images, preset: AugPreset, device: str):
+    """The colour stage as one brightness/contrast pass and one 3x3 matrix pass over every view,
+    the factors being exactly 1 (identity matrix) on views that draw no jitter and the matrix the
+    grey projection on grey views: the same views as ``colour_branches`` with fewer operators."""
+    out = images
+    mat = None
+    if _has_jitter(preset):
+        apply = fn.cast(_coin(preset.jitter_p), dtype=types.FLOAT)
+        if preset.brightness > 0 or preset.contrast > 0:
+            b = fn.random.uniform(range=[max(0.0, 1.0 - preset.brightness), 1.0 + preset.brightness])
+            c = fn.random.uniform(range=[max(0.0, 1.0 - preset.contrast), 1.0 + preset.contrast])
+            out = brightness_contrast(out, _pick(apply, b, 1.0), _pick(apply, c, 1.0), device)
+        if preset.saturation > 0 or preset.hue > 0:
+            sat, theta = draw_chroma(preset)
+            mat = (apply, sat, theta)
+    if preset.grayscale_p > 0:
+        grey = fn.cast(_coin(preset.grayscale_p), dtype=types.FLOAT)
+        if mat is None:
+            m = _pick(grey, types.Constant(_chroma_matrices(True)[0]), types.Constant(_EYE))
+        else:
+            apply, sat, theta = mat
+            coloured = _pick(apply, chroma_matrix(sat, theta, False), types.Constant(_EYE))
+            greyed = _pick(apply, chroma_matrix(sat, theta, True), types.Constant(_chroma_matrices(True)[0]))
+            m = _pick(grey, greyed, coloured)
+    elif mat is not None:
+        apply, sat, theta = mat
+        m = _pick(apply, chroma_matrix(sat, theta, False), types.Constant(_EYE))
+    else:
+        return out
+    return fn.coord_transform(out, M=m, dtype=types.UINT8)
+
+
+def colour(images, preset: AugPreset, device: str, branches: bool = True):
     """Colour jitter (with p=jitter_p) then grayscale (p=grayscale_p), torchvision semantics.
 
-    DALI conditionals route each view only through the operators it draws, so the per-pixel
-    passes run on the views that need them: jitter on ~jitter_p of them, grey on ~grayscale_p
-    (folded into the jitter's colour matrix when both apply). Grey views are exactly grey.
+    With ``branches`` DALI conditionals route each view only through the operators it draws, so
+    the per-pixel passes run on the views that need them: jitter on ~jitter_p of them, grey on
+    ~grayscale_p (folded into the jitter's colour matrix when both apply); otherwise
+    ``colour_every_view``. Grey views are exactly grey either way.
     """
-    has_jitter = preset.jitter_p > 0 and max(preset.brightness, preset.contrast, preset.saturation, preset.hue) > 0
+    if not branches:
+        return colour_every_view(images, preset, device)
+    has_jitter = _has_jitter(preset)
     if not has_jitter and preset.grayscale_p <= 0:
         return images
     # Both draws happen for every sample, whatever branch it takes, so the random streams do
@@ -328,7 +385,7 @@ def finish(images, flip_p: float):
 def augment_view(images, preset: AugPreset, size: int, device: str):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
     view = crop(images, preset, size)
-    view = colour(view, preset, device)
+    view = colour(view, preset, device, branches=size >= BRANCH_MIN_SIZE)
     view = blur(view, preset, device)
     view = rand_augment(view, preset, size)
     if preset.jigsaw_grid > 0:
@@ -471,6 +528,7 @@ __all__ = [
     "check_jigsaw",
     "check_views",
     "colour",
+    "colour_every_view",
     "jitter",
     "to_grey",
     "crop",

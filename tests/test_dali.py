@@ -53,7 +53,14 @@ def test_flip_rate_matches_preset(tiny_dataset):
     assert lo < mirrored.mean() < hi, mirrored.mean()
 
 
-def test_grayscale_rate_matches_preset(tiny_dataset):
+@pytest.fixture(params=["every_view", "branches"])
+def colour_mode(request, monkeypatch):
+    """Run a test through both colour implementations (picked by view size in the pipeline)."""
+    monkeypatch.setattr(D, "BRANCH_MIN_SIZE", SIZE if request.param == "branches" else SIZE + 1)
+    return request.param
+
+
+def test_grayscale_rate_matches_preset(tiny_dataset, colour_mode):
     preset = IDENTITY.replace(grayscale_p=0.2)
     ref, views = views_and_reference(tiny_dataset, preset, views=16)
     v = views.astype(int)
@@ -66,11 +73,12 @@ def test_grayscale_rate_matches_preset(tiny_dataset):
     luma = np.tensordot(np.float32(D.LUMA), ref.astype(np.float32), axes=([0], [1]))  # (B, H, W)
     k, b = np.nonzero(grey)
     assert np.abs(v[k, b, 0] - luma[b]).max() <= 1.0
+    assert (v[k, b, 0] == v[k, b, 1]).all() and (v[k, b, 1] == v[k, b, 2]).all(), "grey is exact"
     lo, hi = binomial_bounds(0.2, grey.size)
     assert lo < grey.mean() < hi, grey.mean()
 
 
-def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset):
+def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset, colour_mode):
     _, views = views_and_reference(tiny_dataset, get_preset("default"), views=4, batch_size=8)
     assert views.dtype == np.uint8 and views.shape == (4, 8, 3, SIZE, SIZE)
     for i in range(4):
@@ -197,3 +205,18 @@ def test_origin_traces_are_off_while_defining_and_restored_after(tiny_dataset):
     assert dali_trace.is_tracing_enabled()  # DALI's own default again
     D.build_kview_pipeline(tars, idxs, labeled=True, preset=get_preset("default"), views=1, size=SIZE, batch_size=4)
     assert dali_trace.is_tracing_enabled()
+
+
+def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, monkeypatch):
+    """Both colour implementations: views without jitter or grey are untouched, grey ones exact,
+    and the share of changed views is 1 - (1 - jitter_p)(1 - grayscale_p)."""
+    preset = IDENTITY.replace(jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
+    for threshold in (SIZE, SIZE + 1):
+        monkeypatch.setattr(D, "BRANCH_MIN_SIZE", threshold)
+        ref, views = views_and_reference(tiny_dataset, preset, views=16)
+        changed = (views != ref[None]).any(axis=(2, 3, 4))
+        grey = (views[:, :, 0] == views[:, :, 1]).all(axis=(2, 3)) & (views[:, :, 1] == views[:, :, 2]).all(axis=(2, 3))
+        lo, hi = binomial_bounds(1 - 0.5 * 0.8, changed.size)
+        assert lo < changed.mean() < hi, (threshold, changed.mean())
+        lo, hi = binomial_bounds(0.2, grey.size)
+        assert lo < grey.mean() < hi, (threshold, grey.mean())
