@@ -163,12 +163,13 @@ def test_brightness_contrast_formula_both_paths():
 
 
 @pytest.mark.parametrize("preset", ["default", "very_strong", "eval"])
-def test_gpu_pipeline_graph_builds_on_the_gpu(tiny_dataset, preset):
+@pytest.mark.parametrize("size", [SIZE, 128])  # both colour implementations (see BRANCH_MIN_SIZE)
+def test_gpu_pipeline_graph_builds_on_the_gpu(tiny_dataset, preset, size):
     """Without a GPU DALI cannot instantiate a GPU pipeline, but the Python graph (every operator,
     its placement) can be built: the views come out on the GPU, the label bytes on the CPU."""
     tars, idxs = shard_paths(tiny_dataset, "train")
     pipe = D.build_kview_pipeline(
-        tars, idxs, labeled=True, preset=get_preset(preset), views=2, size=SIZE, batch_size=8,
+        tars, idxs, labeled=True, preset=get_preset(preset), views=2, size=size, batch_size=8,
         device="gpu", device_id=0,
     )  # fmt: skip
     pipe._build_graph()  # private, but the only way to trace a GPU graph on a CPU-only host
