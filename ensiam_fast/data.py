@@ -9,8 +9,8 @@
 Data order and augmentation are a function of (seed, epoch, shard_id): every epoch gets its own
 freshly built DALI pipeline, whose tar list is permuted with a seed shared by all ranks before the
 reader splits it into ``num_shards`` blocks, and whose shuffle buffer and augmentation seeds differ
-per rank. A build costs ~0.5-1 s for the default preset (K=4) and several seconds for very_strong,
-whose RandAugment graph DALI traces through AutoGraph; so a training loader builds epoch e+1's
+per rank. A build costs ~0.2-0.3 s for the default preset (K=4) and 2-4 s for very_strong, whose
+RandAugment graph DALI traces through AutoGraph; so a training loader builds epoch e+1's
 pipeline in a background thread as soon as epoch e starts, and ``set_epoch(e + 1)`` only picks it
 up (``loader.last_build_s`` is the time ``set_epoch`` spent, ``loader.last_built_ahead`` says
 whether the pipeline came from the background). Any other epoch is built on the spot.
