@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ensiam_fast.shards import ShardFormatError, read_manifest, shard_paths
+from ensiam_fast.shards import ShardFormatError, read_manifest, shard_bounds, shard_paths, write_index
 from pipelines.presets import MEAN, STD, AugPreset, get_preset
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
@@ -42,11 +42,6 @@ VERIFY_HINT = "check the shards with `python tools/make_shards.py --verify {root
 
 
 # ----------------------------------------------------------------------------- small pure helpers
-
-
-def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """[start, end) of one shard's block of samples, the split DALI's readers use."""
-    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
 def derive_seed(*parts: int) -> int:
@@ -110,23 +105,6 @@ def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.d
 
 
 # ----------------------------------------------------------------------------- shard indices
-
-
-def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
-    """(Re)make the DALI index of one tar (the ``wds2idx`` v1.2 format), written atomically."""
-    samples: dict[str, list[str]] = {}
-    with tarfile.open(tar_path, mode="r:") as tf:
-        for member in tf:
-            base = member.name.rsplit("/", 1)[-1]
-            if not member.isfile() or base.startswith("."):
-                continue
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, []).append(f"{ext} {member.offset_data} {member.size} {member.name}")
-    if not samples:
-        raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
-    tmp = Path(str(idx_path) + ".tmp")
-    tmp.write_text(f"v1.2 {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n")
-    os.replace(tmp, idx_path)
 
 
 def ensure_indices(root: Path, tars: list[str], idxs: list[str]) -> list[str]:

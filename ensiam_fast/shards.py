@@ -114,6 +114,29 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     return ShardRecord(path.name, len(index_lines))
 
 
+def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[start, end) of one rank's contiguous block of samples, the split DALI's readers use; both
+    loaders (DALI and the torchvision reference) cut an epoch this way."""
+    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
+
+
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
+    """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically."""
+    samples: dict[str, list[str]] = {}
+    with tarfile.open(tar_path, mode="r:") as tf:
+        for member in tf:
+            base = member.name.rsplit("/", 1)[-1]
+            if not member.isfile() or base.startswith("."):
+                continue
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, []).append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    if not samples:
+        raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
+    tmp = Path(str(idx_path) + TMP_SUFFIX)
+    tmp.write_text(f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n")
+    os.replace(tmp, idx_path)
+
+
 @dataclass
 class SplitInfo:
     num_samples: int

@@ -35,7 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from ensiam_fast.shards import ShardFormatError, read_manifest, shard_paths
+from ensiam_fast.shards import ShardFormatError, read_manifest, shard_bounds, shard_paths
 from pipelines.presets import AugPreset, get_preset
 
 # Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).
@@ -214,11 +214,6 @@ def plan_epoch(
         order = np.arange(start, end, dtype=np.int64)
         num_batches = math.ceil(len(order) / batch_size)
     return EpochPlan(order=order, shard_order=shard_order, batch_size=batch_size, num_batches=num_batches)
-
-
-def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """[start, end) of one rank's contiguous block of samples (the split DALI's readers use)."""
-    return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
 def batch_seed(seed: int, epoch: int, shard_id: int, batch: int) -> int:
