@@ -109,16 +109,6 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     return {k: int(hits[:, : min(k, scores.shape[1])].any(dim=1).sum()) for k in ks}
 
 
-def fit_eval_batch(root: str, split: str, batch_size: int, world: int = 1) -> int:
-    """An evaluation batch no larger than the smallest process share of ``split`` (the loader refuses
-    larger ones); one batch then covers a small split, the results are unchanged."""
-    try:
-        samples = read_manifest(root).split(split).num_samples
-    except ShardFormatError:
-        return batch_size  # the loader reports the problem with its own message
-    return max(1, min(batch_size, samples // world))
-
-
 def knn_evaluate(
     backbone_features,
     *,
@@ -154,9 +144,9 @@ def knn_evaluate(
         backend=backend,
         num_threads=num_threads,
     )
-    bank_loader = build_loader(root, train_split, batch_size=fit_eval_batch(root, train_split, batch_size, world),
+    bank_loader = build_loader(root, train_split, batch_size=batch_size,
                                **common)
-    test_loader = build_loader(root, test_split, batch_size=fit_eval_batch(root, test_split, batch_size, world),
+    test_loader = build_loader(root, test_split, batch_size=batch_size,
                                **common)
     for loader, split in ((bank_loader, train_split), (test_loader, test_split)):
         if not loader.labeled:
@@ -338,8 +328,6 @@ class Runtime:
         return self.accelerator.num_processes
 
     def loader(self, data: EvalData, split: str, *, batch_size: int, train: bool, preset, seed: int = 0):
-        if not train:
-            batch_size = fit_eval_batch(data.root, split, batch_size, self.world)
         return build_loader(data.root, split, batch_size=batch_size, views=1, preset=preset,
                             device=self.data_device, shard_id=self.rank, num_shards=self.world, seed=seed,
                             train=train, image_size=data.image_size, num_threads=self.num_threads,

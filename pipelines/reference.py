@@ -458,12 +458,15 @@ def build_reference_loader(
             f"{root}/manifest.json: split {split!r} shard_sizes {sizes} do not match its {len(tars)} shards "
             f"and {info.num_samples} samples; re-run tools/make_shards.py"
         )
-    plan_args = dict(
-        shard_sizes=sizes, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train
-    )
     start, end = shard_bounds(info.num_samples, shard_id, num_shards)
     # Training uses total // num_shards samples on every rank (equal len() everywhere).
     available = info.num_samples // num_shards if train else end - start
+    if not train:
+        # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
+        batch_size = min(batch_size, max(1, available))
+    plan_args = dict(
+        shard_sizes=sizes, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train
+    )
     if batch_size > available:
         raise ValueError(
             f"batch_size {batch_size} is larger than the {available} samples of split {split!r} that shard "
