@@ -22,6 +22,7 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
+from pipelines import cpu_kernels
 from pipelines.presets import AugPreset
 
 MAX_VIEWS = 16
@@ -280,6 +281,18 @@ def colour(images, preset: AugPreset, device: str, branches: bool = True):
     return images
 
 
+def colour_fused(images, preset: AugPreset):
+    """The colour stage (jitter with p=jitter_p, then grey with p=grayscale_p) of every view as
+    one compiled CPU kernel (``pipelines.cpu_kernels``): one pass over the pixels of the views
+    that draw a change, a copy for the others. Same distribution as ``colour``."""
+    if not _has_jitter(preset) and preset.grayscale_p <= 0:
+        return images
+    draws = fn.random.uniform(range=[0.0, 1.0], shape=[cpu_kernels.N_DRAWS])
+    consts = types.Constant(cpu_kernels.colour_constants(preset, _chroma_matrices))
+    out = cpu_kernels.colour_op()(images, draws, consts)
+    return fn.reshape(out, layout="HWC")  # numba_function outputs carry no layout
+
+
 def gaussian_taps(sigma, max_sigma: float):
     """Per-sample normalised 1-D Gaussian weights over a fixed 2 * ceil(3 * max_sigma) + 1 window,
     zero outside +-ceil(3 * sigma): the kernel of size 2 * ceil(3 * sigma) + 1 the reference and
@@ -385,7 +398,10 @@ def finish(images, flip_p: float):
 def augment_view(images, preset: AugPreset, size: int, device: str):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
     view = crop(images, preset, size)
-    view = colour(view, preset, device, branches=size >= BRANCH_MIN_SIZE)
+    if device == "cpu" and cpu_kernels.backend() == "numba":
+        view = colour_fused(view, preset)
+    else:
+        view = colour(view, preset, device, branches=size >= BRANCH_MIN_SIZE)
     view = blur(view, preset, device)
     view = rand_augment(view, preset, size)
     if preset.jigsaw_grid > 0:
@@ -529,6 +545,7 @@ __all__ = [
     "check_views",
     "colour",
     "colour_every_view",
+    "colour_fused",
     "jitter",
     "to_grey",
     "crop",

@@ -53,10 +53,28 @@ def test_flip_rate_matches_preset(tiny_dataset):
     assert lo < mirrored.mean() < hi, mirrored.mean()
 
 
-@pytest.fixture(params=["every_view", "branches"])
+def numba_usable() -> bool:
+    from pipelines import cpu_kernels
+
+    return cpu_kernels.backend() == "numba"
+
+
+COLOUR_MODES = ["every_view", "branches", "numba"]
+
+
+def set_colour_mode(monkeypatch, mode: str) -> None:
+    """Pick one CPU colour implementation: DALI operators over every view, DALI operators behind
+    conditionals (picked by view size in the pipeline), or the fused Numba kernel."""
+    if mode == "numba" and not numba_usable():
+        pytest.skip("Numba is not usable here")
+    monkeypatch.setenv("ENSIAM_CPU_KERNELS", "numba" if mode == "numba" else "dali")
+    monkeypatch.setattr(D, "BRANCH_MIN_SIZE", SIZE if mode == "branches" else SIZE + 1)
+
+
+@pytest.fixture(params=COLOUR_MODES)
 def colour_mode(request, monkeypatch):
-    """Run a test through both colour implementations (picked by view size in the pipeline)."""
-    monkeypatch.setattr(D, "BRANCH_MIN_SIZE", SIZE if request.param == "branches" else SIZE + 1)
+    """Run a test through every colour implementation."""
+    set_colour_mode(monkeypatch, request.param)
     return request.param
 
 
@@ -208,16 +226,14 @@ def test_origin_traces_are_off_while_defining_and_restored_after(tiny_dataset):
     assert dali_trace.is_tracing_enabled()
 
 
-def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, monkeypatch):
-    """Both colour implementations: views without jitter or grey are untouched, grey ones exact,
+def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, colour_mode):
+    """Every colour implementation: views without jitter or grey are untouched, grey ones exact,
     and the share of changed views is 1 - (1 - jitter_p)(1 - grayscale_p)."""
     preset = IDENTITY.replace(jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
-    for threshold in (SIZE, SIZE + 1):
-        monkeypatch.setattr(D, "BRANCH_MIN_SIZE", threshold)
-        ref, views = views_and_reference(tiny_dataset, preset, views=16)
-        changed = (views != ref[None]).any(axis=(2, 3, 4))
-        grey = (views[:, :, 0] == views[:, :, 1]).all(axis=(2, 3)) & (views[:, :, 1] == views[:, :, 2]).all(axis=(2, 3))
-        lo, hi = binomial_bounds(1 - 0.5 * 0.8, changed.size)
-        assert lo < changed.mean() < hi, (threshold, changed.mean())
-        lo, hi = binomial_bounds(0.2, grey.size)
-        assert lo < grey.mean() < hi, (threshold, grey.mean())
+    ref, views = views_and_reference(tiny_dataset, preset, views=16)
+    changed = (views != ref[None]).any(axis=(2, 3, 4))
+    grey = (views[:, :, 0] == views[:, :, 1]).all(axis=(2, 3)) & (views[:, :, 1] == views[:, :, 2]).all(axis=(2, 3))
+    lo, hi = binomial_bounds(1 - 0.5 * 0.8, changed.size)
+    assert lo < changed.mean() < hi, (colour_mode, changed.mean())
+    lo, hi = binomial_bounds(0.2, grey.size)
+    assert lo < grey.mean() < hi, (colour_mode, grey.mean())

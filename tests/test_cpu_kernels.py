@@ -1,0 +1,86 @@
+"""pipelines.cpu_kernels: the fused colour kernel against the colour maths written out in NumPy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+
+from pipelines import cpu_kernels as CK
+from pipelines import dali as D
+from pipelines.presets import get_preset
+
+pytestmark = pytest.mark.skipif(CK.backend() != "numba", reason="Numba is not usable here")
+
+LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def hue_rotation(theta: float) -> np.ndarray:
+    """Rotation by theta about the grey diagonal (Rodrigues' formula), the hue shift."""
+    u = np.ones(3) / np.sqrt(3.0)
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    return np.cos(theta) * np.eye(3) + np.sin(theta) * cross + (1 - np.cos(theta)) * np.outer(u, u)
+
+
+def expected(img: np.ndarray, draws: np.ndarray, preset) -> np.ndarray:
+    """The colour stage step by step, in float64, one rounding at the end."""
+    x = img.astype(np.float64)
+    if draws[0] < preset.jitter_p:
+        lo_hi = lambda r: (max(0.0, 1 - r), 1 + r)
+        b = np.interp(draws[1], [0, 1], lo_hi(preset.brightness))
+        c = np.interp(draws[2], [0, 1], lo_hi(preset.contrast))
+        s = np.interp(draws[3], [0, 1], lo_hi(preset.saturation))
+        theta = (2 * draws[4] - 1) * 2 * np.pi * preset.hue
+        x = b * x  # brightness
+        x = c * x + (1 - c) * (x @ LUMA).mean()  # contrast around the mean grey
+        x = s * x + (1 - s) * (x @ LUMA)[..., None]  # saturation: blend with the luma grey
+        x = x @ hue_rotation(theta).T  # hue
+    if draws[5] < preset.grayscale_p:
+        x = np.repeat((x @ LUMA)[..., None], 3, axis=-1)
+    return np.clip(x, 0, 255)
+
+
+def run_kernel(images, draws, preset):
+    consts = CK.colour_constants(preset, D._chroma_matrices)
+
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        d = fn.external_source(source=lambda: list(draws), batch=True)
+        return CK.colour_op()(x, d, types.Constant(consts))
+
+    p = pipe()
+    p.build()
+    return [np.asarray(t) for t in p.run()[0]]
+
+
+@pytest.mark.parametrize("name", ["default", "strong"])
+def test_colour_kernel_matches_the_maths(name):
+    preset = get_preset(name)
+    rng = np.random.default_rng(0)
+    n = 24
+    images = [rng.integers(0, 256, (9 + i % 3, 11, 3), dtype=np.uint8) for i in range(n)]
+    draws = rng.uniform(0, 1, (n, CK.N_DRAWS)).astype(np.float32)
+    # cover every branch: untouched, jitter only, grey only, jitter then grey
+    draws[0, [0, 5]] = [0.99, 0.99]
+    draws[1, [0, 5]] = [0.10, 0.99]
+    draws[2, [0, 5]] = [0.99, 0.05]
+    draws[3, [0, 5]] = [0.10, 0.05]
+    out = run_kernel(images, draws, preset)
+    for i in range(n):
+        want = expected(images[i], draws[i], preset)
+        assert out[i].shape == images[i].shape and out[i].dtype == np.uint8
+        assert np.abs(out[i] - want).max() <= 0.5 + 1e-3, (i, draws[i])
+    assert (out[0] == images[0]).all(), "a view that draws neither jitter nor grey is untouched"
+    for i in (2, 3):
+        assert (out[i][..., 0] == out[i][..., 1]).all() and (out[i][..., 1] == out[i][..., 2]).all()
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("ENSIAM_CPU_KERNELS", "dali")
+    assert CK.backend() == "dali"
+    monkeypatch.setenv("ENSIAM_CPU_KERNELS", "numba")
+    assert CK.backend() == "numba"
+    monkeypatch.setenv("ENSIAM_CPU_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ENSIAM_CPU_KERNELS must be auto, numba or dali, got 'fast'"):
+        CK.backend()
