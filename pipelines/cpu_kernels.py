@@ -124,6 +124,90 @@ def colour_run(out, img, draws, consts):
         dst[3 * i + 2] = np.uint8(min(max(a20 * r + a21 * gg + a22 * bb + t, lo), hi) + half)
 
 
+BLUR_DRAWS = 2  # uniform [0, 1) draws per view: apply, sigma
+
+
+def blur_constants(preset) -> np.ndarray:
+    """(blur_p, sigma_lo, sigma_hi) of one preset."""
+    return np.float32([preset.blur_p, *preset.blur_sigma])
+
+
+def blur_run(out, img, draws, consts):
+    """One view: Gaussian blur with probability consts[0] and sigma ~ U(consts[1], consts[2]).
+
+    The kernel is the one torchvision's GaussianBlur uses: 2 * ceil(3 sigma) + 1 taps of a
+    normalised Gaussian, reflect-101 borders; a row pass into float rows, then a column pass,
+    rounded once. The inner loops run over whole rows of the interleaved HWC image (views
+    starting at offset 0, so Numba vectorises them).
+    """
+    h, w, ch = img.shape
+    row_len = w * ch
+    src = img.reshape(h, row_len)
+    dst = out.reshape(h, row_len)
+    if not draws[0] < consts[0]:
+        for y in range(h):
+            d = dst[y]
+            s = src[y]
+            for j in range(row_len):
+                d[j] = s[j]
+        return
+    sigma = np.float32(consts[1] + draws[1] * (consts[2] - consts[1]))
+    r = int(np.ceil(np.float32(3.0) * sigma))
+    taps = np.empty(r + 1, dtype=np.float32)  # symmetric: taps[k] weighs offsets +k and -k
+    total = np.float32(0.0)
+    for k in range(r + 1):
+        v = np.float32(np.exp(np.float32(-0.5) * np.float32(k * k) / (sigma * sigma)))
+        taps[k] = v
+        total += v if k == 0 else np.float32(2.0) * v
+    for k in range(r + 1):
+        taps[k] /= total
+    # reflect-101 needs r <= side - 1; a wider kernel is clipped there (only for images < 13 px)
+    rx = min(r, w - 1)
+    ry = min(r, h - 1)
+    pad = rx * ch
+    row = np.empty(row_len + 2 * pad, dtype=np.float32)
+    rows = np.empty((h + 2 * ry, row_len), dtype=np.float32)  # rows, reflect-101 padded
+    w0 = taps[0]
+    for y in range(h):
+        s = src[y]
+        mid = row[pad : pad + row_len]
+        for j in range(row_len):
+            mid[j] = s[j]
+        for x in range(1, rx + 1):
+            for c in range(ch):
+                row[pad - x * ch + c] = row[pad + x * ch + c]
+                row[pad + row_len - ch + x * ch + c] = row[pad + row_len - ch - x * ch + c]
+        t = rows[y + ry]
+        for j in range(row_len):
+            t[j] = w0 * mid[j]
+        for k in range(1, rx + 1):
+            wk = taps[k]
+            a = row[pad - k * ch : pad - k * ch + row_len]
+            b = row[pad + k * ch : pad + k * ch + row_len]
+            for j in range(row_len):
+                t[j] += wk * (a[j] + b[j])
+    for k in range(1, ry + 1):
+        rows[ry - k] = rows[ry + k]
+        rows[ry + h - 1 + k] = rows[ry + h - 1 - k]
+    acc = np.empty(row_len, dtype=np.float32)
+    lo = np.float32(0.0)
+    hi = np.float32(255.0)
+    half = np.float32(0.5)
+    for y in range(h):
+        c0 = rows[y + ry]
+        for j in range(row_len):
+            acc[j] = w0 * c0[j]
+        for k in range(1, ry + 1):
+            wk = taps[k]
+            a = rows[y + ry - k]
+            b = rows[y + ry + k]
+            for j in range(row_len):
+                acc[j] += wk * (a[j] + b[j])
+        d = dst[y]
+        for j in range(row_len):
+            d[j] = np.uint8(min(max(acc[j], lo), hi) + half)
+
+
 def same_shape_as_first(outs, ins):
     """Numba setup function: output 0 has the shape of input 0 (an HWC image), per sample."""
     for i in range(len(outs[0])):
@@ -161,23 +245,44 @@ def backend() -> str:
     return "numba" if _STATE["available"] else "dali"
 
 
-def colour_op():
-    """The colour kernel as a DALI operator, compiled once per process (about 2-3 s, the first
-    time a CPU pipeline with a colour stage is defined) and shared by every view and pipeline."""
+def _numba_op(name: str, run_fn):
+    """``run_fn(out, img, draws, consts)`` as a DALI CPU operator (uint8 HWC in and out), compiled
+    once per process (2-3 s the first time) and shared by every view and pipeline."""
     with _LOCK:
-        if "colour" not in _OPS:
+        if name not in _OPS:
             from nvidia.dali import types
             from nvidia.dali.plugin.numba.experimental import NumbaFunction
 
-            _OPS["colour"] = NumbaFunction(
-                run_fn=colour_run,
+            _OPS[name] = NumbaFunction(
+                run_fn=run_fn,
                 setup_fn=same_shape_as_first,
                 in_types=[types.UINT8, types.FLOAT, types.FLOAT],
                 ins_ndim=[3, 1, 1],
                 out_types=[types.UINT8],
                 outs_ndim=[3],
             )
-        return _OPS["colour"]
+        return _OPS[name]
 
 
-__all__ = ["N_DRAWS", "backend", "colour_constants", "colour_op", "colour_run", "same_shape_as_first"]
+def blur_op():
+    """The blur kernel as a DALI operator (see ``_numba_op``)."""
+    return _numba_op("blur", blur_run)
+
+
+def colour_op():
+    """The colour kernel as a DALI operator (see ``_numba_op``)."""
+    return _numba_op("colour", colour_run)
+
+
+__all__ = [
+    "BLUR_DRAWS",
+    "N_DRAWS",
+    "backend",
+    "blur_constants",
+    "blur_op",
+    "blur_run",
+    "colour_constants",
+    "colour_op",
+    "colour_run",
+    "same_shape_as_first",
+]

@@ -40,14 +40,15 @@ def expected(img: np.ndarray, draws: np.ndarray, preset) -> np.ndarray:
     return np.clip(x, 0, 255)
 
 
-def run_kernel(images, draws, preset):
-    consts = CK.colour_constants(preset, D._chroma_matrices)
+def run_kernel(images, draws, preset, op=None, consts=None):
+    op = op or CK.colour_op()
+    consts = CK.colour_constants(preset, D._chroma_matrices) if consts is None else consts
 
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
         d = fn.external_source(source=lambda: list(draws), batch=True)
-        return CK.colour_op()(x, d, types.Constant(consts))
+        return op(x, d, types.Constant(consts))
 
     p = pipe()
     p.build()
@@ -74,6 +75,28 @@ def test_colour_kernel_matches_the_maths(name):
     assert (out[0] == images[0]).all(), "a view that draws neither jitter nor grey is untouched"
     for i in (2, 3):
         assert (out[i][..., 0] == out[i][..., 1]).all() and (out[i][..., 1] == out[i][..., 2]).all()
+
+
+@pytest.mark.parametrize("size, sigma", [(32, 2.0), (32, 0.1), (64, 1.1), (20, 3.0), (224, 1.7)])
+def test_blur_kernel_matches_torchvision(size, sigma):
+    """Applied blurs equal torchvision's GaussianBlur with its 2 * ceil(3 sigma) + 1 taps (up to a
+    rare off-by-one where float sums round the other way); unapplied views are copies."""
+    import math
+
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8) for _ in range(6)]
+    draws = np.float32([[0.2, 0.5]] * 5 + [[0.9, 0.5]])  # the last one draws no blur (p = 0.5)
+    consts = np.float32([0.5, sigma, sigma])
+    out = run_kernel(images, draws, None, op=CK.blur_op(), consts=consts)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    for img, got in zip(images[:5], out[:5]):
+        want = TF.gaussian_blur(torch.from_numpy(img).permute(2, 0, 1), [kernel, kernel], [sigma, sigma])
+        diff = np.abs(got.astype(int) - want.permute(1, 2, 0).numpy().astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (sigma, diff.max(), (diff > 0).mean())
+    assert (out[5] == images[5]).all()
 
 
 def test_backend_switch(monkeypatch):
