@@ -247,7 +247,11 @@ def backend() -> str:
 
 def _numba_op(name: str, run_fn):
     """``run_fn(out, img, draws, consts)`` as a DALI CPU operator (uint8 HWC in and out), compiled
-    once per process (2-3 s the first time) and shared by every view and pipeline."""
+    once per process (2-3 s the first time) and shared by every view and pipeline.
+
+    Calls are serialised: the loader defines the next epoch's pipeline in a background thread
+    while another definition may be under way, and one operator object serves both.
+    """
     with _LOCK:
         if name not in _OPS:
             from nvidia.dali import types
@@ -261,7 +265,13 @@ def _numba_op(name: str, run_fn):
                 out_types=[types.UINT8],
                 outs_ndim=[3],
             )
-        return _OPS[name]
+        op = _OPS[name]
+
+    def call(*inputs):
+        with _LOCK:
+            return op(*inputs)
+
+    return call
 
 
 def blur_op():

@@ -9,6 +9,11 @@ Views leave the pipeline as uint8 CHW (normalisation happens in torch on the dev
 bytes cross PCIe). Stage order per view follows ``pipelines.presets``: crop -> flip -> colour
 jitter -> grayscale -> blur -> RandAugment -> jigsaw; the flip is applied last, fused with the
 HWC->CHW transpose (see ``finish``), which gives the same distribution of views.
+
+On the CPU the colour and blur stages are, when Numba is usable, two fused kernels run by DALI's
+``numba_function`` (``pipelines.cpu_kernels``: ``colour_fused``, ``blur_fused``), several times
+cheaper than DALI's CPU operators; ``ENSIAM_CPU_KERNELS=dali`` (or no Numba) uses the operators
+(``colour``, ``blur``), which the GPU pipeline always uses.
 """
 
 from __future__ import annotations

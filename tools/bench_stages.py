@@ -1,0 +1,136 @@
+"""Where the CPU time of a DALI view goes: per-stage cost of the K-view pipeline, DALI's own CPU
+operators against the fused Numba kernels (``pipelines.cpu_kernels``), side by side in one run.
+
+    python tools/bench_stages.py                                  # 224x224 from 500x375 JPEGs, default, K=4
+    python tools/bench_stages.py --size 32 --preset very_strong   # CIFAR-like, with RandAugment and jigsaw
+
+The pipeline is cut after each stage (decode, crop, colour, blur, RandAugment, jigsaw, flip +
+HWC->CHW) and run on one DALI thread; a stage's cost is the CPU time per image (K views) of the
+pipeline up to it minus that of the pipeline before it. The two kernel back ends alternate per
+repeat; medians over ``--repeats``. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
+
+from nvidia.dali import pipeline_def  # noqa: E402
+
+from ensiam_fast.shards import shard_paths  # noqa: E402
+from pipelines import cpu_kernels  # noqa: E402
+from pipelines import dali as D  # noqa: E402
+from pipelines.presets import get_preset  # noqa: E402
+from tools.bench_pipeline import write_bench_dataset  # noqa: E402
+
+STAGES = ["decode", "crop", "colour", "blur", "randaugment", "jigsaw", "flip_chw"]
+
+
+def view_upto(images, preset, size: int, stop: int, kernels: str):
+    """One view through the first ``stop`` stages after decoding (1 = crop ... 6 = flip_chw)."""
+    v = D.crop(images, preset, size)
+    if stop >= 2:
+        v = D.colour_fused(v, preset) if kernels == "numba" else D.colour(v, preset, "cpu", size >= D.BRANCH_MIN_SIZE)
+    if stop >= 3:
+        v = D.blur_fused(v, preset) if kernels == "numba" else D.blur(v, preset, "cpu")
+    if stop >= 4:
+        v = D.rand_augment(v, preset, size)
+    if stop >= 5 and preset.jigsaw_grid > 0:
+        v = D.jigsaw(v, preset.jigsaw_grid, size)
+    if stop >= 6:
+        v = D.finish(v, preset.flip_p)
+    return v
+
+
+@pipeline_def(enable_conditionals=True)
+def cut_pipeline(tars, idxs, preset, size, views, stop, kernels):
+    encoded, _ = D.read_shards(
+        tars, idxs, labeled=True, shuffle=False, initial_fill=1, shard_id=0, num_shards=1, seed=0
+    )
+    images = D.decode(encoded, "cpu")
+    if stop == 0:
+        return images
+    return tuple(view_upto(images, preset, size, stop, kernels) for _ in range(views))
+
+
+def cpu_ms_per_image(tars, idxs, *, preset, size, views, stop, kernels, batch, iters) -> float:
+    with D.origin_traces_off():
+        pipe = cut_pipeline(tars, idxs, preset, size, views, stop, kernels, batch_size=batch, num_threads=1,
+                            device_id=None, seed=1, prefetch_queue_depth=2)  # fmt: skip
+    pipe.build()
+    for _ in range(2):
+        pipe.run()
+    t = time.process_time()
+    for _ in range(iters):
+        pipe.run()
+    ms = 1000.0 * (time.process_time() - t) / (iters * batch)
+    del pipe
+    return ms
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, choices=[32, 224], default=224)
+    ap.add_argument("--preset", default="default")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 at 32x32, 32 at 224x224")
+    ap.add_argument("--iters", type=int, default=8, help="timed batches per pipeline")
+    ap.add_argument("--repeats", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if cpu_kernels.backend() != "numba":
+        raise SystemExit("Numba is not usable here, so there is nothing to compare (pip install numba)")
+    preset = get_preset(args.preset)
+    batch = args.batch or (128 if args.size == 32 else 32)
+    stops = [s for s in range(len(STAGES)) if not (STAGES[s] == "jigsaw" and preset.jigsaw_grid == 0)]
+    stops = [s for s in stops if not (STAGES[s] == "randaugment" and preset.randaugment_n == 0)]
+    cumulative: dict[str, dict[int, list[float]]] = {"dali": {}, "numba": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
+        root = write_bench_dataset(Path(tmp) / "data", args.size, batch * (args.iters + 2))
+        tars, idxs = shard_paths(root, "train")
+        for rep in range(args.repeats):
+            for kernels in ("dali", "numba") if rep % 2 == 0 else ("numba", "dali"):
+                for s in stops:
+                    ms = cpu_ms_per_image(tars, idxs, preset=preset, size=args.size, views=args.views, stop=s,
+                                          kernels=kernels, batch=batch, iters=args.iters)  # fmt: skip
+                    cumulative[kernels].setdefault(s, []).append(ms)
+    rows = []
+    for kernels, by_stop in cumulative.items():
+        med = {s: statistics.median(v) for s, v in by_stop.items()}
+        prev = 0.0
+        for s in stops:
+            rows.append({"kernels": kernels, "stage": STAGES[s], "ms_cpu_per_image": round(med[s] - prev, 3),
+                         "cumulative_ms": round(med[s], 3)})  # fmt: skip
+            prev = med[s]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    totals = {k: round(statistics.median(v[stops[-1]]), 3) for k, v in cumulative.items()}
+    result = {
+        "tool": "bench_stages",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "size": args.size, "preset": args.preset, "views": args.views, "batch": batch, "repeats": args.repeats,
+        "stages": rows,
+        "total_ms_cpu_per_image": totals,
+        "ratio_dali_over_numba": round(totals["dali"] / totals["numba"], 2),
+    }  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
