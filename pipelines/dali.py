@@ -10,10 +10,11 @@ bytes cross PCIe). Stage order per view follows ``pipelines.presets``: crop -> f
 jitter -> grayscale -> blur -> RandAugment -> jigsaw; the flip is applied last, fused with the
 HWC->CHW transpose (see ``finish``), which gives the same distribution of views.
 
-On the CPU the colour and blur stages are, when Numba is usable, two fused kernels run by DALI's
-``numba_function`` (``pipelines.cpu_kernels``: ``colour_fused``, ``blur_fused``), several times
-cheaper than DALI's CPU operators; ``ENSIAM_CPU_KERNELS=dali`` (or no Numba) uses the operators
-(``colour``, ``blur``), which the GPU pipeline always uses.
+On the CPU the colour, blur and RandAugment stages are, when Numba is usable, fused kernels run
+by DALI's ``numba_function`` (``pipelines.cpu_kernels``: ``colour_fused``, ``blur_fused``,
+``rand_augment_fused``, ``jigsaw_fused``), several times cheaper than DALI's CPU operators;
+``ENSIAM_CPU_KERNELS=dali`` (or no Numba) uses the operators (``colour``, ``blur``,
+``rand_augment``, ``jigsaw``), which the GPU pipeline always uses.
 """
 
 from __future__ import annotations
@@ -365,6 +366,16 @@ def rand_augment(images, preset: AugPreset, size: int):
         )
 
 
+def rand_augment_fused(images, preset: AugPreset):
+    """RandAugment(n, m) of every view as one compiled CPU kernel (``pipelines.cpu_kernels``):
+    torchvision's 14 operations with its uint8 arithmetic (nearest interpolation, black fill)."""
+    if preset.randaugment_n <= 0:
+        return images
+    draws = fn.random.uniform(range=[0.0, 1.0], shape=[cpu_kernels.RA_DRAWS_PER_OP * preset.randaugment_n])
+    consts = types.Constant(cpu_kernels.randaugment_constants(preset, RANDAUG_MAX_TRANSLATE_REL))
+    return fn.reshape(cpu_kernels.randaugment_op()(images, draws, consts), layout="HWC")
+
+
 def check_jigsaw(size: int, grid: int) -> None:
     if grid > 0 and size % grid != 0:
         raise ValueError(
@@ -400,6 +411,15 @@ def jigsaw(images, grid: int, size: int):
     )
 
 
+def jigsaw_fused(images, grid: int, size: int):
+    """``jigsaw`` as one compiled CPU kernel (``pipelines.cpu_kernels``): a tile permutation drawn
+    per view (the order that sorts grid*grid uniform keys), one copy of each tile."""
+    check_jigsaw(size, grid)
+    draws = fn.random.uniform(range=[0.0, 1.0], shape=[grid * grid])
+    out = cpu_kernels.jigsaw_op()(images, draws, types.Constant(np.float32([grid])))
+    return fn.reshape(out, layout="HWC")
+
+
 def finish(images, flip_p: float):
     """Horizontal flip with probability flip_p fused with the HWC -> CHW transpose (uint8 out).
 
@@ -414,15 +434,17 @@ def finish(images, flip_p: float):
 def augment_view(images, preset: AugPreset, size: int, device: str):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
     view = crop(images, preset, size)
-    if device == "cpu" and cpu_kernels.backend() == "numba":
+    fused = device == "cpu" and cpu_kernels.backend() == "numba"
+    if fused:
         view = colour_fused(view, preset)
         view = blur_fused(view, preset)
+        view = rand_augment_fused(view, preset)
     else:
         view = colour(view, preset, device, branches=size >= BRANCH_MIN_SIZE)
         view = blur(view, preset, device)
-    view = rand_augment(view, preset, size)
+        view = rand_augment(view, preset, size)
     if preset.jigsaw_grid > 0:
-        view = jigsaw(view, preset.jigsaw_grid, size)
+        view = (jigsaw_fused if fused else jigsaw)(view, preset.jigsaw_grid, size)
     return finish(view, preset.flip_p)
 
 
@@ -564,6 +586,8 @@ __all__ = [
     "colour_every_view",
     "colour_fused",
     "blur_fused",
+    "rand_augment_fused",
+    "jigsaw_fused",
     "jitter",
     "to_grey",
     "crop",

@@ -107,3 +107,46 @@ def test_backend_switch(monkeypatch):
     monkeypatch.setenv("ENSIAM_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match="ENSIAM_CPU_KERNELS must be auto, numba or dali, got 'fast'"):
         CK.backend()
+
+
+def smooth_image(rng, h: int, w: int) -> np.ndarray:
+    """A photo-like uint8 image in [30, 220]: smooth colour fields plus a little noise."""
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    phase = rng.uniform(0, 6.28, 3)
+    base = 125 + 80 * np.sin(3 * xx[..., None] + 2 * yy[..., None] + phase)
+    return np.clip(base + rng.normal(0, 8, (h, w, 3)), 30, 220).astype(np.uint8)
+
+
+@pytest.mark.parametrize("op", CK.RA_OPS)
+def test_randaugment_operations_match_torchvision(op):
+    """Each operation, both signs, against torchvision's own RandAugment operation on the same
+    image: pixel and colour operations exactly, geometric ones up to the few pixels whose sampling
+    point sits on a rounding tie (float32 grid arithmetic in a different order)."""
+    import torch
+    from torchvision.transforms import v2
+
+    m, bins = 5, 31
+    ra = v2.RandAugment(num_ops=1, magnitude=m, num_magnitude_bins=bins)
+    rng = np.random.default_rng(3)
+    images = [smooth_image(rng, 32, 32), smooth_image(rng, 40, 56)]
+    index = CK.RA_OPS.index(op)
+    consts = np.float32([1, m, bins, D.RANDAUG_MAX_TRANSLATE_REL])
+    for sign_draw, sign in ((0.9, 1.0), (0.1, -1.0)):
+        draws = np.float32([[(index + 0.5) / len(CK.RA_OPS), sign_draw]] * len(images))
+        out = run_kernel(images, draws, None, op=CK.randaugment_op(), consts=consts)
+        for img, got in zip(images, out):
+            h, w = img.shape[:2]
+            magnitudes_fn, signed = ra._AUGMENTATION_SPACE[op]
+            mags = magnitudes_fn(bins, h, w)
+            magnitude = float(mags[m]) * (sign if signed else 1.0) if mags is not None else 0.0
+            want = ra._apply_image_or_video_transform(
+                torch.from_numpy(img).permute(2, 0, 1), op, magnitude, interpolation=ra.interpolation, fill=ra._fill
+            ).permute(1, 2, 0).numpy()
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert got.shape == img.shape and got.dtype == np.uint8
+            if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+                assert (diff.max(axis=2) > 0).mean() < 0.01, (op, sign, (diff.max(axis=2) > 0).mean())
+            else:
+                assert diff.max() == 0, (op, sign, diff.max(), (diff > 0).mean())
+            if op != "Identity" and op != "AutoContrast":
+                assert (got != img).any(), f"{op} changed nothing"

@@ -117,7 +117,11 @@ def tile_grid(image: np.ndarray, grid: int) -> np.ndarray:
     return image.reshape(grid, t, grid, t, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, t, t, c)
 
 
-def test_jigsaw_permutes_tiles_of_a_known_image():
+@pytest.mark.parametrize("kernel", ["dali", "numba"])
+def test_jigsaw_permutes_tiles_of_a_known_image(kernel):
+    if kernel == "numba" and not numba_usable():
+        pytest.skip("Numba is not usable here")
+    make = D.jigsaw if kernel == "dali" else D.jigsaw_fused
     grid, size, batch = 4, 16, 64
     # every tile has its own value, so the output tells where each tile went
     known = np.repeat(np.repeat(np.arange(grid * grid, dtype=np.uint8).reshape(grid, grid), 4, 0), 4, 1)
@@ -126,7 +130,7 @@ def test_jigsaw_permutes_tiles_of_a_known_image():
     @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7)
     def pipe():
         images = fn.external_source(source=lambda: [known] * batch, batch=True, layout="HWC")
-        return D.jigsaw(images, grid, size)
+        return make(images, grid, size)
 
     (out,) = run_once(pipe())
     src_tiles = tile_grid(known, grid)

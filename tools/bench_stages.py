@@ -45,9 +45,9 @@ def view_upto(images, preset, size: int, stop: int, kernels: str):
     if stop >= 3:
         v = D.blur_fused(v, preset) if kernels == "numba" else D.blur(v, preset, "cpu")
     if stop >= 4:
-        v = D.rand_augment(v, preset, size)
+        v = D.rand_augment_fused(v, preset) if kernels == "numba" else D.rand_augment(v, preset, size)
     if stop >= 5 and preset.jigsaw_grid > 0:
-        v = D.jigsaw(v, preset.jigsaw_grid, size)
+        v = (D.jigsaw_fused if kernels == "numba" else D.jigsaw)(v, preset.jigsaw_grid, size)
     if stop >= 6:
         v = D.finish(v, preset.flip_p)
     return v
