@@ -525,17 +525,51 @@ try:  # the helpers randaugment_run calls must be compiled functions; DALI compi
     from numba import njit as _njit
 except Exception:  # no usable Numba: backend() says 'dali' and nothing here runs
     _njit = None
+
+
+def _jit(fn):
+    """Compile with Numba, cached on disk when the cache can be written (next to this file, or
+    Numba's per-user cache directory), so only the first process pays the compile time."""
+    try:
+        return _njit(cache=True)(fn)
+    except Exception:  # no writable cache location: compile in every process
+        return _njit(fn)
+
+
 if _njit is not None:
-    copy_image = _njit(copy_image)
-    inverse_affine = _njit(inverse_affine)
-    warp_nearest = _njit(warp_nearest)
-    blend_to = _njit(blend_to)
-    grey_floor = _njit(grey_floor)
-    sharpness_to = _njit(sharpness_to)
-    autocontrast_to = _njit(autocontrast_to)
-    equalize_to = _njit(equalize_to)
-    tv_linspace = _njit(tv_linspace)
-    ra_apply = _njit(ra_apply)
+    copy_image = _jit(copy_image)
+    inverse_affine = _jit(inverse_affine)
+    warp_nearest = _jit(warp_nearest)
+    blend_to = _jit(blend_to)
+    grey_floor = _jit(grey_floor)
+    sharpness_to = _jit(sharpness_to)
+    autocontrast_to = _jit(autocontrast_to)
+    equalize_to = _jit(equalize_to)
+    tv_linspace = _jit(tv_linspace)
+    ra_apply = _jit(ra_apply)
+    _colour_impl = _jit(colour_run)
+    _blur_impl = _jit(blur_run)
+    _randaugment_impl = _jit(randaugment_run)
+    _jigsaw_impl = _jit(jigsaw_run)
+
+
+# The entry points DALI compiles in every process (into a C callback, which Numba cannot cache):
+# one call each, into the cached implementations above.
+def _colour_entry(out, img, draws, consts):
+    _colour_impl(out, img, draws, consts)
+
+
+def _blur_entry(out, img, draws, consts):
+    _blur_impl(out, img, draws, consts)
+
+
+def _randaugment_entry(out, img, draws, consts):
+    _randaugment_impl(out, img, draws, consts)
+
+
+def _jigsaw_entry(out, img, draws, consts):
+    _jigsaw_impl(out, img, draws, consts)
+
 
 _LOCK = threading.Lock()
 _OPS: dict[str, object] = {}
@@ -598,22 +632,22 @@ def _numba_op(name: str, run_fn):
 
 def blur_op():
     """The blur kernel as a DALI operator (see ``_numba_op``)."""
-    return _numba_op("blur", blur_run)
+    return _numba_op("blur", _blur_entry)
 
 
 def randaugment_op():
     """The RandAugment kernel as a DALI operator (see ``_numba_op``)."""
-    return _numba_op("randaugment", randaugment_run)
+    return _numba_op("randaugment", _randaugment_entry)
 
 
 def jigsaw_op():
     """The jigsaw kernel as a DALI operator (see ``_numba_op``)."""
-    return _numba_op("jigsaw", jigsaw_run)
+    return _numba_op("jigsaw", _jigsaw_entry)
 
 
 def colour_op():
     """The colour kernel as a DALI operator (see ``_numba_op``)."""
-    return _numba_op("colour", colour_run)
+    return _numba_op("colour", _colour_entry)
 
 
 __all__ = [
