@@ -1,5 +1,9 @@
 """Fused CPU kernels for the DALI pipeline, compiled with Numba and run by DALI's ``numba_function``.
 
+Four stages of a view: colour (jitter + grey), Gaussian blur, RandAugment and jigsaw. Each is one
+call per view that draws its own randomness from a few uniforms DALI generates, so the pipeline
+needs no conditionals. Per-stage costs against DALI's operators: ``tools/bench_stages.py``.
+
 DALI's CPU operators that mix colour channels per pixel (``coord_transform``, ``color_twist``,
 ``hsv``) cost about 1.1 ms per 224x224 view on the 2-core development VM, and the brightness /
 contrast pass with its grey mean another 0.1-0.3 ms: together the largest share of a CPU view
@@ -519,9 +523,9 @@ def same_shape_as_first(outs, ins):
             outs[0][i][d] = ins[0][i][d]
 
 
-len_ops = len(RA_OPS)
+len_ops = len(RA_OPS)  # a module constant, as Numba needs it inside randaugment_run
 
-try:  # the helpers randaugment_run calls must be compiled functions; DALI compiles run functions itself
+try:  # the helpers the kernels call must be compiled functions; DALI compiles only the entry points
     from numba import njit as _njit
 except Exception:  # no usable Numba: backend() says 'dali' and nothing here runs
     _njit = None
