@@ -89,8 +89,7 @@ def colour_run(out, img, draws, consts):
         if m[i] != (1.0 if i % 4 == 0 else 0.0):
             identity = False
     if identity:
-        for i in range(n * 3):
-            dst[i] = src[i]
+        copy_image(out, img)
         return
     # brightness b then contrast c around the mean grey of the brightened view (b * mean, as
     # torchvision computes it on the brightened image): x -> b c x + b (1 - c) mean
@@ -149,11 +148,7 @@ def blur_run(out, img, draws, consts):
     src = img.reshape(h, row_len)
     dst = out.reshape(h, row_len)
     if not draws[0] < consts[0]:
-        for y in range(h):
-            d = dst[y]
-            s = src[y]
-            for j in range(row_len):
-                d[j] = s[j]
+        copy_image(out, img)
         return
     sigma = np.float32(consts[1] + draws[1] * (consts[2] - consts[1]))
     r = int(np.ceil(np.float32(3.0) * sigma))
@@ -628,8 +623,11 @@ def _numba_op(name: str, run_fn):
         op = _OPS[name]
 
     def call(*inputs):
+        from nvidia.dali import fn
+
         with _LOCK:
-            return op(*inputs)
+            out = op(*inputs)
+        return fn.reshape(out, layout="HWC")  # numba_function outputs carry no layout
 
     return call
 

@@ -287,16 +287,21 @@ def colour(images, preset: AugPreset, device: str, branches: bool = True):
     return images
 
 
+def run_kernel(op, images, num_draws: int, consts: np.ndarray):
+    """One ``pipelines.cpu_kernels`` operator over every view: ``num_draws`` uniforms in [0, 1) per
+    view (its randomness) and the preset's constants."""
+    draws = fn.random.uniform(range=[0.0, 1.0], shape=[num_draws])
+    return op(images, draws, types.Constant(np.float32(consts)))
+
+
 def colour_fused(images, preset: AugPreset):
     """The colour stage (jitter with p=jitter_p, then grey with p=grayscale_p) of every view as
     one compiled CPU kernel (``pipelines.cpu_kernels``): one pass over the pixels of the views
     that draw a change, a copy for the others. Same distribution as ``colour``."""
     if not _has_jitter(preset) and preset.grayscale_p <= 0:
         return images
-    draws = fn.random.uniform(range=[0.0, 1.0], shape=[cpu_kernels.N_DRAWS])
-    consts = types.Constant(cpu_kernels.colour_constants(preset, _chroma_matrices))
-    out = cpu_kernels.colour_op()(images, draws, consts)
-    return fn.reshape(out, layout="HWC")  # numba_function outputs carry no layout
+    consts = cpu_kernels.colour_constants(preset, _chroma_matrices)
+    return run_kernel(cpu_kernels.colour_op(), images, cpu_kernels.N_DRAWS, consts)
 
 
 def gaussian_taps(sigma, max_sigma: float):
@@ -326,9 +331,7 @@ def blur_fused(images, preset: AugPreset):
     others a copy. Same distribution as ``blur``; no conditional, no fixed-width window."""
     if preset.blur_p <= 0:
         return images
-    draws = fn.random.uniform(range=[0.0, 1.0], shape=[cpu_kernels.BLUR_DRAWS])
-    out = cpu_kernels.blur_op()(images, draws, types.Constant(cpu_kernels.blur_constants(preset)))
-    return fn.reshape(out, layout="HWC")
+    return run_kernel(cpu_kernels.blur_op(), images, cpu_kernels.BLUR_DRAWS, cpu_kernels.blur_constants(preset))
 
 
 def blur(images, preset: AugPreset, device: str = "cpu"):
@@ -371,9 +374,8 @@ def rand_augment_fused(images, preset: AugPreset):
     torchvision's 14 operations with its uint8 arithmetic (nearest interpolation, black fill)."""
     if preset.randaugment_n <= 0:
         return images
-    draws = fn.random.uniform(range=[0.0, 1.0], shape=[cpu_kernels.RA_DRAWS_PER_OP * preset.randaugment_n])
-    consts = types.Constant(cpu_kernels.randaugment_constants(preset, RANDAUG_MAX_TRANSLATE_REL))
-    return fn.reshape(cpu_kernels.randaugment_op()(images, draws, consts), layout="HWC")
+    consts = cpu_kernels.randaugment_constants(preset, RANDAUG_MAX_TRANSLATE_REL)
+    return run_kernel(cpu_kernels.randaugment_op(), images, cpu_kernels.RA_DRAWS_PER_OP * preset.randaugment_n, consts)
 
 
 def check_jigsaw(size: int, grid: int) -> None:
@@ -415,9 +417,7 @@ def jigsaw_fused(images, grid: int, size: int):
     """``jigsaw`` as one compiled CPU kernel (``pipelines.cpu_kernels``): a tile permutation drawn
     per view (the order that sorts grid*grid uniform keys), one copy of each tile."""
     check_jigsaw(size, grid)
-    draws = fn.random.uniform(range=[0.0, 1.0], shape=[grid * grid])
-    out = cpu_kernels.jigsaw_op()(images, draws, types.Constant(np.float32([grid])))
-    return fn.reshape(out, layout="HWC")
+    return run_kernel(cpu_kernels.jigsaw_op(), images, grid * grid, [grid])
 
 
 def finish(images, flip_p: float):
@@ -431,21 +431,43 @@ def finish(images, flip_p: float):
     return fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
 
 
+def view_stages(preset: AugPreset, size: int, device: str, kernels: str | None = None) -> list[tuple[str, object]]:
+    """The stages of one view in order, as (name, function of the views): crop, colour, blur,
+    RandAugment and jigsaw (when the preset has them), then flip + HWC->CHW. ``kernels`` picks the CPU
+    implementation ('numba' or 'dali'; default ``cpu_kernels.backend()``); the GPU always uses
+    DALI's operators. ``tools/bench_stages.py`` times the stages one by one."""
+    if device == "gpu":
+        kernels = "dali"
+    elif kernels is None:
+        kernels = cpu_kernels.backend()
+    if kernels == "numba":
+        middle = [
+            ("colour", lambda v: colour_fused(v, preset)),
+            ("blur", lambda v: blur_fused(v, preset)),
+            ("randaugment", lambda v: rand_augment_fused(v, preset)),
+        ]
+    else:
+        middle = [
+            ("colour", lambda v: colour(v, preset, device, branches=size >= BRANCH_MIN_SIZE)),
+            ("blur", lambda v: blur(v, preset, device)),
+            ("randaugment", lambda v: rand_augment(v, preset, size)),
+        ]
+    if preset.randaugment_n <= 0:
+        middle = middle[:2]
+    stages = [("crop", lambda v: crop(v, preset, size)), *middle]
+    if preset.jigsaw_grid > 0:
+        cut = jigsaw_fused if kernels == "numba" else jigsaw
+        stages.append(("jigsaw", lambda v: cut(v, preset.jigsaw_grid, size)))
+    stages.append(("flip_chw", lambda v: finish(v, preset.flip_p)))
+    return stages
+
+
 def augment_view(images, preset: AugPreset, size: int, device: str):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
-    view = crop(images, preset, size)
-    fused = device == "cpu" and cpu_kernels.backend() == "numba"
-    if fused:
-        view = colour_fused(view, preset)
-        view = blur_fused(view, preset)
-        view = rand_augment_fused(view, preset)
-    else:
-        view = colour(view, preset, device, branches=size >= BRANCH_MIN_SIZE)
-        view = blur(view, preset, device)
-        view = rand_augment(view, preset, size)
-    if preset.jigsaw_grid > 0:
-        view = (jigsaw_fused if fused else jigsaw)(view, preset.jigsaw_grid, size)
-    return finish(view, preset.flip_p)
+    view = images
+    for _, stage in view_stages(preset, size, device):
+        view = stage(view)
+    return view
 
 
 def check_views(views: int) -> None:
@@ -588,6 +610,8 @@ __all__ = [
     "blur_fused",
     "rand_augment_fused",
     "jigsaw_fused",
+    "run_kernel",
+    "view_stages",
     "jitter",
     "to_grey",
     "crop",

@@ -34,22 +34,12 @@ from pipelines import dali as D  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
 from tools.bench_pipeline import write_bench_dataset  # noqa: E402
 
-STAGES = ["decode", "crop", "colour", "blur", "randaugment", "jigsaw", "flip_chw"]
-
 
 def view_upto(images, preset, size: int, stop: int, kernels: str):
-    """One view through the first ``stop`` stages after decoding (1 = crop ... 6 = flip_chw)."""
-    v = D.crop(images, preset, size)
-    if stop >= 2:
-        v = D.colour_fused(v, preset) if kernels == "numba" else D.colour(v, preset, "cpu", size >= D.BRANCH_MIN_SIZE)
-    if stop >= 3:
-        v = D.blur_fused(v, preset) if kernels == "numba" else D.blur(v, preset, "cpu")
-    if stop >= 4:
-        v = D.rand_augment_fused(v, preset) if kernels == "numba" else D.rand_augment(v, preset, size)
-    if stop >= 5 and preset.jigsaw_grid > 0:
-        v = (D.jigsaw_fused if kernels == "numba" else D.jigsaw)(v, preset.jigsaw_grid, size)
-    if stop >= 6:
-        v = D.finish(v, preset.flip_p)
+    """One view through the first ``stop`` stages of ``pipelines.dali.view_stages``."""
+    v = images
+    for _, stage in D.view_stages(preset, size, "cpu", kernels)[:stop]:
+        v = stage(v)
     return v
 
 
@@ -96,8 +86,8 @@ def main(argv=None) -> dict:
         raise SystemExit("Numba is not usable here, so there is nothing to compare (pip install numba)")
     preset = get_preset(args.preset)
     batch = args.batch or (128 if args.size == 32 else 32)
-    stops = [s for s in range(len(STAGES)) if not (STAGES[s] == "jigsaw" and preset.jigsaw_grid == 0)]
-    stops = [s for s in stops if not (STAGES[s] == "randaugment" and preset.randaugment_n == 0)]
+    labels = ["decode", *(name for name, _ in D.view_stages(preset, args.size, "cpu", "dali"))]
+    stops = list(range(len(labels)))  # 0: decode only; k: decode and the first k view stages
     cumulative: dict[str, dict[int, list[float]]] = {"dali": {}, "numba": {}}
     with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
         root = write_bench_dataset(Path(tmp) / "data", args.size, batch * (args.iters + 2))
@@ -113,7 +103,7 @@ def main(argv=None) -> dict:
         med = {s: statistics.median(v) for s, v in by_stop.items()}
         prev = 0.0
         for s in stops:
-            rows.append({"kernels": kernels, "stage": STAGES[s], "ms_cpu_per_image": round(med[s] - prev, 3),
+            rows.append({"kernels": kernels, "stage": labels[s], "ms_cpu_per_image": round(med[s] - prev, 3),
                          "cumulative_ms": round(med[s], 3)})  # fmt: skip
             prev = med[s]
     for r in rows:
