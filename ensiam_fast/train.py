@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ensiam_fast.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_config
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.evaluate import knn_evaluate
+from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.shards import ShardFormatError, read_manifest

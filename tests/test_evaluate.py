@@ -1,4 +1,4 @@
-"""ensiam_fast/evaluate.py: the linear classifier on tensors, and the linear / kNN commands on a tiny run."""
+"""ensiam_fast/evaluate/: the linear classifier on tensors, and the linear / kNN commands on a tiny run."""
 
 from __future__ import annotations
 

@@ -1,11 +1,4 @@
-"""Evaluation: the kNN monitor (the paper's Figure 3) and the linear-evaluation protocol.
-
-    python -m ensiam_fast.evaluate knn --run runs/demo
-    python -m ensiam_fast.evaluate linear --run runs/demo [--precomputed] [--epochs 100]
-
-kNN follows the usual SSL protocol (Wu et al. 2018, InstDisc): l2-normalised backbone features of
-the labelled training split form the bank; each test image votes with its k most cosine-similar
-bank images, weighted by exp(similarity / t), with k=200 and t=0.1.
+"""The linear-evaluation protocol: a linear classifier on the frozen backbone.
 
 Linear evaluation (the paper's Section 4.1, which follows SimSiam, Chen & He 2021, Appendix A):
 the backbone is frozen in eval mode (BatchNorm uses its running statistics) and a linear classifier
@@ -27,142 +20,20 @@ augmentation, so its numbers are close to, not equal to, the protocol's.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.export import ExportError, load_backbone, source_info
+from ensiam_fast.evaluate.knn import extract_features, gather_uneven, topk_correct
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
-
-
-def gather_uneven(accelerator, tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from every process along dim 0, where lengths may differ per rank."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return tensor
-    sizes = accelerator.gather(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-    padded = accelerator.gather(accelerator.pad_across_processes(tensor, dim=0))
-    longest = max(sizes)
-    return torch.cat([padded[r * longest : r * longest + n] for r, n in enumerate(sizes)])
-
-
-@torch.no_grad()
-def extract_features(backbone_features, loader, *, channels_last: bool = False, autocast=None,
-                     l2_normalize: bool = True):
-    """Run ``backbone_features`` ((N,3,H,W) -> (N,D)) over one evaluation pass of ``loader``.
-
-    Returns float32 features (N, D), l2-normalised unless ``l2_normalize=False``, and labels (N,)
-    of this process's samples."""
-    feats, labels = [], []
-    for x, y in loader:
-        x = normalize(x, channels_last=channels_last)[0]  # (1, B, 3, H, W) -> (B, 3, H, W)
-        if autocast is not None:
-            with autocast():
-                f = backbone_features(x)
-        else:
-            f = backbone_features(x)
-        f = f.float()
-        feats.append(F.normalize(f, dim=1) if l2_normalize else f)
-        labels.append(y.to(f.device))  # the loader may run on another device than the model
-    return torch.cat(feats), torch.cat(labels)
-
-
-def knn_predict(
-    features: torch.Tensor,
-    bank: torch.Tensor,
-    bank_labels: torch.Tensor,
-    num_classes: int,
-    k: int = 200,
-    t: float = 0.1,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Class scores (N, C) by weighted cosine kNN. ``features`` and ``bank`` are l2-normalised."""
-    k = min(k, bank.shape[0])
-    scores = []
-    for start in range(0, features.shape[0], chunk):
-        sim = features[start : start + chunk] @ bank.T  # (n, M) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)  # (n, k)
-        weights = (top_sim / t).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device, dtype=weights.dtype)
-        votes.scatter_add_(1, bank_labels[top_idx], weights)  # sum the weights per class
-        scores.append(votes)
-    return torch.cat(scores)
-
-
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
-    """How many rows have their label among the top-k scores, for each k."""
-    ranked = scores.argsort(dim=1, descending=True)
-    hits = ranked == labels[:, None]
-    return {k: int(hits[:, : min(k, scores.shape[1])].any(dim=1).sum()) for k in ks}
-
-
-def knn_evaluate(
-    backbone_features,
-    *,
-    root: str,
-    train_split: str,
-    test_split: str,
-    image_size: int | None,
-    batch_size: int,
-    device: str = "cpu",
-    accelerator=None,
-    k: int = 200,
-    t: float = 0.1,
-    resize_ratio: float = 1.0,
-    backend: str = "dali",
-    channels_last: bool = False,
-    autocast=None,
-    num_threads: int | None = None,
-) -> dict[str, float]:
-    """kNN top-1/top-5 accuracy (percent) of the test split against the train-split bank.
-
-    Each process extracts features for its share of both splits; the bank is gathered whole on every
-    process, and each test sample is scored exactly once, by the process that holds it."""
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    common = dict(
-        views=1,
-        preset=get_preset("eval", resize_ratio=resize_ratio),
-        device=device,
-        shard_id=rank,
-        num_shards=world,
-        train=False,
-        image_size=image_size,
-        backend=backend,
-        num_threads=num_threads,
-    )
-    bank_loader = build_loader(root, train_split, batch_size=batch_size,
-                               **common)
-    test_loader = build_loader(root, test_split, batch_size=batch_size,
-                               **common)
-    for loader, split in ((bank_loader, train_split), (test_loader, test_split)):
-        if not loader.labeled:
-            raise ValueError(f"kNN needs labels, but split {split!r} of {root} is unlabelled")
-    bank, bank_labels = extract_features(backbone_features, bank_loader, channels_last=channels_last,
-                                         autocast=autocast)
-    bank, bank_labels = gather_uneven(accelerator, bank), gather_uneven(accelerator, bank_labels)
-    feats, labels = extract_features(backbone_features, test_loader, channels_last=channels_last,
-                                     autocast=autocast)
-    scores = knn_predict(feats, bank, bank_labels, bank_loader.num_classes, k=k, t=t)
-    correct = topk_correct(scores, labels)
-    counts = torch.tensor([correct[1], correct[5], labels.shape[0]], device=feats.device, dtype=torch.float64)
-    if accelerator is not None and world > 1:
-        counts = accelerator.reduce(counts, reduction="sum")
-    top1, top5, n = counts.tolist()
-    return {"knn_top1": 100.0 * top1 / n, "knn_top5": 100.0 * top5 / n, "knn_samples": int(n)}
 
 
 class EvaluationError(RuntimeError):
@@ -414,117 +285,3 @@ def linear_evaluate(backbone: nn.Module, data: EvalData, settings: LinearSetting
     return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "samples": int(n),
             "mode": "precomputed" if precomputed else "augmented", "train_samples_per_epoch": seen,
             "peak_lr": settings.peak_lr, **asdict(settings), "seconds": round(time.perf_counter() - start, 2)}
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
-    from accelerate import Accelerator
-
-    cuda = torch.cuda.is_available()
-    mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
-    if accelerator.device.type == "cuda":
-        torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
-    on_gpu = accelerator.device.type == "cuda" and cfg.data.device != "cpu"
-    return Runtime(accelerator, "gpu" if on_gpu else "cpu", backend or cfg.data.backend,
-                   cfg.model.channels_last, cfg.data.num_threads)
-
-
-def write_json_atomic(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def run_command(args: argparse.Namespace) -> dict:
-    path, state = resolve_checkpoint(args.run, args.checkpoint)
-    backbone, cfg = load_backbone(state, path)
-    data = resolve_eval_data(cfg, root=args.data, train_split=args.train_split, test_split=args.test_split,
-                             image_size=args.image_size)
-    rt = make_runtime(cfg, args.backend)
-    backbone = backbone.to(rt.accelerator.device)
-    if rt.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    eval_batch = max(1, (args.eval_batch_size or cfg.eval_batch_size) // rt.world)
-    source = source_info(path, state, cfg)
-    info = {"checkpoint": str(path), "step": source["step"], "epoch": source["epoch"], "method": cfg.method,
-            "data": data.root, "train_split": data.train_split, "test_split": data.test_split}
-    if args.command == "knn":
-        k, t = args.k or cfg.knn_k, args.t or cfg.knn_t
-        result = knn_evaluate(rt.features_fn(backbone), root=data.root, train_split=data.train_split,
-                              test_split=data.test_split, image_size=data.image_size, batch_size=eval_batch,
-                              device=rt.data_device, accelerator=rt.accelerator, k=k, t=t,
-                              resize_ratio=cfg.data.eval_resize_ratio, backend=rt.backend,
-                              channels_last=rt.channels_last, autocast=rt.accelerator.autocast,
-                              num_threads=rt.num_threads)
-        record = {"top1": result["knn_top1"], "top5": result["knn_top5"], "samples": result["knn_samples"],
-                  "k": k, "t": t, **info}
-    else:
-        settings = LinearSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr,
-                                  momentum=args.momentum, weight_decay=args.weight_decay,
-                                  feature_norm=args.feature_norm, seed=args.seed)
-        result = linear_evaluate(backbone, data, settings, rt, precomputed=args.precomputed,
-                                 eval_batch_size=eval_batch, resize_ratio=cfg.data.eval_resize_ratio,
-                                 progress=rt.accelerator.is_main_process and not args.quiet)
-        record = {**result, **info}
-    if rt.accelerator.is_main_process:
-        out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
-        write_json_atomic(out, record)
-    return record
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ensiam_fast.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    defaults = LinearSettings()
-    for name, help_text in (("linear", "linear evaluation (frozen backbone, trained linear classifier)"),
-                            ("knn", "weighted kNN accuracy, the training monitor's protocol")):
-        p = commands.add_parser(name, help=help_text)
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--run", help="run directory: its newest complete checkpoint is evaluated")
-        source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")
-        p.add_argument("--data", help="dataset directory (default: the run's data.root)")
-        p.add_argument("--train-split", help="labelled training split (default: data.knn_train_split)")
-        p.add_argument("--test-split", help="labelled test split (default: data.knn_test_split)")
-        p.add_argument("--image-size", type=int, help="default: the run's data.image_size or the dataset's")
-        p.add_argument("--backend", choices=("dali", "torch"), help="loader backend (default: the run's)")
-        p.add_argument("--eval-batch-size", type=int, help="feature-extraction batch (default: eval_batch_size)")
-        p.add_argument("--out", help=f"result file (default: RUN/{name}.json)")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
-        if name == "knn":
-            p.add_argument("--k", type=int, help="neighbours (default: the run's knn_k)")
-            p.add_argument("--t", type=float, help="temperature (default: the run's knn_t)")
-        else:
-            p.add_argument("--epochs", type=int, default=defaults.epochs)
-            p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global training batch")
-            p.add_argument("--base-lr", type=float, default=defaults.base_lr, help="lr = base_lr * batch / 256")
-            p.add_argument("--lr", type=float, help="absolute peak lr (overrides --base-lr)")
-            p.add_argument("--momentum", type=float, default=defaults.momentum)
-            p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-            p.add_argument("--feature-norm", choices=FEATURE_NORMS, default=defaults.feature_norm,
-                           help="bn: a BatchNorm1d without affine parameters before the linear layer")
-            p.add_argument("--precomputed", action="store_true",
-                           help="train on cached features of un-augmented images (fast; no crop augmentation)")
-            p.add_argument("--seed", type=int, default=defaults.seed)
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        record = run_command(args)
-    except (CheckpointError, ExportError, EvaluationError, ValueError) as e:
-        # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(record))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The evaluation command line.
+
+    python -m ensiam_fast.evaluate knn --run runs/demo
+    python -m ensiam_fast.evaluate linear --run runs/demo [--precomputed] [--epochs 100]
+
+``knn``: the training monitor's weighted kNN (ensiam_fast/evaluate/knn.py) with the run's ``knn_k``
+and ``knn_t``. ``linear``: the linear-evaluation protocol (ensiam_fast/evaluate/linear.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.config import TrainConfig
+from ensiam_fast.evaluate.knn import knn_evaluate
+from ensiam_fast.evaluate.linear import (
+    FEATURE_NORMS,
+    EvaluationError,
+    LinearSettings,
+    Runtime,
+    linear_evaluate,
+    resolve_eval_data,
+)
+from ensiam_fast.export import ExportError, load_backbone, source_info
+
+
+def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    if accelerator.device.type == "cuda":
+        torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
+    on_gpu = accelerator.device.type == "cuda" and cfg.data.device != "cpu"
+    return Runtime(accelerator, "gpu" if on_gpu else "cpu", backend or cfg.data.backend,
+                   cfg.model.channels_last, cfg.data.num_threads)
+
+
+def write_json_atomic(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_command(args: argparse.Namespace) -> dict:
+    path, state = resolve_checkpoint(args.run, args.checkpoint)
+    backbone, cfg = load_backbone(state, path)
+    data = resolve_eval_data(cfg, root=args.data, train_split=args.train_split, test_split=args.test_split,
+                             image_size=args.image_size)
+    rt = make_runtime(cfg, args.backend)
+    backbone = backbone.to(rt.accelerator.device)
+    if rt.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    eval_batch = max(1, (args.eval_batch_size or cfg.eval_batch_size) // rt.world)
+    source = source_info(path, state, cfg)
+    info = {"checkpoint": str(path), "step": source["step"], "epoch": source["epoch"], "method": cfg.method,
+            "data": data.root, "train_split": data.train_split, "test_split": data.test_split}
+    if args.command == "knn":
+        k, t = args.k or cfg.knn_k, args.t or cfg.knn_t
+        result = knn_evaluate(rt.features_fn(backbone), root=data.root, train_split=data.train_split,
+                              test_split=data.test_split, image_size=data.image_size, batch_size=eval_batch,
+                              device=rt.data_device, accelerator=rt.accelerator, k=k, t=t,
+                              resize_ratio=cfg.data.eval_resize_ratio, backend=rt.backend,
+                              channels_last=rt.channels_last, autocast=rt.accelerator.autocast,
+                              num_threads=rt.num_threads)
+        record = {"top1": result["knn_top1"], "top5": result["knn_top5"], "samples": result["knn_samples"],
+                  "k": k, "t": t, **info}
+    else:
+        settings = LinearSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr,
+                                  momentum=args.momentum, weight_decay=args.weight_decay,
+                                  feature_norm=args.feature_norm, seed=args.seed)
+        result = linear_evaluate(backbone, data, settings, rt, precomputed=args.precomputed,
+                                 eval_batch_size=eval_batch, resize_ratio=cfg.data.eval_resize_ratio,
+                                 progress=rt.accelerator.is_main_process and not args.quiet)
+        record = {**result, **info}
+    if rt.accelerator.is_main_process:
+        out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
+        write_json_atomic(out, record)
+    return record
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ensiam_fast.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = LinearSettings()
+    for name, help_text in (("linear", "linear evaluation (frozen backbone, trained linear classifier)"),
+                            ("knn", "weighted kNN accuracy, the training monitor's protocol")):
+        p = commands.add_parser(name, help=help_text)
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--run", help="run directory: its newest complete checkpoint is evaluated")
+        source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")
+        p.add_argument("--data", help="dataset directory (default: the run's data.root)")
+        p.add_argument("--train-split", help="labelled training split (default: data.knn_train_split)")
+        p.add_argument("--test-split", help="labelled test split (default: data.knn_test_split)")
+        p.add_argument("--image-size", type=int, help="default: the run's data.image_size or the dataset's")
+        p.add_argument("--backend", choices=("dali", "torch"), help="loader backend (default: the run's)")
+        p.add_argument("--eval-batch-size", type=int, help="feature-extraction batch (default: eval_batch_size)")
+        p.add_argument("--out", help=f"result file (default: RUN/{name}.json)")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "knn":
+            p.add_argument("--k", type=int, help="neighbours (default: the run's knn_k)")
+            p.add_argument("--t", type=float, help="temperature (default: the run's knn_t)")
+        else:
+            p.add_argument("--epochs", type=int, default=defaults.epochs)
+            p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global training batch")
+            p.add_argument("--base-lr", type=float, default=defaults.base_lr, help="lr = base_lr * batch / 256")
+            p.add_argument("--lr", type=float, help="absolute peak lr (overrides --base-lr)")
+            p.add_argument("--momentum", type=float, default=defaults.momentum)
+            p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+            p.add_argument("--feature-norm", choices=FEATURE_NORMS, default=defaults.feature_norm,
+                           help="bn: a BatchNorm1d without affine parameters before the linear layer")
+            p.add_argument("--precomputed", action="store_true",
+                           help="train on cached features of un-augmented images (fast; no crop augmentation)")
+            p.add_argument("--seed", type=int, default=defaults.seed)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        record = run_command(args)
+    except (CheckpointError, ExportError, EvaluationError, ValueError) as e:
+        # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
