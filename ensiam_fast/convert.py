@@ -507,3 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.out} is already complete (manifest, plan and all shards present); nothing to do")
     print(summary_line(manifest, args.out))
     return 0
+
+
+if __name__ == "__main__":  # python -m ensiam_fast.convert (tools/make_shards.py is the documented form)
+    sys.exit(main())
