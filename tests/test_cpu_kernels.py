@@ -1,4 +1,4 @@
-"""pipelines.cpu_kernels: the fused colour kernel against the colour maths written out in NumPy."""
+"""pipelines.kernels: the fused colour kernel against the colour maths written out in NumPy."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import cpu_kernels as CK
-from pipelines import dali as D
+from pipelines import kernels
+from pipelines.kernels import blur as KB
+from pipelines.kernels import colour as KC
+from pipelines.kernels import randaugment as KR
 from pipelines.presets import get_preset
 
-pytestmark = pytest.mark.skipif(CK.backend() != "numba", reason="Numba is not usable here")
+pytestmark = pytest.mark.skipif(kernels.backend() != "numba", reason="Numba is not usable here")
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -41,8 +43,8 @@ def expected(img: np.ndarray, draws: np.ndarray, preset) -> np.ndarray:
 
 
 def run_kernel(images, draws, preset, op=None, consts=None):
-    op = op or CK.colour_op()
-    consts = CK.colour_constants(preset, D._chroma_matrices) if consts is None else consts
+    op = op or kernels.numba_op("colour", KC._entry)
+    consts = KC.colour_constants(preset) if consts is None else consts
 
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
     def pipe():
@@ -61,7 +63,7 @@ def test_colour_kernel_matches_the_maths(name):
     rng = np.random.default_rng(0)
     n = 24
     images = [rng.integers(0, 256, (9 + i % 3, 11, 3), dtype=np.uint8) for i in range(n)]
-    draws = rng.uniform(0, 1, (n, CK.N_DRAWS)).astype(np.float32)
+    draws = rng.uniform(0, 1, (n, KC.N_DRAWS)).astype(np.float32)
     # cover every branch: untouched, jitter only, grey only, jitter then grey
     draws[0, [0, 5]] = [0.99, 0.99]
     draws[1, [0, 5]] = [0.10, 0.99]
@@ -90,7 +92,7 @@ def test_blur_kernel_matches_torchvision(size, sigma):
     images = [rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8) for _ in range(6)]
     draws = np.float32([[0.2, 0.5]] * 5 + [[0.9, 0.5]])  # the last one draws no blur (p = 0.5)
     consts = np.float32([0.5, sigma, sigma])
-    out = run_kernel(images, draws, None, op=CK.blur_op(), consts=consts)
+    out = run_kernel(images, draws, None, op=kernels.numba_op("blur", KB._entry), consts=consts)
     kernel = 2 * math.ceil(3 * sigma) + 1
     for img, got in zip(images[:5], out[:5]):
         want = TF.gaussian_blur(torch.from_numpy(img).permute(2, 0, 1), [kernel, kernel], [sigma, sigma])
@@ -101,12 +103,12 @@ def test_blur_kernel_matches_torchvision(size, sigma):
 
 def test_backend_switch(monkeypatch):
     monkeypatch.setenv("ENSIAM_CPU_KERNELS", "dali")
-    assert CK.backend() == "dali"
+    assert kernels.backend() == "dali"
     monkeypatch.setenv("ENSIAM_CPU_KERNELS", "numba")
-    assert CK.backend() == "numba"
+    assert kernels.backend() == "numba"
     monkeypatch.setenv("ENSIAM_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match="ENSIAM_CPU_KERNELS must be auto, numba or dali, got 'fast'"):
-        CK.backend()
+        kernels.backend()
 
 
 def smooth_image(rng, h: int, w: int) -> np.ndarray:
@@ -117,7 +119,7 @@ def smooth_image(rng, h: int, w: int) -> np.ndarray:
     return np.clip(base + rng.normal(0, 8, (h, w, 3)), 30, 220).astype(np.uint8)
 
 
-@pytest.mark.parametrize("op", CK.RA_OPS)
+@pytest.mark.parametrize("op", KR.RA_OPS)
 def test_randaugment_operations_match_torchvision(op):
     """Each operation, both signs, against torchvision's own RandAugment operation on the same
     image: pixel and colour operations exactly, geometric ones up to the few pixels whose sampling
@@ -129,11 +131,11 @@ def test_randaugment_operations_match_torchvision(op):
     ra = v2.RandAugment(num_ops=1, magnitude=m, num_magnitude_bins=bins)
     rng = np.random.default_rng(3)
     images = [smooth_image(rng, 32, 32), smooth_image(rng, 40, 56)]
-    index = CK.RA_OPS.index(op)
-    consts = np.float32([1, m, bins, D.RANDAUG_MAX_TRANSLATE_REL])
+    index = KR.RA_OPS.index(op)
+    consts = np.float32([1, m, bins, KR.MAX_TRANSLATE_REL])
     for sign_draw, sign in ((0.9, 1.0), (0.1, -1.0)):
-        draws = np.float32([[(index + 0.5) / len(CK.RA_OPS), sign_draw]] * len(images))
-        out = run_kernel(images, draws, None, op=CK.randaugment_op(), consts=consts)
+        draws = np.float32([[(index + 0.5) / len(KR.RA_OPS), sign_draw]] * len(images))
+        out = run_kernel(images, draws, None, op=kernels.numba_op("randaugment", KR._entry), consts=consts)
         for img, got in zip(images, out):
             h, w = img.shape[:2]
             magnitudes_fn, signed = ra._AUGMENTATION_SPACE[op]

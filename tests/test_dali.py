@@ -9,6 +9,9 @@ from nvidia.dali import fn, pipeline_def
 
 from ensiam_fast.shards import shard_paths
 from pipelines import dali as D
+from pipelines import dali_ops as O
+from pipelines import kernels
+from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.presets import get_preset
 
 SIZE = 32
@@ -36,7 +39,7 @@ def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: in
             tars, idxs, labeled=True, shuffle=False, initial_fill=1, shard_id=0, num_shards=1, seed=seed
         )
         images = D.decode(encoded, "cpu")
-        reference = D.finish(images, 0.0)
+        reference = O.finish(images, 0.0)
         return (reference, *[D.augment_view(images, preset, SIZE, "cpu") for _ in range(views)])
 
     outs = run_once(pipe())
@@ -54,9 +57,7 @@ def test_flip_rate_matches_preset(tiny_dataset):
 
 
 def numba_usable() -> bool:
-    from pipelines import cpu_kernels
-
-    return cpu_kernels.backend() == "numba"
+    return kernels.backend() == "numba"
 
 
 COLOUR_MODES = ["every_view", "branches", "numba"]
@@ -68,7 +69,7 @@ def set_colour_mode(monkeypatch, mode: str) -> None:
     if mode == "numba" and not numba_usable():
         pytest.skip("Numba is not usable here")
     monkeypatch.setenv("ENSIAM_CPU_KERNELS", "numba" if mode == "numba" else "dali")
-    monkeypatch.setattr(D, "BRANCH_MIN_SIZE", SIZE if mode == "branches" else SIZE + 1)
+    monkeypatch.setattr(O, "BRANCH_MIN_SIZE", SIZE if mode == "branches" else SIZE + 1)
 
 
 @pytest.fixture(params=COLOUR_MODES)
@@ -88,7 +89,7 @@ def test_grayscale_rate_matches_preset(tiny_dataset, colour_mode):
     untouched = (views == ref[None]).all(axis=(2, 3, 4))
     assert (grey ^ untouched).all(), "a view is either grey or the untouched colour image"
     # the grey views carry torchvision's luma of the source
-    luma = np.tensordot(np.float32(D.LUMA), ref.astype(np.float32), axes=([0], [1]))  # (B, H, W)
+    luma = np.tensordot(np.float32(O.LUMA), ref.astype(np.float32), axes=([0], [1]))  # (B, H, W)
     k, b = np.nonzero(grey)
     assert np.abs(v[k, b, 0] - luma[b]).max() <= 1.0
     assert (v[k, b, 0] == v[k, b, 1]).all() and (v[k, b, 1] == v[k, b, 2]).all(), "grey is exact"
@@ -121,7 +122,7 @@ def tile_grid(image: np.ndarray, grid: int) -> np.ndarray:
 def test_jigsaw_permutes_tiles_of_a_known_image(kernel):
     if kernel == "numba" and not numba_usable():
         pytest.skip("Numba is not usable here")
-    make = D.jigsaw if kernel == "dali" else D.jigsaw_fused
+    make = O.jigsaw if kernel == "dali" else k_jigsaw.stage
     grid, size, batch = 4, 16, 64
     # every tile has its own value, so the output tells where each tile went
     known = np.repeat(np.repeat(np.arange(grid * grid, dtype=np.uint8).reshape(grid, grid), 4, 0), 4, 1)
@@ -150,8 +151,8 @@ def test_jigsaw_permutes_tiles_of_a_known_image(kernel):
 
 def test_jigsaw_and_views_reject_bad_arguments():
     with pytest.raises(ValueError, match="not divisible by the jigsaw grid 4"):
-        D.check_jigsaw(30, 4)
-    D.check_jigsaw(30, 0)
+        O.check_jigsaw(30, 4)
+    O.check_jigsaw(30, 0)
     for bad in (0, 17, 2.0):
         with pytest.raises(ValueError, match=r"views \(K\) must be an integer in 1\.\.16"):
             D.check_views(bad)
@@ -172,13 +173,13 @@ def test_brightness_contrast_formula_both_paths():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
         b = fn.external_source(source=lambda: list(bs), batch=True)
         c = fn.external_source(source=lambda: list(cs), batch=True)
-        op = D.brightness_contrast(x, b, c, "cpu")
-        expr = D.brightness_contrast_expr(x, b * c, b * (1.0 - c) * D.grey_mean(x))
+        op = O.brightness_contrast(x, b, c, "cpu")
+        expr = O.brightness_contrast_expr(x, b * c, b * (1.0 - c) * O.grey_mean(x))
         return op, expr
 
     op, expr = run_once(pipe())
     for i, x in enumerate(images):
-        m = float(np.tensordot(x.reshape(-1, 3).mean(0), np.float64(D.LUMA), axes=1))
+        m = float(np.tensordot(x.reshape(-1, 3).mean(0), np.float64(O.LUMA), axes=1))
         want = np.clip(bs[i] * (m + cs[i] * (x.astype(np.float64) - m)), 0, 255)
         assert np.abs(op[i] - want).max() <= 1.0
         assert np.abs(expr[i] - want).max() <= 1.0

@@ -1,5 +1,5 @@
 """Where the CPU time of a DALI view goes: per-stage cost of the K-view pipeline, DALI's own CPU
-operators against the fused Numba kernels (``pipelines.cpu_kernels``), side by side in one run.
+operators against the fused Numba kernels (``pipelines.kernels``), side by side in one run.
 
     python tools/bench_stages.py                                  # 224x224 from 500x375 JPEGs, default, K=4
     python tools/bench_stages.py --size 32 --preset very_strong   # CIFAR-like, with RandAugment and jigsaw
@@ -29,8 +29,8 @@ if str(ROOT) not in sys.path:
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from ensiam_fast.shards import shard_paths  # noqa: E402
-from pipelines import cpu_kernels  # noqa: E402
 from pipelines import dali as D  # noqa: E402
+from pipelines.kernels import backend as cpu_backend  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
 from tools.bench_pipeline import write_bench_dataset  # noqa: E402
 
@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if cpu_kernels.backend() != "numba":
+    if cpu_backend() != "numba":
         raise SystemExit("Numba is not usable here, so there is nothing to compare (pip install numba)")
     preset = get_preset(args.preset)
     batch = args.batch or (128 if args.size == 32 else 32)

@@ -1,0 +1,103 @@
+"""Fused CPU kernels for the DALI pipeline, compiled with Numba and run by DALI's ``numba_function``.
+
+One module per stage of a view: ``colour`` (jitter + grey), ``blur``, ``randaugment``, ``jigsaw``;
+the colour maths they share is ``colour_maths``. Each stage is one call per view that draws its
+own randomness from a few uniforms DALI generates, so the pipeline needs no conditionals. Per-stage
+costs against DALI's operators: ``tools/bench_stages.py``.
+
+DALI calls the compiled function once per sample from its own worker threads (no Python, no
+GIL), so it parallelises like any DALI CPU operator. Only the CPU pipeline uses them; the GPU
+pipeline uses DALI's operators (``pipelines.dali_ops``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from pipelines.kernels.common import same_shape_as_first
+
+CHOICES = ("auto", "numba", "dali")
+
+_LOCK = threading.Lock()
+_OPS: dict[str, object] = {}
+_STATE: dict[str, object] = {}
+
+
+def numba_available() -> tuple[bool, str]:
+    """(whether Numba and DALI's numba_function can be used here, why not)."""
+    if "available" not in _STATE:
+        try:
+            import numba  # noqa: F401
+            from nvidia.dali.plugin.numba.experimental import NumbaFunction  # noqa: F401
+
+            _STATE["available"], _STATE["why"] = True, ""
+        except Exception as e:  # ImportError, or a Numba that does not match the installed NumPy
+            _STATE["available"], _STATE["why"] = False, f"{type(e).__name__}: {e}"
+    return bool(_STATE["available"]), str(_STATE["why"])
+
+
+def backend(choice: str | None = None) -> str:
+    """'numba' when the fused kernels can run here, else 'dali' (DALI's own CPU operators).
+
+    ``choice`` is the config key ``data.cpu_kernels``: 'dali' forces DALI's operators (e.g. to
+    compare the two), 'numba' makes a missing Numba an error instead of a silent fallback.
+    """
+    if choice is None:
+        import os
+
+        choice = os.environ.get("ENSIAM_CPU_KERNELS", "auto")
+    want = str(choice).strip().lower()
+    if want not in CHOICES:
+        raise ValueError(f"ENSIAM_CPU_KERNELS must be auto, numba or dali, got {want!r}")
+    if want == "dali":
+        return "dali"
+    ok, why = numba_available()
+    if want == "numba" and not ok:
+        raise RuntimeError(f"ENSIAM_CPU_KERNELS=numba but Numba cannot be used here ({why})")
+    return "numba" if ok else "dali"
+
+
+def numba_op(name: str, run_fn):
+    """``run_fn(out, img, draws, consts)`` as a DALI CPU operator (uint8 HWC in and out), compiled
+    once per process (2-3 s the first time) and shared by every view and pipeline.
+
+    Calls are serialised: the loader defines the next epoch's pipeline in a background thread
+    while another definition may be under way, and one operator object serves both.
+    """
+    with _LOCK:
+        if name not in _OPS:
+            from nvidia.dali import types
+            from nvidia.dali.plugin.numba.experimental import NumbaFunction
+
+            _OPS[name] = NumbaFunction(
+                run_fn=run_fn,
+                setup_fn=same_shape_as_first,
+                in_types=[types.UINT8, types.FLOAT, types.FLOAT],
+                ins_ndim=[3, 1, 1],
+                out_types=[types.UINT8],
+                outs_ndim=[3],
+            )
+        op = _OPS[name]
+
+    def call(*inputs):
+        from nvidia.dali import fn
+
+        with _LOCK:
+            out = op(*inputs)
+        return fn.reshape(out, layout="HWC")  # numba_function outputs carry no layout
+
+    return call
+
+
+def run_kernel(op, images, num_draws: int, consts):
+    """One kernel operator over every view: ``num_draws`` uniforms in [0, 1) per view (its
+    randomness) and the preset's constants."""
+    from nvidia.dali import fn, types
+
+    draws = fn.random.uniform(range=[0.0, 1.0], shape=[num_draws])
+    return op(images, draws, types.Constant(np.float32(consts)))
+
+
+__all__ = ["CHOICES", "backend", "numba_available", "numba_op", "run_kernel"]

@@ -1,0 +1,101 @@
+"""The Gaussian blur stage of a view as one CPU kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.kernels import numba_op, run_kernel
+from pipelines.kernels.common import copy_image, jit
+
+BLUR_DRAWS = 2  # uniform [0, 1) draws per view: apply, sigma
+
+
+def blur_constants(preset) -> np.ndarray:
+    """(blur_p, sigma_lo, sigma_hi) of one preset."""
+    return np.float32([preset.blur_p, *preset.blur_sigma])
+
+
+@jit
+def blur_run(out, img, draws, consts):
+    """One view: Gaussian blur with probability consts[0] and sigma ~ U(consts[1], consts[2]).
+
+    The kernel is the one torchvision's GaussianBlur uses: 2 * ceil(3 sigma) + 1 taps of a
+    normalised Gaussian, reflect-101 borders; a row pass into float rows, then a column pass,
+    rounded once. The inner loops run over whole rows of the interleaved HWC image (views
+    starting at offset 0, so Numba vectorises them).
+    """
+    h, w, ch = img.shape
+    row_len = w * ch
+    src = img.reshape(h, row_len)
+    dst = out.reshape(h, row_len)
+    if not draws[0] < consts[0]:
+        copy_image(out, img)
+        return
+    sigma = np.float32(consts[1] + draws[1] * (consts[2] - consts[1]))
+    r = int(np.ceil(np.float32(3.0) * sigma))
+    taps = np.empty(r + 1, dtype=np.float32)  # symmetric: taps[k] weighs offsets +k and -k
+    total = np.float32(0.0)
+    for k in range(r + 1):
+        v = np.float32(np.exp(np.float32(-0.5) * np.float32(k * k) / (sigma * sigma)))
+        taps[k] = v
+        total += v if k == 0 else np.float32(2.0) * v
+    for k in range(r + 1):
+        taps[k] /= total
+    # reflect-101 needs r <= side - 1; a wider kernel is clipped there (only for images < 13 px)
+    rx = min(r, w - 1)
+    ry = min(r, h - 1)
+    pad = rx * ch
+    row = np.empty(row_len + 2 * pad, dtype=np.float32)
+    rows = np.empty((h + 2 * ry, row_len), dtype=np.float32)  # rows, reflect-101 padded
+    w0 = taps[0]
+    for y in range(h):
+        s = src[y]
+        mid = row[pad : pad + row_len]
+        for j in range(row_len):
+            mid[j] = s[j]
+        for x in range(1, rx + 1):
+            for c in range(ch):
+                row[pad - x * ch + c] = row[pad + x * ch + c]
+                row[pad + row_len - ch + x * ch + c] = row[pad + row_len - ch - x * ch + c]
+        t = rows[y + ry]
+        for j in range(row_len):
+            t[j] = w0 * mid[j]
+        for k in range(1, rx + 1):
+            wk = taps[k]
+            a = row[pad - k * ch : pad - k * ch + row_len]
+            b = row[pad + k * ch : pad + k * ch + row_len]
+            for j in range(row_len):
+                t[j] += wk * (a[j] + b[j])
+    for k in range(1, ry + 1):
+        rows[ry - k] = rows[ry + k]
+        rows[ry + h - 1 + k] = rows[ry + h - 1 - k]
+    acc = np.empty(row_len, dtype=np.float32)
+    lo = np.float32(0.0)
+    hi = np.float32(255.0)
+    half = np.float32(0.5)
+    for y in range(h):
+        c0 = rows[y + ry]
+        for j in range(row_len):
+            acc[j] = w0 * c0[j]
+        for k in range(1, ry + 1):
+            wk = taps[k]
+            a = rows[y + ry - k]
+            b = rows[y + ry + k]
+            for j in range(row_len):
+                acc[j] += wk * (a[j] + b[j])
+        d = dst[y]
+        for j in range(row_len):
+            d[j] = np.uint8(min(max(acc[j], lo), hi) + half)
+
+
+def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
+    blur_run(out, img, draws, consts)
+
+
+def stage(images, preset):
+    """The blur stage of every view as this kernel: the views that draw a blur (p=blur_p) get
+    torchvision's 2 * ceil(3 sigma) + 1 tap Gaussian, the others a copy. Same distribution as
+    ``pipelines.dali_ops.blur``; no conditional, no fixed-width window."""
+    if preset.blur_p <= 0:
+        return images
+    return run_kernel(numba_op("blur", _entry), images, BLUR_DRAWS, blur_constants(preset))

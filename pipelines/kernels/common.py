@@ -1,0 +1,38 @@
+"""What every CPU kernel shares: the Numba decorator, the untouched-view copy, the output shape."""
+
+from __future__ import annotations
+
+try:  # the helpers the kernels call must be compiled functions; DALI compiles only the entry points
+    from numba import njit as _njit
+except Exception:  # no usable Numba: kernels.backend() says 'dali' and nothing here runs compiled
+    _njit = None
+
+
+def jit(fn):
+    """Compile with Numba, cached on disk when the cache can be written (next to this file, or
+    Numba's per-user cache directory), so only the first process pays the compile time. Without
+    Numba the plain Python function is returned (nothing calls it then)."""
+    if _njit is None:
+        return fn
+    try:
+        return _njit(cache=True)(fn)
+    except Exception:  # no writable cache location: compile in every process
+        return _njit(fn)
+
+
+@jit
+def copy_image(dst, src):
+    """dst[...] = src for two C-contiguous HWC uint8 images, as one flat (vectorised) loop; Numba's
+    3-D slice assignment is about 10x slower."""
+    n = src.size
+    d = dst.reshape(n)
+    s = src.reshape(n)
+    for i in range(n):
+        d[i] = s[i]
+
+
+def same_shape_as_first(outs, ins):
+    """Numba setup function: output 0 has the shape of input 0 (an HWC image), per sample."""
+    for i in range(len(outs[0])):
+        for d in range(3):
+            outs[0][i][d] = ins[0][i][d]

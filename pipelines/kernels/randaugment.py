@@ -1,0 +1,275 @@
+"""RandAugment of a view as one CPU kernel.
+
+torchvision's RandAugment (``transforms.v2.RandAugment``, nearest interpolation, fill 0) on one
+uint8 HWC view: n operations, each drawn uniformly from the 14 below, signed magnitudes negated
+with probability 1/2, every operation with torchvision's uint8 arithmetic (float32, clamped,
+truncated). Geometric operations sample the inverse affine map at pixel centres, as
+torchvision's affine grid and grid_sample(align_corners=False) do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines.kernels import numba_op, run_kernel
+from pipelines.kernels.colour_maths import blend_to, grey_floor
+from pipelines.kernels.common import copy_image, jit
+
+# torchvision's RandAugment translates by up to 150/331 of the image side at the top magnitude.
+MAX_TRANSLATE_REL = 150.0 / 331.0
+
+RA_OPS = (
+    "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
+)  # fmt: skip
+RA_DRAWS_PER_OP = 2  # uniform [0, 1) draws per operation: which operation, sign
+
+
+def randaugment_constants(preset, max_translate_rel: float = MAX_TRANSLATE_REL) -> np.ndarray:
+    """(num_ops, magnitude, num_magnitude_bins, max_translate_rel) of one preset."""
+    return np.float32([preset.randaugment_n, preset.randaugment_m, preset.randaugment_bins, max_translate_rel])
+
+
+@jit
+def inverse_affine(angle_deg, tx, ty, shear_x_deg, shear_y_deg, cx, cy):
+    """torchvision's inverse affine matrix (scale 1) in pixel units about the image centre:
+    a source point is (m[0] x + m[1] y + m[2], m[3] x + m[4] y + m[5]) for output point (x, y)."""
+    rot = np.radians(angle_deg)
+    sx = np.radians(shear_x_deg)
+    sy = np.radians(shear_y_deg)
+    a = np.cos(rot - sy) / np.cos(sy)
+    b = -(a * np.tan(sx) + np.sin(rot))
+    c = np.sin(rot - sy) / np.cos(sy)
+    d = np.cos(rot) - c * np.tan(sx)
+    m = np.empty(6, dtype=np.float64)
+    m[0] = d
+    m[1] = -b
+    m[3] = -c
+    m[4] = a
+    m[2] = cx - m[0] * (cx + tx) - m[1] * (cy + ty)
+    m[5] = cy - m[3] * (cx + tx) - m[4] * (cy + ty)
+    return m
+
+
+@jit
+def warp_nearest(dst, src, m):
+    """dst = src sampled through the inverse map m (nearest, round half to even, 0 outside)."""
+    h, w, ch = src.shape
+    m0 = np.float32(m[0])
+    m1 = np.float32(m[1])
+    m2 = np.float32(m[2])
+    m3 = np.float32(m[3])
+    m4 = np.float32(m[4])
+    m5 = np.float32(m[5])
+    half_w = np.float32(0.5 * w - 0.5)
+    half_h = np.float32(0.5 * h - 0.5)
+    for i in range(h):
+        y = np.float32(i) - half_h
+        for j in range(w):
+            x = np.float32(j) - half_w
+            ix = int(np.rint(m0 * x + m1 * y + m2 + half_w))
+            iy = int(np.rint(m3 * x + m4 * y + m5 + half_h))
+            if 0 <= ix < w and 0 <= iy < h:
+                for c in range(ch):
+                    dst[i, j, c] = src[iy, ix, c]
+            else:
+                for c in range(ch):
+                    dst[i, j, c] = 0
+
+
+@jit
+def sharpness_to(dst, src, factor):
+    """torchvision's adjust_sharpness: blend with the rounded 3x3 smoothing (5 at the centre, 1
+    around, / 13) inside the border; border pixels are kept."""
+    h, w, ch = src.shape
+    copy_image(dst, src)
+    if h <= 2 or w <= 2:
+        return
+    a = np.float32(1.0 / 13.0)
+    b = np.float32(5.0 / 13.0)
+    q = np.float64(np.float32(1.0 - factor))
+    row_len = w * ch
+    n = row_len - 2 * ch  # interior values of a row
+    rows = src.reshape(h, row_len)
+    out_rows = dst.reshape(h, row_len)
+    lo = np.float32(0.0)
+    hi = np.float32(255.0)
+    for i in range(1, h - 1):
+        # the 3x3 neighbourhood as nine row views that all start at offset 0 (Numba vectorises)
+        ul = rows[i - 1, 0:n]
+        uc = rows[i - 1, ch : ch + n]
+        ur = rows[i - 1, 2 * ch : 2 * ch + n]
+        ml = rows[i, 0:n]
+        mc = rows[i, ch : ch + n]
+        mr = rows[i, 2 * ch : 2 * ch + n]
+        dl = rows[i + 1, 0:n]
+        dc = rows[i + 1, ch : ch + n]
+        dr = rows[i + 1, 2 * ch : 2 * ch + n]
+        o = out_rows[i, ch : ch + n]
+        for k in range(n):
+            s = a * np.float32(ul[k])
+            s += a * np.float32(uc[k])
+            s += a * np.float32(ur[k])
+            s += a * np.float32(ml[k])
+            s += b * np.float32(mc[k])
+            s += a * np.float32(mr[k])
+            s += a * np.float32(dl[k])
+            s += a * np.float32(dc[k])
+            s += a * np.float32(dr[k])
+            x = np.float32(mc[k])
+            v = np.float32(np.float64(x) + q * np.float64(np.rint(s) - x))  # fused, as torch's add_
+            o[k] = np.uint8(min(max(v, lo), hi))
+
+
+@jit
+def autocontrast_to(dst, src):
+    """torchvision's autocontrast: each channel stretched to [0, 255] (unchanged if flat)."""
+    h, w, ch = src.shape
+    for c in range(ch):
+        lo = 255
+        hi = 0
+        for i in range(h):
+            for j in range(w):
+                v = src[i, j, c]
+                lo = min(lo, v)
+                hi = max(hi, v)
+        if hi == lo:
+            for i in range(h):
+                for j in range(w):
+                    dst[i, j, c] = src[i, j, c]
+            continue
+        inv_scale = np.float32(hi - lo) * np.float32(1.0 / 255.0)
+        for i in range(h):
+            for j in range(w):
+                v = (np.float32(src[i, j, c]) - np.float32(lo)) / inv_scale
+                dst[i, j, c] = np.uint8(min(max(v, np.float32(0.0)), np.float32(255.0)))
+
+
+@jit
+def equalize_to(dst, src):
+    """torchvision's (PIL's) histogram equalisation per channel."""
+    h, w, ch = src.shape
+    n = h * w
+    for c in range(ch):
+        hist = np.zeros(256, dtype=np.int64)
+        for i in range(h):
+            for j in range(w):
+                hist[src[i, j, c]] += 1
+        last = 255
+        while hist[last] == 0:
+            last -= 1
+        step = (n - hist[last]) // 255
+        if step == 0:
+            for i in range(h):
+                for j in range(w):
+                    dst[i, j, c] = src[i, j, c]
+            continue
+        lut = np.zeros(256, dtype=np.uint8)
+        cum = 0
+        for k in range(255):
+            cum += hist[k]
+            lut[k + 1] = min(255, (cum + step // 2) // step)
+        for i in range(h):
+            for j in range(w):
+                dst[i, j, c] = lut[src[i, j, c]]
+
+
+@jit
+def tv_linspace(start, end, bins, index):
+    """Element ``index`` of torch.linspace(start, end, bins) in float32, computed as torch does
+    (float32 step, from the nearer end), so magnitudes match torchvision's to the last bit."""
+    start32 = np.float32(start)
+    end32 = np.float32(end)
+    step = np.float32((end32 - start32) / np.float32(bins - 1))
+    if index < bins // 2:
+        return np.float64(np.float32(start32 + step * np.float32(index)))
+    return np.float64(np.float32(end32 - step * np.float32(bins - 1 - index)))
+
+
+@jit
+def ra_apply(dst, src, op, sign, mag, bins, max_translate_rel):
+    """Operation ``op`` (an index into RA_OPS) at magnitude bin ``mag`` with ``sign`` (+-1)."""
+    h, w, ch = src.shape
+    mi = int(mag)
+    nb = int(bins)
+    if op == 0:
+        copy_image(dst, src)
+    elif op == 1 or op == 2:  # shears about the top-left corner
+        deg = np.degrees(np.arctan(sign * tv_linspace(0.0, 0.3, nb, mi)))
+        if op == 1:
+            m = inverse_affine(0.0, 0.0, 0.0, deg, 0.0, -0.5 * w, -0.5 * h)
+        else:
+            m = inverse_affine(0.0, 0.0, 0.0, 0.0, deg, -0.5 * w, -0.5 * h)
+        warp_nearest(dst, src, m)
+    elif op == 3:  # torchvision truncates translations to whole pixels
+        tx = float(int(sign * tv_linspace(0.0, max_translate_rel * w, nb, mi)))
+        warp_nearest(dst, src, inverse_affine(0.0, tx, 0.0, 0.0, 0.0, 0.0, 0.0))
+    elif op == 4:
+        ty = float(int(sign * tv_linspace(0.0, max_translate_rel * h, nb, mi)))
+        warp_nearest(dst, src, inverse_affine(0.0, 0.0, ty, 0.0, 0.0, 0.0, 0.0))
+    elif op == 5:  # rotate(angle) is affine(-angle) in torchvision
+        warp_nearest(dst, src, inverse_affine(-sign * tv_linspace(0.0, 30.0, nb, mi), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
+    elif op == 6:
+        zero = np.zeros((1, 1), dtype=np.float32)
+        blend_to(dst, src, zero, 1.0 + sign * tv_linspace(0.0, 0.9, nb, mi))
+    elif op == 7:
+        blend_to(dst, src, grey_floor(src), 1.0 + sign * tv_linspace(0.0, 0.9, nb, mi))
+    elif op == 8:
+        mean = np.zeros((1, 1), dtype=np.float32)
+        mean[0, 0] = np.float32(grey_floor(src).mean())
+        blend_to(dst, src, mean, 1.0 + sign * tv_linspace(0.0, 0.9, nb, mi))
+    elif op == 9:
+        sharpness_to(dst, src, 1.0 + sign * tv_linspace(0.0, 0.9, nb, mi))
+    elif op == 10:
+        bits = int(np.rint(8.0 - mag / ((bins - 1.0) / 4.0)))
+        mask = np.uint8((((1 << bits) - 1) << (8 - bits)) & 255)
+        for i in range(h):
+            for j in range(w):
+                for c in range(ch):
+                    dst[i, j, c] = src[i, j, c] & mask
+    elif op == 11:
+        threshold = 255.0 * tv_linspace(1.0, 0.0, nb, mi)
+        for i in range(h):
+            for j in range(w):
+                for c in range(ch):
+                    v = src[i, j, c]
+                    dst[i, j, c] = 255 - v if v >= threshold else v
+    elif op == 12:
+        autocontrast_to(dst, src)
+    else:
+        equalize_to(dst, src)
+
+
+@jit
+def randaugment_run(out, img, draws, consts):
+    """One view: RandAugment(consts[0] ops, magnitude consts[1] of consts[2] bins), translations up
+    to consts[3] of the side; draws[2k], draws[2k + 1] pick operation k and its sign."""
+    n_ops = int(consts[0])
+    mag = np.float64(consts[1])
+    bins = np.float64(consts[2])
+    h, w, ch = img.shape
+    a = np.empty((h, w, ch), dtype=np.uint8)
+    b = np.empty((h, w, ch), dtype=np.uint8)
+    copy_image(a, img)
+    for k in range(n_ops):
+        op = min(int(draws[2 * k] * len_ops), len_ops - 1)
+        sign = -1.0 if draws[2 * k + 1] <= 0.5 else 1.0
+        ra_apply(b, a, op, sign, mag, bins, np.float64(consts[3]))
+        a, b = b, a
+    copy_image(out, a)
+
+
+len_ops = len(RA_OPS)  # a module constant, as Numba needs it inside randaugment_run
+
+
+def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
+    randaugment_run(out, img, draws, consts)
+
+
+def stage(images, preset):
+    """RandAugment(n, m) of every view as this kernel: torchvision's 14 operations with its uint8
+    arithmetic (nearest interpolation, black fill)."""
+    if preset.randaugment_n <= 0:
+        return images
+    return run_kernel(numba_op("randaugment", _entry), images, RA_DRAWS_PER_OP * preset.randaugment_n,
+                      randaugment_constants(preset))
