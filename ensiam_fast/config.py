@@ -43,8 +43,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
-    cifar_stem: bool = True  # 3x3 stride-1 first conv, no max-pool (the paper's small-dataset ResNet-18)
+    backbone: str = "resnet18"  # a timm model name, a pretrained tag allowed (resnet18.a1_in1k)
+    cifar_stem: bool = True  # stem at stride 1, no max-pool (the paper's small-dataset ResNet-18; ensiam_fast/stems.py)
+    pretrained: bool = False  # start from timm's weights for backbone (the host must have or download them)
     proj_layers: int = 2  # 2 for small datasets, 3 for ImageNet
     proj_hidden: int = 2048
     proj_dim: int = 2048

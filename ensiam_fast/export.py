@@ -185,6 +185,7 @@ def torchvision_model(name: str, cifar_stem: bool) -> nn.Module:
     """An untrained torchvision model of that name, stem patched, ``fc`` replaced by Identity."""
     import torchvision
 
+    name = name.partition(".")[0]  # a timm pretrained tag (resnet18.a1_in1k) names no other architecture
     builder = getattr(torchvision.models, name, None)
     if builder is None or not callable(builder):
         raise ExportError(f"torchvision has no model named {name!r}; the torchvision format holds the ResNets "

@@ -23,13 +23,14 @@ multi-process group without sync warns once.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ensiam_fast.stems import apply_cifar_stem, create_backbone  # noqa: F401 (re-exported)
 
 BN_MODES = ("per_view", "joint")
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -199,20 +200,6 @@ def set_num_views(module: nn.Module, num_views: int) -> None:
             layer.num_views = num_views
 
 
-def apply_cifar_stem(model: nn.Module) -> nn.Module:
-    """CIFAR stem: the first conv becomes 3x3 stride 1 (padding 1, no bias), the max-pool goes.
-
-    Works for backbones with a ``conv1`` Conv2d and a ``maxpool`` (timm's ResNet family).
-    """
-    conv = getattr(model, "conv1", None)
-    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ValueError(f"cifar_stem needs a backbone with a Conv2d 'conv1' and a 'maxpool' (timm ResNet); "
-                         f"{type(model).__name__} has none: set cifar_stem=False")
-    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
-
 def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
     """SimSiam projector: Linear-BN-ReLU (layers-1 times), then Linear-BN without affine."""
     if layers < 1:
@@ -272,25 +259,13 @@ class SiameseNet(nn.Module):
             self.set_views(k)  # back to the training K, so a compiled forward keeps its guards
 
 
-def create_backbone(name: str, cifar_stem: bool) -> nn.Module:
-    """A timm model by name with its classifier removed (pooled features out)."""
-    import timm  # here, not at the top: spawned workers that only need the layers skip its import time
-
-    if name not in timm.list_models():
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown backbone {name!r} (not in timm.list_models()).{hint}")
-    model = timm.create_model(name, num_classes=0, pretrained=False)
-    return apply_cifar_stem(model) if cifar_stem else model
-
-
 def build_model(backbone: str = "resnet18", cifar_stem: bool = True, proj_layers: int = 2,
                 bn_mode: str = "per_view", proj_hidden: int = 2048, proj_dim: int = 2048,
-                pred_hidden: int = 512) -> SiameseNet:
+                pred_hidden: int = 512, pretrained: bool = False) -> SiameseNet:
     """Build the Siamese network (paper: hidden/out 2048, 2 projector layers small data, 3 ImageNet)."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    net = create_backbone(backbone, cifar_stem)
+    net = create_backbone(backbone, cifar_stem, pretrained)
     model = SiameseNet(net, projection_mlp(net.num_features, proj_hidden, proj_dim, proj_layers),
                        prediction_mlp(proj_dim, pred_hidden), backbone_name=backbone,
                        cifar_stem=cifar_stem, bn_mode=bn_mode)

@@ -31,6 +31,7 @@ from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.shards import ShardFormatError, read_manifest
+from ensiam_fast.stems import check_backbone
 from pipelines.presets import get_preset
 
 
@@ -177,6 +178,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        try:  # a bad backbone or stem is reported before any data is read
+            check_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+        except ValueError as e:
+            raise TrainingError(f"model.backbone={cfg.model.backbone!r}: {e}") from e
         self.accelerator = acc = build_accelerator(cfg)
         self.info = check_data(cfg, acc.num_processes)
         self.out = Path(cfg.output_dir)
@@ -214,6 +219,7 @@ class Trainer:
         method = build_method(
             cfg.method, cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers,
             bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden,
+            pretrained=m.pretrained,
         )  # fmt: skip
         optimizer = build_optimizer(method, cfg, self.peak_lr)
         self.resumed = latest_checkpoint(self.out)
