@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import ensiam_fast.data as data
-from ensiam_fast.data import build_loader, normalize, parse_labels
+import ensiam_fast.data.dali as data
+import ensiam_fast.data.loader as loader_module
+from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.data.dali import parse_labels
 from ensiam_fast.shards import Manifest, ShardFormatError, SplitInfo, shard_name, write_manifest, write_shard
 from pipelines.presets import MEAN, STD, get_preset
 
@@ -274,13 +276,13 @@ def test_corrupt_image_names_shard_and_verify(tmp_path):
 
 
 def test_torch_backend_dispatch_and_fallback(tiny_dataset, monkeypatch):
-    import pipelines.reference as reference
+    import ensiam_fast.data.torch as torch_loader
 
     calls = []
-    monkeypatch.setattr(reference, "build_reference_loader", lambda root, split, **kw: calls.append((split, kw)))
+    monkeypatch.setattr(torch_loader, "build_reference_loader", lambda root, split, **kw: calls.append((split, kw)))
     build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="strong", seed=4, backend="torch")
     assert calls[-1][0] == "train" and calls[-1][1]["seed"] == 4 and calls[-1][1]["views"] == 2
-    monkeypatch.setattr(data, "dali_available", lambda: False)
+    monkeypatch.setattr(loader_module, "dali_available", lambda: False)
     with pytest.warns(UserWarning, match="DALI is not importable"):
         build_loader(tiny_dataset, "test", batch_size=8, views=1, preset="eval", train=False)
     assert calls[-1][0] == "test" and calls[-1][1]["train"] is False

@@ -15,9 +15,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-import ensiam_fast.convert as convert
-from ensiam_fast.shards import read_manifest, shard_paths, verify_dataset
-from ensiam_fast.sources import digits_arrays, stratified_split
+import ensiam_fast.shards.convert as convert
+from ensiam_fast.shards.format import read_manifest, shard_paths
+from ensiam_fast.shards.sources import digits_arrays, stratified_split
+from ensiam_fast.shards.verify import verify_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "make_shards.py"

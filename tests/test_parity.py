@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from ensiam_fast.data.torch import build_reference_loader
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard
 from pipelines.presets import get_preset
-from pipelines.reference import build_reference_loader
 
 Z = 4.5
 SOURCE = 128  # coordinate images are SOURCE x SOURCE; views are VIEW x VIEW

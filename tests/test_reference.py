@@ -1,4 +1,4 @@
-"""The torchvision reference loader (pipelines/reference.py): the loader contract on tiny shards."""
+"""The torchvision loader (ensiam_fast/data/torch.py) and the reference augmentations (pipelines/reference.py)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from ensiam_fast.data.torch import build_reference_loader, shuffle_buffer_order
 from ensiam_fast.shards import ShardFormatError
 from pipelines.presets import get_preset
-from pipelines.reference import (
-    ViewAugment,
-    blur_kernel_size,
-    build_reference_loader,
-    jigsaw,
-    shuffle_buffer_order,
-)
+from pipelines.reference import ViewAugment, blur_kernel_size, jigsaw
 
 NUM_TRAIN, NUM_TEST, NUM_CLASSES = 48, 24, 12
 
@@ -118,8 +113,8 @@ def test_eval_is_deterministic_and_ignores_train_presets(tiny_dataset):
 def test_eval_preset_on_native_size_is_the_decoded_image(tiny_dataset):
     import webdataset as wds
 
+    from ensiam_fast.data.torch import decode_rgb
     from ensiam_fast.shards import shard_paths
-    from pipelines.reference import decode_rgb
 
     tars, _ = shard_paths(tiny_dataset, "test")
     first = next(iter(wds.tarfile_samples([{"url": tars[0]}])))

@@ -35,7 +35,8 @@ def test_write_shard_matches_tarfile_byte_for_byte(tmp_path):
     import io
     import tarfile
 
-    from ensiam_fast.shards import check_shard, write_shard
+    from ensiam_fast.shards.format import write_shard
+    from ensiam_fast.shards.verify import check_shard
 
     rng = np.random.default_rng(0)
     samples = [

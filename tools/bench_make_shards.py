@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ensiam_fast.convert import EncodeOptions, convert
-from ensiam_fast.sources import open_source
+from ensiam_fast.shards.convert import EncodeOptions, convert
+from ensiam_fast.shards.sources import open_source
 
 
 def photo_like(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
@@ -103,7 +103,7 @@ def naive_convert(src: Path, out: Path, fmt: str) -> int:
     import io
     import tarfile
 
-    from ensiam_fast.sources import open_cifar10
+    from ensiam_fast.shards.sources import open_cifar10
 
     source = open_cifar10(src)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 """Throughput of the K-view loaders: DALI (``ensiam_fast.data.build_loader``) against the torchvision
-reference (``pipelines.reference``), on the same CPU budget, side by side in one run.
+reference (``ensiam_fast.data.torch``), on the same CPU budget, side by side in one run.
 
     python tools/bench_pipeline.py                       # full grid (a few minutes on 2 cores)
     python tools/bench_pipeline.py --quick               # 32x32 + 224x224, default preset, K=4 only
@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
+from ensiam_fast.data.torch import build_reference_loader  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard  # noqa: E402
-from pipelines.reference import build_reference_loader  # noqa: E402
 
 # Targets from the issue: DALI/reference on the 2-core CPU box, views/s on one H100.
 CPU_RATIO_TARGET = {32: 6.0, 224: 2.0}

@@ -6,14 +6,14 @@
     python tools/make_shards.py --verify shards/cifar10
 
 Running the same command again resumes an interrupted conversion. The work is done by
-``ensiam_fast.convert`` (engine) and ``ensiam_fast.sources`` (layout readers).
+``ensiam_fast.shards.convert`` (engine) and ``ensiam_fast.shards.sources`` (layout readers).
 """
 
 from __future__ import annotations
 
 import sys
 
-from ensiam_fast.convert import main
+from ensiam_fast.shards.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

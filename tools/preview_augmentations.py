@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
+from ensiam_fast.data.torch import IMAGE_EXTS, build_reference_loader, decode_rgb  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, read_manifest, shard_paths, write_manifest, write_shard  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
-from pipelines.reference import IMAGE_EXTS, build_reference_loader, decode_rgb  # noqa: E402
 
 PAD = 4
 TITLE_H = 20

@@ -1,21 +1,6 @@
-"""The loader factory: K augmented uint8 views per image from a shard directory (DALI, CPU or GPU).
+"""The DALI loader: K augmented uint8 views per image from a shard directory (CPU or GPU).
 
-    loader = build_loader(root, "train", batch_size=256, views=4, preset="default", device="gpu")
-    for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        for x, y in loader:          # x: (K, B, 3, H, W) uint8 on the device, y: (B,) int64
-            x = normalize(x)         # float, on the device: only bytes crossed PCIe
-
-Data order and augmentation are a function of (seed, epoch, shard_id): every epoch gets its own
-freshly built DALI pipeline, whose tar list is permuted with a seed shared by all ranks before the
-reader splits it into ``num_shards`` blocks, and whose shuffle buffer and augmentation seeds differ
-per rank. A build costs ~0.2-0.3 s for the default preset (K=4) and 2-4 s for very_strong, whose
-RandAugment graph DALI traces through AutoGraph; so a training loader builds epoch e+1's
-pipeline in a background thread as soon as epoch e starts, and ``set_epoch(e + 1)`` only picks it
-up (``loader.last_build_s`` is the time ``set_epoch`` spent, ``loader.last_built_ahead`` says
-whether the pipeline came from the background). Any other epoch is built on the spot.
-``backend="torch"`` (or a host without DALI) uses ``pipelines.reference.build_reference_loader``
-with the same arguments and contract.
+See the package docstring (``ensiam_fast.data``) for the contract.
 """
 
 from __future__ import annotations
@@ -33,20 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ensiam_fast.shards import ShardFormatError, read_manifest, shard_bounds, shard_paths, write_index
-from pipelines.presets import MEAN, STD, AugPreset, get_preset
+from ensiam_fast.data.spec import derive_seed, resolve_device, resolve_image_size, resolve_preset
+from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, shard_paths, write_index
+from pipelines.presets import AugPreset
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
 SHUFFLE_BUFFER = 2048  # encoded samples held for in-shard shuffling (~220 MB of ImageNet JPEGs)
 VERIFY_HINT = "check the shards with `python tools/make_shards.py --verify {root}`"
-
-
-# ----------------------------------------------------------------------------- small pure helpers
-
-
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from a tuple of non-negative ints (statistically independent streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def parse_labels(raw: np.ndarray) -> np.ndarray:
@@ -68,40 +46,6 @@ def parse_labels(raw: np.ndarray) -> np.ndarray:
         values = np.where(digit[:, col], values * 10 + (raw[:, col].astype(np.int64) - ord("0")), values)
     return values
 
-
-def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """uint8 views (K, B, 3, H, W) -> (x / 255 - MEAN) / STD as ``dtype``, on x's device.
-
-    With ``channels_last`` the result's memory is (K, B, H, W, 3), so ``y.flatten(0, 1)`` is an
-    NHWC (channels_last) batch without a copy.
-    """
-    if x.dim() != 5 or x.shape[2] != 3:
-        raise ValueError(f"normalize expects uint8 views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
-    mean = torch.tensor(MEAN, dtype=torch.float32)
-    std = torch.tensor(STD, dtype=torch.float32)
-    scale = (1.0 / (255.0 * std)).to(device=x.device, dtype=dtype)
-    shift = (-mean / std).to(device=x.device, dtype=dtype)
-    k, b, _, h, w = x.shape
-    if channels_last:
-        out = torch.empty((k, b, h, w, 3), dtype=dtype, device=x.device)  # NHWC memory per view
-        torch.addcmul(shift, x.permute(0, 1, 3, 4, 2), scale, out=out)
-        return out.permute(0, 1, 4, 2, 3)
-    out = torch.empty((k, b, 3, h, w), dtype=dtype, device=x.device)
-    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1), out=out)
-
-
-def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.device]:
-    """'cpu' | 'gpu' | 'cuda' | 'cuda:N' | 'gpu:N' -> (DALI kind, device_id, torch device)."""
-    text = str(device)
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", None, torch.device("cpu")
-    if kind in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={text!r} asks for a GPU but torch sees no CUDA device; use device='cpu'")
-        device_id = int(index) if index else torch.cuda.current_device()
-        return "gpu", device_id, torch.device("cuda", device_id)
-    raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {text!r}")
 
 
 # ----------------------------------------------------------------------------- shard indices
@@ -404,73 +348,3 @@ class DaliLoader:
 def _first_line(error: Exception) -> str:
     lines = [ln for ln in str(error).splitlines() if ln.strip() and "Critical error" not in ln]
     return lines[-1].strip() if lines else type(error).__name__
-
-
-def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:
-    """The preset to apply: evaluation forces 'eval' unless 'linear' is asked for."""
-    resolved = get_preset(preset)
-    if not train and resolved.name not in ("linear", "eval"):
-        return get_preset("eval")
-    return resolved
-
-
-def resolve_image_size(image_size: int | None, manifest_size: list[int] | None, root: Path) -> int:
-    if image_size is not None:
-        if not isinstance(image_size, int) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
-        return image_size
-    if not manifest_size:
-        raise ValueError(f"{root}/manifest.json has no image_size (its images differ in size): pass image_size=...")
-    return int(manifest_size[0])
-
-
-# ----------------------------------------------------------------------------- the factory
-
-
-def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def build_loader(
-    root: str | os.PathLike,
-    split: str,
-    *,
-    batch_size: int,
-    views: int,
-    preset: str | AugPreset,
-    device: str | torch.device = "cpu",
-    shard_id: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    train: bool = True,
-    image_size: int | None = None,
-    num_threads: int | None = None,
-    backend: str = "dali",
-):
-    """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring."""
-    if backend not in ("dali", "torch"):
-        raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
-    kwargs = dict(
-        batch_size=batch_size,
-        views=views,
-        preset=preset,
-        device=device,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        seed=seed,
-        train=train,
-        image_size=image_size,
-        num_threads=num_threads,
-    )
-    if backend == "dali" and not dali_available():
-        warnings.warn("NVIDIA DALI is not importable: falling back to the torchvision loader", stacklevel=2)
-        backend = "torch"
-    if backend == "torch":
-        from pipelines.reference import build_reference_loader
-
-        return build_reference_loader(root, split, **kwargs)
-    return DaliLoader(root, split, **kwargs)

@@ -1,0 +1,86 @@
+"""The loader factory ``build_loader`` (DALI or torch backend) and ``normalize`` for its output.
+
+The contract is in the package docstring (``ensiam_fast.data``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from pipelines.presets import MEAN, STD, AugPreset
+
+
+def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 views (K, B, 3, H, W) -> (x / 255 - MEAN) / STD as ``dtype``, on x's device.
+
+    With ``channels_last`` the result's memory is (K, B, H, W, 3), so ``y.flatten(0, 1)`` is an
+    NHWC (channels_last) batch without a copy.
+    """
+    if x.dim() != 5 or x.shape[2] != 3:
+        raise ValueError(f"normalize expects uint8 views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(MEAN, dtype=torch.float32)
+    std = torch.tensor(STD, dtype=torch.float32)
+    scale = (1.0 / (255.0 * std)).to(device=x.device, dtype=dtype)
+    shift = (-mean / std).to(device=x.device, dtype=dtype)
+    k, b, _, h, w = x.shape
+    if channels_last:
+        out = torch.empty((k, b, h, w, 3), dtype=dtype, device=x.device)  # NHWC memory per view
+        torch.addcmul(shift, x.permute(0, 1, 3, 4, 2), scale, out=out)
+        return out.permute(0, 1, 4, 2, 3)
+    out = torch.empty((k, b, 3, h, w), dtype=dtype, device=x.device)
+    return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1), out=out)
+
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    views: int,
+    preset: str | AugPreset,
+    device: str | torch.device = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    train: bool = True,
+    image_size: int | None = None,
+    num_threads: int | None = None,
+    backend: str = "dali",
+):
+    """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring."""
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
+    kwargs = dict(
+        batch_size=batch_size,
+        views=views,
+        preset=preset,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        train=train,
+        image_size=image_size,
+        num_threads=num_threads,
+    )
+    if backend == "dali" and not dali_available():
+        warnings.warn("NVIDIA DALI is not importable: falling back to the torchvision loader", stacklevel=2)
+        backend = "torch"
+    if backend == "torch":
+        from ensiam_fast.data.torch import build_reference_loader
+
+        return build_reference_loader(root, split, **kwargs)
+    from ensiam_fast.data.dali import DaliLoader
+
+    return DaliLoader(root, split, **kwargs)

@@ -1,0 +1,368 @@
+"""The torchvision/webdataset loader (``backend="torch"``): the benchmark baseline for the DALI
+loader, the fallback where DALI cannot be installed, and the other side of the parity tests. It
+follows the loader contract of ``ensiam_fast.data.build_loader`` and augments with
+``pipelines.reference.ViewAugment``:
+
+* The order of an epoch is planned on sample *indices* in the main process, from the manifest's
+  shard sizes alone: shard order shuffled with (seed, epoch), the rank's contiguous slice of that
+  stream, then a shuffle buffer of ``SHUFFLE_BUFFER`` samples seeded with (seed, epoch, shard_id).
+* DataLoader workers stream the tars with ``webdataset`` and each builds whole batches (batch ``b``
+  goes to worker ``b % workers``, the DataLoader's round-robin order). A batch's augmentation is
+  seeded from (seed, epoch, shard_id, b), so the output does not depend on the number of workers,
+  and ``iter_from(b)`` gives exactly what the full epoch gives from ``b`` without decoding the
+  batches it skips.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, shard_paths
+from pipelines.presets import AugPreset, get_preset
+from pipelines.reference import ViewAugment
+
+# Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).
+SHUFFLE_BUFFER = 2048
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+MAX_VIEWS = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Epoch planning: pure index arithmetic, the same in every process.
+# ---------------------------------------------------------------------------------------------
+
+
+def shuffle_buffer_order(stream: np.ndarray, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a shuffle buffer of ``buffer`` slots emits ``stream`` in (fill, then swap out)."""
+    out = np.empty_like(stream)
+    slots: list[int] = []
+    n = 0
+    picks = rng.random(len(stream) + buffer)
+    for i, item in enumerate(stream):
+        slots.append(int(item))
+        if len(slots) >= buffer:
+            j = int(picks[i] * len(slots))
+            slots[j], slots[-1] = slots[-1], slots[j]
+            out[n] = slots.pop()
+            n += 1
+    tail = np.array(slots, dtype=stream.dtype)
+    out[n:] = tail[rng.permutation(len(tail))]
+    return out
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one rank reads in one epoch: sample indices in output order and their batches."""
+
+    order: np.ndarray  # global sample indices, in the order they are yielded
+    shard_order: list[int]  # manifest shard indices, in the order they are read
+    batch_size: int
+    num_batches: int
+
+    def batch(self, b: int) -> np.ndarray:
+        return self.order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def plan_epoch(
+    shard_sizes: list[int], *, batch_size: int, shard_id: int, num_shards: int, seed: int, epoch: int, train: bool
+) -> EpochPlan:
+    offsets = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+    total = int(offsets[-1])
+    if train:
+        # Shard order is shared by all ranks (seeded without shard_id), so their slices are disjoint.
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)).tolist()
+        stream = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shard_order])
+        # Equal slices on every rank (up to num_shards - 1 samples left out) keep len() equal across
+        # ranks, so no rank waits for a batch the others never make.
+        per_rank = total // num_shards
+        mine = stream[shard_id * per_rank : (shard_id + 1) * per_rank]
+        order = shuffle_buffer_order(mine, SHUFFLE_BUFFER, np.random.default_rng([seed, epoch, shard_id]))
+        num_batches = len(order) // batch_size
+        order = order[: num_batches * batch_size]
+    else:
+        shard_order = list(range(len(shard_sizes)))
+        start, end = shard_bounds(total, shard_id, num_shards)
+        order = np.arange(start, end, dtype=np.int64)
+        num_batches = math.ceil(len(order) / batch_size)
+    return EpochPlan(order=order, shard_order=shard_order, batch_size=batch_size, num_batches=num_batches)
+
+
+def batch_seed(seed: int, epoch: int, shard_id: int, batch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, shard_id, batch]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading: webdataset streams the tars; each worker keeps only the samples of its own batches.
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_rgb(data: bytes, where: str) -> torch.Tensor:
+    """JPEG/PNG bytes -> uint8 (3, H, W) with libjpeg-turbo (a little faster than PIL here)."""
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here).
+            warnings.filterwarnings("ignore", message=".*image decoding.*deprecated", category=DeprecationWarning)
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ShardFormatError(f"{where}: cannot decode the image ({e}); re-make the shard") from e
+
+
+def parse_label(sample: dict, where: str) -> int:
+    raw = sample.get("cls")
+    if raw is None:
+        raise ShardFormatError(f"{where}: labelled split but the sample has no .cls member")
+    try:
+        return int(bytes(raw).decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ShardFormatError(f"{where}: .cls must be an ASCII decimal integer, got {bytes(raw)[:20]!r}") from e
+
+
+def image_bytes(sample: dict, where: str) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    members = sorted(k for k in sample if not k.startswith("__"))
+    raise ShardFormatError(f"{where}: no image member (.jpg/.png); the sample has {members}")
+
+
+class _KViewStream(IterableDataset):
+    """Yields (x uint8 (K, B, 3, S, S), y int64 (B,)) for the batches ``start..`` of one planned epoch."""
+
+    def __init__(self, tars: list[str], shard_sizes: list[int], labeled: bool, views: int, augment: ViewAugment):
+        self.tars = tars
+        self.offsets = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
+        self.labeled = labeled
+        self.views = views
+        self.augment = augment
+        self.plan: EpochPlan | None = None
+        self.start = 0
+        self.seed_key = (0, 0, 0)  # (seed, epoch, shard_id)
+
+    def _my_batches(self) -> list[int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return list(range(self.plan.num_batches))[self.start + worker :: workers]
+
+    def _make_batch(self, b: int, samples: list[tuple[bytes, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.augment.size
+        x = torch.empty((self.views, len(samples), 3, size, size), dtype=torch.uint8)
+        y = torch.empty(len(samples), dtype=torch.int64)
+        threads = torch.get_num_threads()
+        # Ops on one small image gain nothing from intra-op threads and lose a lot to their
+        # hand-offs (20x slower in-process at 32x32 on a busy 2-core box); DataLoader workers
+        # already run single-threaded, the in-process path (num_threads=0) needs it said.
+        torch.set_num_threads(1)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                # Seeding per batch makes the output independent of worker count and of iter_from.
+                torch.manual_seed(batch_seed(*self.seed_key, b))
+                for j, (data, label, where) in enumerate(samples):
+                    img = decode_rgb(data, where)
+                    for k in range(self.views):
+                        x[k, j] = self.augment(img)
+                    y[j] = label
+        finally:
+            torch.set_num_threads(threads)
+        return x, y
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        plan = self.plan
+        batches = self._my_batches()
+        if not batches:
+            return
+        # slot[g] = (batch, position) for the samples this worker needs; -1 elsewhere.
+        batch_of = np.full(int(self.offsets[-1]), -1, dtype=np.int64)
+        pos_of = np.zeros_like(batch_of)
+        for b in batches:
+            idx = plan.batch(b)
+            batch_of[idx] = b
+            pos_of[idx] = np.arange(len(idx))
+        pending: dict[int, list] = {b: [None] * len(plan.batch(b)) for b in batches}
+        missing = {b: len(plan.batch(b)) for b in batches}
+        next_i = 0
+        for s in plan.shard_order:
+            lo, hi = int(self.offsets[s]), int(self.offsets[s + 1])
+            wanted = int((batch_of[lo:hi] >= 0).sum())
+            if wanted == 0:
+                continue  # nothing of this worker in this shard: do not even open it
+            for i, sample in enumerate(wds.tarfile_samples([{"url": self.tars[s]}])):
+                if i >= hi - lo:
+                    raise ShardFormatError(f"{self.tars[s]} holds more samples than the manifest says ({hi - lo})")
+                g = lo + i
+                b = int(batch_of[g])
+                if b < 0:
+                    continue
+                where = f"{self.tars[s]} (key {sample.get('__key__')!r})"
+                label = parse_label(sample, where) if self.labeled else -1
+                pending[b][int(pos_of[g])] = (image_bytes(sample, where), label, where)
+                missing[b] -= 1
+                wanted -= 1
+                while next_i < len(batches) and missing[batches[next_i]] == 0:
+                    done = batches[next_i]
+                    yield self._make_batch(done, pending.pop(done))
+                    next_i += 1
+                if wanted == 0:
+                    break  # the rest of this tar belongs to other workers or ranks
+        if next_i < len(batches):
+            raise ShardFormatError(
+                f"shards {self.tars} hold fewer samples than the manifest says; re-run tools/make_shards.py"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader (same contract as ensiam_fast.data.build_loader).
+# ---------------------------------------------------------------------------------------------
+
+
+class ReferenceLoader:
+    """K-view loader over a torch DataLoader; ``for x, y in loader`` runs one epoch."""
+
+    def __init__(self, stream: _KViewStream, *, plan_args: dict, num_workers: int, device: torch.device,
+                 num_classes: int, num_samples: int):
+        self._stream = stream
+        self._plan_args = plan_args
+        self._num_workers = num_workers
+        self._device = device
+        self.num_classes = num_classes
+        self.num_samples = num_samples
+        self.batch_size = plan_args["batch_size"]
+        self.views = stream.views
+        self.labeled = stream.labeled
+        self.epoch = 0
+        self._plan = plan_epoch(epoch=0, **plan_args)
+
+    def __len__(self) -> int:
+        return self._plan.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._plan = plan_epoch(epoch=self.epoch, **self._plan_args)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be in 0..{len(self)}, got {start_batch}")
+        self._stream.plan = self._plan
+        self._stream.start = start_batch
+        self._stream.seed_key = (self._plan_args["seed"], self.epoch, self._plan_args["shard_id"])
+        # Never more workers than batches left: an idle worker would only cost a fork.
+        workers = min(self._num_workers, len(self) - start_batch)
+        loader = DataLoader(
+            self._stream,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self._device.type == "cuda",
+        )
+        for x, y in loader:
+            if self._device.type != "cpu":
+                x, y = x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True)
+            yield x, y
+
+
+def index_count(idx_path: str) -> int:
+    """Sample count from a DALI index's version line (manifests without shard_sizes)."""
+    with open(idx_path) as f:
+        head = f.readline().split()
+    if len(head) != 2 or not head[1].isdigit():
+        raise ShardFormatError(f"{idx_path}: first line should be 'v1.2 <count>', got {' '.join(head)!r}")
+    return int(head[1])
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "cpu":
+        return torch.device("cpu")
+    device = str(device)
+    kind, _, index = device.partition(":")
+    if kind in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
+        return torch.device("cuda", int(index) if index else torch.cuda.current_device())
+    raise ValueError(f"device must be 'cpu', 'gpu[:N]' or 'cuda[:N]', got {device!r}")
+
+
+def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:
+    preset = get_preset(preset)
+    if not train and preset.name != "linear":
+        return get_preset("eval")
+    return preset
+
+
+def build_reference_loader(
+    root,
+    split: str,
+    *,
+    batch_size: int,
+    views: int,
+    preset: str | AugPreset,
+    device: str = "cpu",
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    train: bool = True,
+    image_size: int | None = None,
+    num_threads: int | None = None,
+) -> ReferenceLoader:
+    """The torchvision/webdataset loader; ``num_threads`` is the number of DataLoader workers
+    (0 runs in this process; default: the number of CPU cores)."""
+    manifest = read_manifest(root)
+    info = manifest.split(split)
+    tars, idxs = shard_paths(root, split)
+    if not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views must be in 1..{MAX_VIEWS}, got {views}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in 0..{num_shards - 1}, got {shard_id}")
+    if image_size is None:
+        if not manifest.image_size:
+            raise ValueError(
+                f"{root}: the manifest has no image_size (images differ in size); pass image_size"
+            )
+        image_size = int(manifest.image_size[0])
+    sizes = list(info.shard_sizes) or [index_count(p) for p in idxs]
+    if len(sizes) != len(tars) or sum(sizes) != info.num_samples:
+        raise ShardFormatError(
+            f"{root}/manifest.json: split {split!r} shard_sizes {sizes} do not match its {len(tars)} shards "
+            f"and {info.num_samples} samples; re-run tools/make_shards.py"
+        )
+    start, end = shard_bounds(info.num_samples, shard_id, num_shards)
+    # Training uses total // num_shards samples on every rank (equal len() everywhere).
+    available = info.num_samples // num_shards if train else end - start
+    if not train:
+        # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
+        batch_size = min(batch_size, max(1, available))
+    plan_args = dict(
+        shard_sizes=sizes, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train
+    )
+    if batch_size > available:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {available} samples of split {split!r} that shard "
+            f"{shard_id}/{num_shards} gets; lower the batch size"
+        )
+    augment = ViewAugment(resolve_preset(preset, train), image_size)
+    stream = _KViewStream(tars, sizes, info.labeled, views, augment)
+    workers = len(os.sched_getaffinity(0)) if num_threads is None else int(num_threads)
+    if workers < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    return ReferenceLoader(
+        stream,
+        plan_args=plan_args,
+        num_workers=workers,
+        device=resolve_device(device),
+        num_classes=manifest.num_classes,
+        num_samples=end - start,
+    )

@@ -1,0 +1,37 @@
+"""The on-disk shard format and conversion.
+
+* ``format``: names, the tar and index writers, ``manifest.json`` (the contract: ``shards/README.md``)
+* ``verify``: checking converted shards
+* ``convert``: the engine behind ``tools/make_shards.py``
+* ``sources``: one reader per source layout
+
+The names most code needs are re-exported here (``from ensiam_fast.shards import read_manifest``).
+"""
+
+from ensiam_fast.shards.format import (
+    MANIFEST,
+    Manifest,
+    ShardFormatError,
+    SplitInfo,
+    index_name,
+    read_manifest,
+    shard_bounds,
+    shard_name,
+    shard_paths,
+    write_manifest,
+    write_shard,
+)
+
+__all__ = [
+    "MANIFEST",
+    "Manifest",
+    "ShardFormatError",
+    "SplitInfo",
+    "index_name",
+    "read_manifest",
+    "shard_bounds",
+    "shard_name",
+    "shard_paths",
+    "write_manifest",
+    "write_shard",
+]
