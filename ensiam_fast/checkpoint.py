@@ -110,3 +110,20 @@ def resolve_checkpoint(run: str | os.PathLike | None = None, checkpoint: str | o
             "train first (ensiam_fast/train.py) or pass --checkpoint FILE"
         )
     return found
+
+
+def check_compatible(cfg, state: dict, path: Path) -> None:
+    """A checkpoint from a different network or method cannot be resumed into this config."""
+    saved = state["config"]
+    for key in ("method", "views"):
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(
+                f"{path} was trained with {key}={saved.get(key)!r} but this config has {key}="
+                f"{getattr(cfg, key)!r}; use a new output_dir or the same settings"
+            )
+    for key in ("backbone", "cifar_stem", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden", "bn_mode"):
+        if saved["model"].get(key) != getattr(cfg.model, key):
+            raise CheckpointError(
+                f"{path} was trained with model.{key}={saved['model'].get(key)!r} but this config has "
+                f"{getattr(cfg.model, key)!r}; use a new output_dir or the same settings"
+            )

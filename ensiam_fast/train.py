@@ -24,7 +24,14 @@ if __package__ in (None, ""):  # `accelerate launch ensiam_fast/train.py` runs t
 import torch
 from tqdm.auto import tqdm
 
-from ensiam_fast.checkpoint import latest_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ensiam_fast.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    latest_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_config
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.evaluate.knn import knn_evaluate
@@ -361,23 +368,6 @@ def run(cfg: TrainConfig) -> dict:
     return Trainer(cfg).fit()
 
 
-def check_compatible(cfg: TrainConfig, state: dict, path: Path) -> None:
-    """A checkpoint from a different network or method cannot be resumed into this config."""
-    saved = state["config"]
-    for key in ("method", "views"):
-        if saved.get(key) != getattr(cfg, key):
-            raise TrainingError(
-                f"{path} was trained with {key}={saved.get(key)!r} but this config has {key}="
-                f"{getattr(cfg, key)!r}; use a new output_dir or the same settings"
-            )
-    for key in ("backbone", "cifar_stem", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden", "bn_mode"):
-        if saved["model"].get(key) != getattr(cfg.model, key):
-            raise TrainingError(
-                f"{path} was trained with model.{key}={saved['model'].get(key)!r} but this config has "
-                f"{getattr(cfg.model, key)!r}; use a new output_dir or the same settings"
-            )
-
-
 class Window:
     """Throughput and data-wait accounting over the steps since the last log line.
 
@@ -453,7 +443,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg)
-    except (ConfigError, TrainingError) as e:
+    except (ConfigError, TrainingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
