@@ -1,16 +1,20 @@
-"""Checkpoints: one file per save, written atomically, found again by the step stored inside.
+"""Checkpoints: one file per save, written atomically, opened only as data.
 
 Layout: ``RUN/checkpoints/step-00001234.pt``, a ``torch.save`` dict with ``format``, ``step``,
-``epoch``, ``batch_in_epoch`` (the data position), ``config``, ``model`` (the SiameseNet state dict,
-unwrapped from DDP and ``torch.compile``), ``optimizer``, ``scaler`` and ``rng``. A file is written
-under a temporary name and renamed when complete, so a crash mid-save leaves the previous
-checkpoint as the newest complete one. A file that cannot be read is skipped with a warning.
-"""
+``epoch``, ``batch_in_epoch`` (the data position), ``num_processes``, ``config``, ``model`` (the
+SiameseNet state dict, unwrapped from DDP and ``torch.compile``), ``optimizer``, ``scaler`` and
+``rng``, all tensors and plain types, so files load with ``torch.load(weights_only=True)``: opening
+a planted file cannot run code. A file is written under a temporary name and renamed when
+complete, so a crash mid-save leaves the previous checkpoint as the newest complete one (the
+half-written ``.tmp`` is removed by the next save). Discovery opens files newest first and stops
+at the first that loads; pruning keeps the newest files that load. ``check_compatible`` decides
+whether a checkpoint can be resumed under a config."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-FORMAT = "ensiam_fast-ckpt/1"
+FORMAT = "ensiam_fast-ckpt/2"  # /2: everything stored as tensors and plain types (loads with weights_only)
 REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "config", "model")
+NAME = re.compile(r"step-(\d{8,})\.pt")
 
 
 class CheckpointError(RuntimeError):
@@ -31,70 +36,115 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain types, so the file loads with ``weights_only``."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(words), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int = 3) -> Path:
-    """Write ``state`` (which must hold the REQUIRED keys) and prune all but the newest ``keep``."""
+    """Write ``state`` (which must hold the REQUIRED keys), then prune to the newest ``keep`` valid ones."""
     missing = [k for k in REQUIRED if k != "format" and k not in state]
     if missing:
         raise CheckpointError(f"checkpoint state lacks {missing}")
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(run_dir)
     path = folder / f"step-{state['step']:08d}.pt"
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": FORMAT, **state}, tmp)
     os.replace(tmp, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    prune(run_dir, keep)
     return path
 
 
+def remove_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete half-written ``*.pt.tmp`` files (a save cut short by a crash); call from the one writer."""
+    stale = sorted(checkpoint_dir(run_dir).glob("step-*.pt.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint files, oldest first (by the step in the name the writer chose)."""
+    """Checkpoint files, oldest first by the step in the name the writer gave them."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    return sorted(folder.glob("step-*.pt"))
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one checkpoint on the CPU and check that it is one of ours."""
+def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
+    """Load one checkpoint on the CPU and check that it is one of ours.
+
+    ``weights_only=True``: the file can hold only tensors and plain containers, so a planted or
+    tampered file cannot run code when it is opened. ``mmap=True`` maps the tensors instead of
+    reading them (a cheap validity check)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, bad pickle, I/O error: all mean "damaged"
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated zip, bad pickle, forbidden global, I/O error: all mean "unusable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an ensiam_fast checkpoint (format {FORMAT!r})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not an ensiam_fast checkpoint of format {FORMAT!r} (found {found!r})")
     missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}")
+    m = NAME.fullmatch(Path(path).name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{path} holds step {state['step']}, not the step its name says")
     return state
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable checkpoint, ordered by the step stored inside; damaged ones are skipped."""
-    found = []
-    for path in list_checkpoints(run_dir):
+    """The newest checkpoint that loads: files are opened newest first, one at a time, until one
+    does; the ones that do not are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
         try:
-            found.append((read_checkpoint(path), path))
+            return path, read_checkpoint(path)
         except CheckpointError as e:
             warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-    if not found:
-        return None
-    state, path = max(found, key=lambda sp: sp[0]["step"])
-    return path, state
+    return None
+
+
+def is_valid(path: Path) -> bool:
+    try:
+        read_checkpoint(path, mmap=True)
+        return True
+    except CheckpointError:
+        return False
+
+
+def prune(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints that load; delete older ones, valid or not. A damaged
+    file never counts towards ``keep``, so it cannot push a good checkpoint out."""
+    kept, removed = 0, []
+    for path in reversed(list_checkpoints(run_dir)):
+        if kept < keep:
+            kept += is_valid(path)
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def resolve_checkpoint(run: str | os.PathLike | None = None, checkpoint: str | os.PathLike | None = None):
@@ -112,18 +162,36 @@ def resolve_checkpoint(run: str | os.PathLike | None = None, checkpoint: str | o
     return found
 
 
-def check_compatible(cfg, state: dict, path: Path) -> None:
-    """A checkpoint from a different network or method cannot be resumed into this config."""
+def check_compatible(cfg, state: dict, path: Path, num_processes: int) -> None:
+    """Refuse to resume a checkpoint under a config that would reinterpret it.
+
+    A different network or method cannot load the weights. A different global ``batch_size`` or
+    number of processes would silently change what the stored data position (``batch_in_epoch``,
+    counted in per-process batches of one shard each) and the step-based schedule mean."""
     saved = state["config"]
+    where = "; use a new output_dir or the same settings"
     for key in ("method", "views"):
         if saved.get(key) != getattr(cfg, key):
             raise CheckpointError(
                 f"{path} was trained with {key}={saved.get(key)!r} but this config has {key}="
-                f"{getattr(cfg, key)!r}; use a new output_dir or the same settings"
+                f"{getattr(cfg, key)!r}{where}"
             )
     for key in ("backbone", "cifar_stem", "proj_layers", "proj_hidden", "proj_dim", "pred_hidden", "bn_mode"):
         if saved["model"].get(key) != getattr(cfg.model, key):
             raise CheckpointError(
                 f"{path} was trained with model.{key}={saved['model'].get(key)!r} but this config has "
-                f"{getattr(cfg.model, key)!r}; use a new output_dir or the same settings"
+                f"{getattr(cfg.model, key)!r}{where}"
             )
+    if saved.get("batch_size") != cfg.batch_size:
+        raise CheckpointError(
+            f"{path} was trained with batch_size={saved.get('batch_size')} but this config has "
+            f"batch_size={cfg.batch_size}: the saved data position and lr schedule count steps of that "
+            f"batch; resume with batch_size={saved.get('batch_size')} or use a new output_dir"
+        )
+    saved_procs = state.get("num_processes", 1)
+    if saved_procs != num_processes:
+        raise CheckpointError(
+            f"{path} was written by {saved_procs} process(es) but this launch has {num_processes}: "
+            f"the saved data position is per process shard; resume with {saved_procs} process(es) "
+            "or use a new output_dir"
+        )

@@ -232,7 +232,7 @@ class Trainer:
         self.resumed = latest_checkpoint(self.out)
         if self.resumed is not None:
             path, state = self.resumed
-            check_compatible(cfg, state, path)
+            check_compatible(cfg, state, path, acc.num_processes)
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -276,6 +276,7 @@ class Trainer:
         if acc.is_main_process:
             save_checkpoint(self.out, {
                 "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
+                "num_processes": acc.num_processes,
                 "config": self.cfg.to_dict(), "model": self.raw_method.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
