@@ -306,13 +306,17 @@ def check_split(root: Path, split: str, want: tuple, exact: bool, dali: bool = T
     info = read_manifest(root).split(split)
     assert info.num_samples == len(images)
     keys, got, got_labels = read_webdataset(root, split)
-    assert got_labels == (labels if labels is not None else [None] * len(images))
-    assert_pixels(got, images, exact)
     assert len(set(keys)) == len(keys)
+    # Shards hold the split in a seeded random order; keys end with the source index, so sorting by
+    # key gives the source order back (both readers go through the tars in the same order).
+    by_source = np.argsort([int(k.rsplit("_", 1)[1]) for k in keys], kind="stable")
+    want_labels = labels if labels is not None else [None] * len(images)
+    assert [got_labels[i] for i in by_source] == want_labels
+    assert_pixels([got[i] for i in by_source], images, exact)
     if dali:
         got, got_labels = read_dali(root, split)
-        assert got_labels == (labels if labels is not None else [None] * len(images))
-        assert_pixels(got, images, exact)
+        assert [got_labels[i] for i in by_source] == want_labels
+        assert_pixels([got[i] for i in by_source], images, exact)
 
 
 # --------------------------------------------------------------------------- per dataset
@@ -325,6 +329,16 @@ def test_cifar10_png_is_exact(sources, converted):
     assert m.splits["train"].shard_sizes == [4, 4, 4, 3]
     for split in ("train", "test"):
         check_split(converted["cifar10"], split, want[split], exact=True)
+
+
+def test_samples_are_written_in_the_seeded_global_order(converted):
+    m = read_manifest(converted["cifar10"])
+    assert m.shuffle_seed == 0
+    for split in ("train", "test"):
+        keys, _, _ = read_webdataset(converted["cifar10"], split)
+        written = [int(k.rsplit("_", 1)[1]) for k in keys]
+        assert written == convert.split_order(split, len(keys), 0).tolist()
+        assert written != sorted(written)
 
 
 def test_cifar100_fine_labels_jpeg(sources, converted):
@@ -427,8 +441,9 @@ def test_digits_stratified_and_deterministic(tmp_path):
     m = read_manifest(a)
     assert m.splits["test"].num_samples == len(test) and m.image_size == [32, 32]
     _, got, got_labels = read_webdataset(a, "test")
-    assert got_labels == labels[test].tolist()
-    assert_pixels(got, list(images[test]), exact=True)
+    order = test[convert.split_order("test", len(test), 0)]  # the seeded global order
+    assert got_labels == labels[order].tolist()
+    assert_pixels(got, list(images[order]), exact=True)
 
 
 def test_rerun_on_finished_folder_says_complete(converted, sources, capsys):

@@ -110,7 +110,7 @@ def naive_convert(src: Path, out: Path, fmt: str) -> int:
     count = 0
     for split, reader in source.splits.items():
         with tarfile.open(out / f"{split}.tar", "w", format=tarfile.USTAR_FORMAT) as tf:
-            for sample in reader.read(0, len(reader)):
+            for sample in reader.read(range(len(reader))):
                 buf = io.BytesIO()
                 img = Image.fromarray(sample.pixels)
                 if fmt == "png":

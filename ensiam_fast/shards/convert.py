@@ -11,6 +11,7 @@ and ``manifest.json`` is written last.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import itertools
 import json
@@ -51,7 +52,7 @@ from ensiam_fast.shards.verify import verify_dataset
 
 PLAN = ".make_shards_plan.json"
 PROGRESS = ".make_shards_done.jsonl"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: samples in a seeded global order (1: source order)
 SMALL_IMAGE_SIDE = 128  # at or below this, JPEGs keep full-resolution chroma (4:4:4)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +70,18 @@ class EncodeOptions:
     shard_size: int = 2000
     resize: int | None = None  # shorter side, only ever scaled down
     reencode: bool = False  # re-encode RGB JPEG sources even when nothing else changes them
+    seed: int = 0  # the seeded global order samples are written in (recorded in the manifest)
+
+
+@functools.lru_cache(maxsize=8)
+def split_order(split: str, count: int, seed: int) -> np.ndarray:
+    """The order a split's source indices are written in: a permutation seeded with (seed, split).
+
+    Shard i holds positions [i * shard_size, (i + 1) * shard_size) of it, so every shard is a
+    uniform random draw of the split (every class mixed in) whatever order the source lists its
+    images in (Tiny-ImageNet, ImageFolder and most others list them class by class).
+    """
+    return np.random.default_rng([seed, zlib.crc32(split.encode())]).permutation(count)
 
 
 # --------------------------------------------------------------------------- encoding (worker side)
@@ -202,7 +215,12 @@ def convert_shard(task: ShardTask) -> dict:
     skipped: list[dict] = []
     sizes: set[tuple[int, int]] = set()
     stream = _encoded_samples(
-        reader.read(task.start, task.end), task.split, opts, _WORKER["strict"], skipped, sizes
+        reader.read(split_order(task.split, len(reader), opts.seed)[task.start : task.end]),
+        task.split,
+        opts,
+        _WORKER["strict"],
+        skipped,
+        sizes,
     )
     first = next(stream, None)
     record = {"split": task.split, "shard": task.shard, "name": None, "num_samples": 0}
@@ -365,6 +383,7 @@ def build_manifest(
         splits,
         image_size=list(sizes.pop()) if len(sizes) == 1 else None,
         extra=extra,
+        shuffle_seed=opts.seed,
     )
 
 
@@ -447,6 +466,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="re-encode RGB JPEG sources too (by default their bytes are kept when not resized)",
     )
+    p.add_argument(
+        "--seed", type=int, default=EncodeOptions.seed, help="seed of the global order samples are written in"
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a different conversion in --out")
@@ -473,6 +495,8 @@ def run_verify(root: Path, workers: int) -> int:
         print(f"warning: {w}", file=sys.stderr)
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)
+    for split, (observed, expected) in report.mixing.items():
+        print(f"split {split}: {observed:.1f} classes per shard on average (random order: {expected:.1f})")
     print(report.summary())
     return 0 if report.ok else 1
 
@@ -481,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verify is not None:
         return run_verify(args.verify, args.workers)
-    opts = EncodeOptions(args.format, args.quality, args.shard_size, args.resize, args.reencode)
+    opts = EncodeOptions(args.format, args.quality, args.shard_size, args.resize, args.reencode, args.seed)
     started = time.perf_counter()
     try:
         source = open_source(args.dataset, args.src)

@@ -152,6 +152,8 @@ class Manifest:
     splits: dict[str, SplitInfo]
     image_size: list[int] | None = None  # (H, W) when every image has it, else None
     extra: dict = field(default_factory=dict)
+    # Samples were written in a permutation seeded with this (None: the order is not ours, e.g. adopted)
+    shuffle_seed: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +173,7 @@ class Manifest:
             "classes": list(self.classes),
             "num_classes": self.num_classes,
             "image_size": self.image_size,
+            "shuffle_seed": self.shuffle_seed,
             "splits": {
                 name: {
                     "num_samples": s.num_samples,
@@ -234,6 +237,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         splits=splits,
         image_size=raw.get("image_size"),
         extra=raw.get("extra", {}),
+        shuffle_seed=raw.get("shuffle_seed"),
     )
 
 

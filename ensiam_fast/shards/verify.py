@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class ShardCheck:
     name: str
     num_samples: int = 0
     problems: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)  # the valid labels it holds (labelled splits)
 
 
 def _tar_members(tar: Path, size: int, problems: list[str]) -> list[tuple[str, int, int]]:
@@ -149,6 +151,9 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
             samples.setdefault(key, {})[ext] = f.read(sz)
     for key, parts in samples.items():
         check.problems.extend(_check_sample(tar.name, key, parts, labeled, num_classes, decode))
+        text = parts.get("cls", b"").decode("ascii", "replace").strip()
+        if labeled and text.isdigit() and int(text) < num_classes:
+            check.labels.append(int(text))
     check.num_samples = len(samples)
     if len(entries) != len(samples):
         check.problems.append(f"{idx.name} lists {len(entries)} samples but {tar.name} holds {len(samples)}")
@@ -157,6 +162,41 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
 
 def _check_shard_args(args: tuple) -> ShardCheck:
     return check_shard(*args)
+
+
+def expected_classes(class_counts: list[int], draws: int) -> float:
+    """Distinct classes expected among ``draws`` samples drawn at random without replacement from a
+    split with ``class_counts`` samples per class: sum over classes of 1 - C(N - c, n) / C(N, n)."""
+    total = sum(class_counts)
+    if draws >= total:
+        return float(sum(1 for c in class_counts if c))
+
+    def log_choose(n: int, k: int) -> float:
+        return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+    base = log_choose(total, draws)
+    return sum(
+        1.0 - (math.exp(log_choose(total - c, draws) - base) if total - c >= draws else 0.0)
+        for c in class_counts
+        if c
+    )
+
+
+def class_mixing(shard_labels: list[list[int]]) -> tuple[float, float]:
+    """(distinct classes per shard on average, the same under a random order of the split)."""
+    counts: dict[int, int] = {}
+    for labels in shard_labels:
+        for y in labels:
+            counts[y] = counts.get(y, 0) + 1
+    per_class = list(counts.values())
+    shards = [labels for labels in shard_labels if labels]
+    observed = sum(len(set(labels)) for labels in shards) / len(shards)
+    expected = sum(expected_classes(per_class, len(labels)) for labels in shards) / len(shards)
+    return observed, expected
+
+
+# Shards holding fewer than this fraction of the classes a random order gives are called class-sorted.
+SORTED_FRACTION = 0.6
 
 
 @dataclass
@@ -168,6 +208,8 @@ class VerifyReport:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (samples, shards)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # split -> (distinct classes per shard on average, what a random order gives on average)
+    mixing: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -207,6 +249,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
     results = iter(checks)
     for split, info in manifest.splits.items():
         found = 0
+        shard_labels = []
         if info.shard_sizes and len(info.shard_sizes) != len(info.shards):
             report.problems.append(
                 f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but "
@@ -216,6 +259,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
             check = next(results)
             report.problems.extend(check.problems)
             found += check.num_samples
+            shard_labels.append(check.labels)
             expected = info.shard_sizes[i] if i < len(info.shard_sizes) else None
             if expected is not None and check.num_samples != expected and not check.problems:
                 report.problems.append(
@@ -226,6 +270,15 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
                 f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}"
             )
         report.counts[split] = (found, len(info.shards))
+        if info.labeled and any(shard_labels):
+            observed, expected = report.mixing[split] = class_mixing(shard_labels)
+            if observed < SORTED_FRACTION * expected:
+                report.warnings.append(
+                    f"split {split!r} looks class-sorted: its shards hold {observed:.1f} classes on average, "
+                    f"a random order would give {expected:.1f}; batches will hold few classes. Re-make it "
+                    "with tools/make_shards.py (which writes a seeded random order; for adopted WebDataset "
+                    "shards: --dataset webdataset --src DIR --out NEW)"
+                )
         if info.skipped:
             report.warnings.append(
                 f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion"

@@ -59,8 +59,9 @@ class ArraySplit:
     def __len__(self) -> int:
         return len(self.images)
 
-    def read(self, start: int, end: int) -> Iterator[Sample]:
-        for i in range(start, end):
+    def read(self, indices: Sequence[int]) -> Iterator[Sample]:
+        for i in indices:
+            i = int(i)
             label = None if self.labels is None else int(self.labels[i])
             yield Sample(i, label, f"{self.origin}#{i}", pixels=self.images[i])
 
@@ -78,8 +79,9 @@ class FileSplit:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def read(self, start: int, end: int) -> Iterator[Sample]:
-        for i in range(start, end):
+    def read(self, indices: Sequence[int]) -> Iterator[Sample]:
+        for i in indices:
+            i = int(i)
             label = None if self.labels is None else self.labels[i]
             yield Sample(i, label, self.paths[i], path=self.root / self.paths[i])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,17 @@ class Stl10Split:
     def __len__(self) -> int:
         return self.count
 
-    def read(self, start: int, end: int) -> Iterator[Sample]:
+    def read(self, indices: Sequence[int]) -> Iterator[Sample]:
         side = STL10_SIDE
+        indices = np.asarray(indices, dtype=np.int64)
         raw = np.memmap(self.x_path, dtype=np.uint8, mode="r", shape=(self.count, 3, side, side))
+        # Read in file order (one pass over the memmap), yield in the order asked for.
+        order = np.argsort(indices, kind="stable")
+        block = np.empty((len(indices), side, side, 3), dtype=np.uint8)
         # Each channel is stored column-major: (N, C, x, y) -> (N, y, x, C).
-        block = np.ascontiguousarray(raw[start:end].transpose(0, 3, 2, 1))
+        block[order] = raw[indices[order]].transpose(0, 3, 2, 1)
         del raw
-        for j, i in enumerate(range(start, end)):
+        for j, i in enumerate(indices.tolist()):
             label = None if self.labels is None else int(self.labels[i])
             yield Sample(i, label, f"{self.x_path.name}#{i}", pixels=block[j])
 
