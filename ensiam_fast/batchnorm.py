@@ -2,12 +2,18 @@
 
 Official SimSiam forwards each view separately, so every BatchNorm normalises with the
 statistics of one view. ``bn_mode="per_view"`` (the default) keeps exactly that in the fused forward:
-every BatchNorm is a :class:`PerViewBatchNorm`, which splits its ``(K*B, C, ...)`` input into the K
-view slices (free views along dim 0) and runs the native batch-norm kernel on each: the convolutions,
-GEMMs and everything else run once over K*B images, only the per-channel normalisation is per view.
+every BatchNorm is a :class:`PerViewBatchNorm` (timm's ``BatchNormAct2d``, as in EfficientNet and
+RegNet, a :class:`PerViewBatchNormAct` keeping its activation and drop layers). The convolutions,
+GEMMs and everything else run once over K*B images; only the per-channel normalisation is per view.
 Outputs, gradients and running statistics are those of K sequential forwards (the running buffers
 get the K updates in view order, exactly as K forwards make them). ``bn_mode="joint"`` keeps
 timm's plain BatchNorm, whose statistics pool all K*B images. In eval mode both use running stats.
+
+How, without copies. Eager: the native batch-norm kernel runs on each view's dim-0 slice (a free
+view in NCHW and channels_last alike) and writes into that slice of one output tensor; the backward
+fills the input gradient the same way (:class:`_PerViewBatchNormFn`). Compiled (``torch.compile``):
+one ``var_mean`` over the ``(K, B, C, ...)`` view and one multiply-add, which the compiler fuses.
+Either way no ``torch.cat`` of the K outputs or of their gradients (docs/benchmarks.md measures it).
 
 SyncBatchNorm. ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` only swaps ``_BatchNorm`` layers;
 ``PerViewBatchNorm`` is deliberately not one, so torch's converter leaves a per-view model untouched
@@ -19,12 +25,14 @@ multi-process group without sync warns once.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -44,6 +52,74 @@ class _AllReduceSum(torch.autograd.Function):
         grad = grad.clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+def _per_view_count(x: torch.Tensor, k: int) -> int:
+    """Values per channel in one view: what the batch statistics of one view average over."""
+    return x.numel() // (k * x.shape[1]) if x.numel() else 0
+
+
+_STAT_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def _stat_dtype(x: torch.Tensor, weight, running_mean) -> torch.dtype:
+    """The dtype the native kernel gives its saved mean/invstd for these argument dtypes.
+
+    The ``out=`` variants insist on it, and it differs by backend (CPU: the parameters' dtype;
+    CUDA: float32 for half inputs), so one tiny call per combination asks the kernel itself."""
+    key = (x.device.type, x.dtype, None if weight is None else weight.dtype,
+           None if running_mean is None else running_mean.dtype)
+    if key not in _STAT_DTYPES:
+        w = None if weight is None else weight.detach()[:1]
+        rm = None if running_mean is None else running_mean[:1].clone()
+        rv = None if running_mean is None else torch.ones_like(rm)
+        _, mean, _ = torch.native_batch_norm(x.new_zeros(2, 1), w, None if w is None else torch.zeros_like(w),
+                                             rm, rv, True, 0.0, 1e-5)
+        _STAT_DTYPES[key] = mean.dtype
+    return _STAT_DTYPES[key]
+
+
+class _PerViewBatchNormFn(torch.autograd.Function):
+    """K native batch-norm kernels over the K dim-0 slices, each writing its slice of ONE output.
+
+    A view is a contiguous slice along dim 0 (NCHW and channels_last alike), so every kernel reads
+    its view in place and writes straight into its slice of the output (``out=``), and the backward
+    writes each view's input gradient into its slice the same way: no ``torch.cat`` copy of the
+    activations or of their gradients. Passing the running buffers with each view's factor makes the
+    K updates exactly those of K sequential forwards."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factors, eps):
+        k, c = len(factors), x.shape[1]
+        out = torch.empty_like(x)
+        stat_dtype = _stat_dtype(x, weight, running_mean)
+        save_mean = x.new_empty((k, c), dtype=stat_dtype)
+        save_invstd = x.new_empty((k, c), dtype=stat_dtype)
+        for i, (view, out_view) in enumerate(zip(x.chunk(k), out.chunk(k))):
+            torch.ops.aten.native_batch_norm.out(view, weight, bias, running_mean, running_var, True,
+                                                 factors[i], eps, out=out_view, save_mean=save_mean[i],
+                                                 save_invstd=save_invstd[i])  # fmt: skip
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        k, c = save_mean.shape
+        # The kernel computes all three gradients from the same two reductions, so asking for the
+        # parameter ones costs nothing; without affine parameters a weight of ones is the identity.
+        w = weight if weight is not None else save_mean.new_ones(c)
+        grad_in = torch.empty_like(x)
+        grad_w, grad_b = w.new_empty((k, c)), w.new_empty((k, c))
+        for i, (g, view, g_in) in enumerate(zip(grad_out.chunk(k), x.chunk(k), grad_in.chunk(k))):
+            torch.ops.aten.native_batch_norm_backward.out(g, view, w, None, None, save_mean[i], save_invstd[i],
+                                                          True, ctx.eps, [True, True, True], out0=g_in,
+                                                          out1=grad_w[i], out2=grad_b[i])  # fmt: skip
+        if weight is None:
+            return grad_in, None, None, None, None, None, None
+        return grad_in, grad_w.sum(0), grad_b.sum(0), None, None, None, None
 
 
 class PerViewBatchNorm(nn.Module):
@@ -104,15 +180,17 @@ class PerViewBatchNorm(nn.Module):
         k = self.num_views
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} images does not split into num_views={k} views")
+        if _per_view_count(x, k) <= 1:  # as F.batch_norm: a variance of one value is meaningless
+            raise ValueError(f"PerViewBatchNorm needs more than 1 value per channel in each of the {k} views "
+                             f"when training, got input size {tuple(x.shape)}")
         if self.sync and dist.is_available() and dist.is_initialized():
             return self._synced_forward(x, k)
         self._warn_if_unsynced()
-        # A view is a contiguous slice along dim 0 (NCHW and channels_last alike), so each native
-        # kernel reads it in place; passing the running buffers makes the K updates exactly those of
-        # K sequential forwards. Measured faster on CPU than the loop-free alternatives, which copy
-        # the input into a (B, K*C, ...) layout or decompose BN into autograd ops (docs/benchmarks.md).
-        return torch.cat([F.batch_norm(view, self.running_mean, self.running_var, self.weight, self.bias,
-                                       True, self._next_factor(), self.eps) for view in x.chunk(k)])
+        if torch.compiler.is_compiling():
+            return self._fused_forward(x, k)
+        factors = tuple(self._next_factor() for _ in range(k))
+        return _PerViewBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                         factors, self.eps)
 
     def _next_factor(self) -> float:
         """Plain BatchNorm's update factor for one training forward (counts the forward)."""
@@ -123,30 +201,51 @@ class PerViewBatchNorm(nn.Module):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _fused_forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Under ``torch.compile``: per-view statistics by one reduction over the ``(K, B, C, ...)``
+        view and one elementwise normalisation, which the compiler fuses (forward and backward).
+        The native kernels' in-place slices cannot be traced (they mutate the buffers K times)."""
+        xv = x.view(k, x.shape[0] // k, *x.shape[1:]).float()  # (K, B, C, *spatial)
+        var, mean = torch.var_mean(xv, dim=(1,) + tuple(range(3, xv.ndim)), correction=0, keepdim=True)
+        self._update_running(mean, var, _per_view_count(x, k))
+        return self._normalize(xv, mean, var).to(x.dtype).view(x.shape)
+
     def _synced_forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Per-view statistics summed over the process group (count, sum x, sum x^2), in float32."""
         xv = x.view(k, x.shape[0] // k, *x.shape[1:])  # (K, B, C, *spatial)
         dims = (1,) + tuple(range(3, xv.ndim))
         xf = xv.float()
         local = torch.stack([xf.sum(dim=dims, keepdim=True), (xf * xf).sum(dim=dims, keepdim=True)])
-        count = torch.full((1,), float(xv.numel() // (k * self.num_features)), device=x.device)
+        count = torch.full((1,), float(_per_view_count(x, k)), device=x.device)
         total = _AllReduceSum.apply(torch.cat([local.flatten(), count]), self.process_group)
         n = total[-1]  # stays a tensor: no host sync
         moments = total[:-1].view_as(local) / n
         mean = moments[0]  # (K, 1, C, 1...)
         var = (moments[1] - mean * mean).clamp_min(0.0)  # biased
-        if self.training and self.running_mean is not None:
-            with torch.no_grad():
-                unbiased = var.reshape(k, -1) * (n / (n - 1).clamp_min(1))
-                for i in range(k):  # C-sized updates in view order, as K sequential forwards make them
-                    factor = self._next_factor()
-                    self.running_mean.lerp_(mean.reshape(k, -1)[i].to(self.running_mean.dtype), factor)
-                    self.running_var.lerp_(unbiased[i].to(self.running_var.dtype), factor)
-        shape = (1, 1, self.num_features) + (1,) * (x.ndim - 2)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        self._update_running(mean, var, n)
+        return self._normalize(xf, mean, var).to(x.dtype).view(x.shape)
+
+    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
+        """K C-sized updates in view order, as K sequential forwards make them (unbiased variance)."""
+        if not self.training or self.running_mean is None:
+            return
+        k = mean.shape[0]
+        with torch.no_grad():
+            unbiased = var.reshape(k, -1) * (n / (n - 1))
+            for i in range(k):
+                factor = self._next_factor()
+                self.running_mean.lerp_(mean.reshape(k, -1)[i].to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased[i].to(self.running_var.dtype), factor)
+
+    def _normalize(self, xf: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` on the ``(K, B, C, ...)`` float view, as one
+        multiply-add with per-(view, channel) scale and shift."""
+        scale = torch.rsqrt(var + self.eps)  # (K, 1, C, 1...)
         if self.weight is not None:
-            y = torch.addcmul(self.bias.view(shape).float(), y, self.weight.view(shape).float())
-        return y.to(x.dtype).view(x.shape)
+            shape = (1, 1, self.num_features) + (1,) * (xf.ndim - 3)
+            scale = scale * self.weight.view(shape).float()
+            return torch.addcmul(self.bias.view(shape).float() - mean * scale, xf, scale)
+        return torch.addcmul(-mean * scale, xf, scale)
 
     def _warn_if_unsynced(self) -> None:
         if (self.training and not self._warned_unsynced and dist.is_available() and dist.is_initialized()
@@ -158,14 +257,46 @@ class PerViewBatchNorm(nn.Module):
                           stacklevel=3)
 
 
-def convert_per_view_bn(module: nn.Module) -> nn.Module:
-    """Replace every plain BatchNorm in ``module`` by a :class:`PerViewBatchNorm` sharing its tensors.
+class PerViewBatchNormAct(PerViewBatchNorm):
+    """timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` layers) with per-view
+    statistics: the same state-dict keys, the drop and activation modules kept as they were."""
 
-    Other BatchNorm subclasses (SyncBatchNorm, timm's BatchNormAct2d, ...) have semantics a per-view
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.drop, self.act = nn.Identity(), nn.Identity()
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.modules.batchnorm._BatchNorm) -> PerViewBatchNormAct:
+        new = super().from_batchnorm(bn)
+        new.drop, new.act = bn.drop, bn.act
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _per_view_type(module: nn.Module) -> type[PerViewBatchNorm] | None:
+    """The per-view class that can stand in for ``module`` (exact types only: a subclass may add
+    semantics the per-view layer would drop), or None."""
+    if type(module) in _PLAIN_BN:
+        return PerViewBatchNorm
+    norm_act = sys.modules.get("timm.layers.norm_act")  # timm is loaded when one of its models is
+    if norm_act is not None and type(module) is getattr(norm_act, "BatchNormAct2d", None):
+        return PerViewBatchNormAct
+    return None
+
+
+def convert_per_view_bn(module: nn.Module) -> nn.Module:
+    """Replace every plain BatchNorm (and timm's ``BatchNormAct2d``) in ``module`` by a per-view layer
+    sharing its tensors.
+
+    Other BatchNorm subclasses (SyncBatchNorm, timm's SyncBatchNormAct, ...) have semantics a per-view
     layer would drop, so they raise: use ``bn_mode="joint"`` for such backbones.
     """
-    if type(module) in _PLAIN_BN:
-        return PerViewBatchNorm.from_batchnorm(module)
+    per_view = _per_view_type(module)
+    if per_view is not None:
+        return per_view.from_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         raise ValueError(f"cannot convert {type(module).__name__} to per-view BatchNorm; "
                          "use bn_mode='joint' (or convert before SyncBatchNorm conversion)")

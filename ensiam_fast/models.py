@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ensiam_fast.batchnorm import (  # noqa: F401  (re-exported: the per-view layer lived here)
     PerViewBatchNorm,
+    PerViewBatchNormAct,
     convert_per_view_bn,
     convert_sync_batchnorm,
     set_num_views,
