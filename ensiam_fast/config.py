@@ -74,7 +74,11 @@ class TrainConfig:
     max_steps: int | None = None  # a cap on optimizer steps, for smoke runs
     seed: int = 0
     output_dir: str = "runs/default"
-    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp16; none on CPU) | no | bf16 | fp16
+    # auto: Accelerate's setting (accelerate launch --mixed_precision, accelerate config), else bf16 on a GPU
+    # that has it, fp16 on other GPUs, none on a CPU | no | bf16 | fp16 (ensiam_fast/placement.py)
+    mixed_precision: str = "auto"
+    gradient_accumulation_steps: int = 1  # batches per optimizer step; batch_size stays the step's global batch
+    log_with: str = "tensorboard"  # tensorboard | wandb (pip install ensiam_fast[wandb]; WANDB_MODE=offline) | none
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3
@@ -222,7 +226,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
     if cfg.method == "simsiam_kaug" and cfg.views % 2:
         raise ConfigError(f"method=simsiam_kaug pairs views, so views must be even, got views={cfg.views}")
-    for key in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+    for key in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+                "gradient_accumulation_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -231,6 +236,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("knn_every must be >= 0, knn_k >= 1 and knn_t > 0")
     choices = {
         "mixed_precision": ("auto", "no", "bf16", "fp16"),
+        "log_with": ("tensorboard", "wandb", "none"),
         "data.backend": ("dali", "torch"),
         "data.device": ("auto", "cpu", "gpu"),
         "model.bn_mode": ("per_view", "joint"),

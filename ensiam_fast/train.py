@@ -37,6 +37,7 @@ from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
+from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from ensiam_fast.stems import check_backbone
 from pipelines.presets import get_preset
@@ -91,14 +92,12 @@ def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        if not torch.cuda.is_available():
-            mp = "no"  # CPU autocast is slower than float32 for these convolutions
-        else:
-            mp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir)
-    return Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=project)
+    return Accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),  # auto: Accelerate's own setting first
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=None if cfg.log_with == "none" else cfg.log_with, project_config=project,
+    )  # fmt: skip
 
 
 def check_data(cfg: TrainConfig, num_processes: int) -> dict:
@@ -117,9 +116,10 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
         raise TrainingError(str(e)) from e
     if train.num_samples == 0:
         raise TrainingError(f"split {cfg.data.split!r} of {cfg.data.root} holds no samples")
-    if cfg.batch_size % num_processes:
+    if cfg.batch_size % (num_processes * cfg.gradient_accumulation_steps):
         raise TrainingError(
-            f"batch_size={cfg.batch_size} (global) does not split evenly over {num_processes} processes"
+            f"batch_size={cfg.batch_size} (global) does not split evenly over {num_processes} processes x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
         )
     if cfg.batch_size > train.num_samples:
         raise TrainingError(
@@ -133,11 +133,10 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
 
 
 def data_device(cfg: TrainConfig, accelerator) -> str:
-    if cfg.data.device == "auto":
-        return "gpu" if accelerator.device.type == "cuda" else "cpu"
-    if cfg.data.device == "gpu" and accelerator.device.type != "cuda":
-        raise TrainingError("data.device=gpu needs a CUDA device; use data.device=cpu or auto")
-    return cfg.data.device
+    try:
+        return resolve_data_device(cfg.data.device, accelerator)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
 
 
 def build_optimizer(method, cfg: TrainConfig, peak_lr: float) -> torch.optim.Optimizer:
@@ -201,20 +200,26 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data_device = data_device(cfg, acc)
         self.loader = self.build_train_loader()
-        self.steps_per_epoch = len(self.loader)
+        # optimizer steps; a step takes gradient_accumulation_steps loader batches (a tail too short to fill one
+        # step is skipped, as a last partial batch is)
+        self.steps_per_epoch = len(self.loader) // cfg.gradient_accumulation_steps
+        self.batches_per_epoch = self.steps_per_epoch * cfg.gradient_accumulation_steps
         self.schedule_steps = cfg.epochs * self.steps_per_epoch  # max_steps caps the run, not the schedule
         self.total_steps = min(self.schedule_steps, cfg.max_steps or self.schedule_steps)
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
         self.pos = Position()
         self.build_model_and_optimizer()
-        acc.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()))
+        # wandb keeps its files in the run directory too (WANDB_MODE=offline runs without an account)
+        acc.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()),
+                          init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
         self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, self.pos.step if self.resumed else None)
 
     def build_train_loader(self):
         cfg, acc = self.cfg, self.accelerator
         return build_loader(
-            cfg.data.root, cfg.data.split, batch_size=cfg.batch_size // acc.num_processes, views=cfg.views,
+            cfg.data.root, cfg.data.split, views=cfg.views,
+            batch_size=cfg.batch_size // (acc.num_processes * acc.gradient_accumulation_steps),
             preset=get_preset(cfg.data.preset, **cfg.data.preset_overrides), device=self.data_device,
             shard_id=acc.process_index, num_shards=acc.num_processes, seed=cfg.seed, train=True,
             image_size=self.info["image_size"], num_threads=cfg.data.num_threads, backend=cfg.data.backend,
@@ -288,15 +293,19 @@ class Trainer:
         lr = lr_at(self.pos.step, self.schedule_steps, self.warmup_steps, self.peak_lr)
         for group in self.optimizer.param_groups:
             group["lr"] = self.peak_lr if group.get("fix_lr") else lr
-        with self.accelerator.autocast():
-            # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
-            x = x.to(self.accelerator.device, non_blocking=True)
-            outputs = self.step_fn(normalize(x, channels_last=self.cfg.model.channels_last))
-        self.accelerator.backward(outputs["loss"])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pos.step += 1
+        # accumulate(): gradients of gradient_accumulation_steps batches add up (backward divides the loss by
+        # it, DDP syncs only on the last); the prepared optimizer steps and zeroes only then.
+        with self.accelerator.accumulate(self.method):
+            with self.accelerator.autocast():
+                # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
+                x = x.to(self.accelerator.device, non_blocking=True)
+                outputs = self.step_fn(normalize(x, channels_last=self.cfg.model.channels_last))
+            self.accelerator.backward(outputs["loss"])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.pos.batch_in_epoch += 1
+        if self.accelerator.sync_gradients:  # an optimizer step happened: the schedule counts these
+            self.pos.step += 1
         return outputs, lr
 
     def close_window(self, window: Window, lr: float, last_good: int, bar) -> None:
@@ -316,7 +325,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, acc, pos = self.cfg, self.accelerator, self.pos
-        summary: dict = {"steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+        summary: dict = {"steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                         "num_processes": acc.num_processes, "device": str(acc.device),
+                         "mixed_precision": acc.mixed_precision,
+                         "gradient_accumulation_steps": acc.gradient_accumulation_steps}  # fmt: skip
         if cfg.knn_every and pos.step == 0:
             summary["knn_start"] = self.knn(0)["knn_top1"]
         self.method.train()
@@ -330,14 +342,16 @@ class Trainer:
                 for x, _ in self.loader.iter_from(pos.batch_in_epoch):
                     window.data_ready()
                     outputs, lr = self.train_step(x)
-                    window.step_done(outputs, cfg.batch_size)
+                    window.step_done(outputs, cfg.batch_size // cfg.gradient_accumulation_steps)
+                    if not acc.sync_gradients:
+                        continue  # mid-accumulation: no optimizer step yet
                     save_now = pos.step % cfg.checkpoint_every == 0 and pos.step < self.total_steps
                     # One process acts on a signal at once; several agree on it when a window closes.
                     single_stop = stop.signum is not None and acc.num_processes == 1
                     stopping = False
                     # A checkpoint step also closes the window, so no checkpoint is written unchecked for NaN.
                     if (pos.step % cfg.log_every == 0 or pos.step == self.total_steps or save_now or single_stop
-                            or pos.batch_in_epoch == self.steps_per_epoch):  # fmt: skip
+                            or pos.batch_in_epoch == self.batches_per_epoch):  # fmt: skip
                         self.close_window(window, lr, last_good, bar)
                         last_good = pos.step
                         stopping = single_stop or (acc.num_processes > 1 and stop.agreed(acc))
@@ -347,9 +361,9 @@ class Trainer:
                     if stopping:
                         bar.close()
                         raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
-                    if pos.step >= self.total_steps:
+                    if pos.step >= self.total_steps or pos.batch_in_epoch >= self.batches_per_epoch:
                         break
-                if pos.batch_in_epoch >= self.steps_per_epoch:  # the epoch ran to its end
+                if pos.batch_in_epoch >= self.batches_per_epoch:  # the epoch ran to its end
                     pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
                     line = f"epoch {pos.epoch}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
                     if cfg.knn_every and pos.epoch % cfg.knn_every == 0 and pos.step < self.total_steps:

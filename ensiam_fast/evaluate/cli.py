@@ -29,18 +29,19 @@ from ensiam_fast.evaluate.linear import (
     resolve_eval_data,
 )
 from ensiam_fast.export import ExportError, load_backbone, source_info
+from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 
 
 def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
-    mixed = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # the trainer's precision rule (the run's mixed_precision; auto: Accelerate's setting, else the device's)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     if accelerator.device.type == "cuda":
         torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
-    on_gpu = accelerator.device.type == "cuda" and cfg.data.device != "cpu"
-    return Runtime(accelerator, "gpu" if on_gpu else "cpu", backend or cfg.data.backend,
+    # the trainer's device rule, except that a run trained with data.device=gpu evaluates on a CPU-only host
+    data_device = resolve_data_device("cpu" if cfg.data.device == "cpu" else "auto", accelerator)
+    return Runtime(accelerator, data_device, backend or cfg.data.backend,
                    cfg.model.channels_last, cfg.data.num_threads)
 
 
