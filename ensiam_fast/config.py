@@ -36,7 +36,8 @@ class DataConfig:
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {blur_p: 1.0}
     image_size: int | None = None  # None: the dataset's own size (manifest image_size)
     eval_resize_ratio: float = 1.0  # evaluation: resize to ratio*size, centre crop (ImageNet: 256/224)
-    backend: str = "dali"  # dali | torch (torchvision reference)
+    backend: str = "dali"  # dali | torch (torchvision reference) | synthetic (random views on the device)
+    synthetic_samples: int = 50_000  # images per epoch with backend=synthetic
     device: str = "auto"  # auto (gpu when the process has one) | cpu | gpu: where DALI augments
     num_threads: int | None = None  # None: the cores available to this process
 
@@ -237,7 +238,7 @@ def validate(cfg: TrainConfig) -> None:
     choices = {
         "mixed_precision": ("auto", "no", "bf16", "fp16"),
         "log_with": ("tensorboard", "wandb", "none"),
-        "data.backend": ("dali", "torch"),
+        "data.backend": ("dali", "torch", "synthetic"),
         "data.device": ("auto", "cpu", "gpu"),
         "model.bn_mode": ("per_view", "joint"),
     }

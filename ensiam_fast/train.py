@@ -34,6 +34,7 @@ from ensiam_fast.checkpoint import (
 )
 from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_config
 from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.data.synthetic import check_synthetic
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
@@ -102,6 +103,12 @@ def build_accelerator(cfg: TrainConfig):
 
 def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     """Every data problem that would stop the run, found before anything is built."""
+    if cfg.data.backend == "synthetic":  # no shards: random views on the device (ensiam_fast.data.synthetic)
+        try:
+            return check_synthetic(image_size=cfg.data.image_size, num_samples=cfg.data.synthetic_samples,
+                                   batch_size=cfg.batch_size, num_processes=num_processes, knn_every=cfg.knn_every)
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
     try:
         manifest = read_manifest(cfg.data.root)
         train = manifest.split(cfg.data.split)
@@ -223,6 +230,7 @@ class Trainer:
             preset=get_preset(cfg.data.preset, **cfg.data.preset_overrides), device=self.data_device,
             shard_id=acc.process_index, num_shards=acc.num_processes, seed=cfg.seed, train=True,
             image_size=self.info["image_size"], num_threads=cfg.data.num_threads, backend=cfg.data.backend,
+            num_samples=self.info["num_samples"],
         )  # fmt: skip
 
     def build_model_and_optimizer(self) -> None:

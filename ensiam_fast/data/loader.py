@@ -58,10 +58,21 @@ def build_loader(
     image_size: int | None = None,
     num_threads: int | None = None,
     backend: str = "dali",
+    num_samples: int | None = None,
 ):
-    """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring."""
-    if backend not in ("dali", "torch"):
-        raise ValueError(f"backend must be 'dali' or 'torch', got {backend!r}")
+    """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring.
+
+    ``backend="synthetic"`` ignores ``root``/``split``/``preset`` and yields ``num_samples`` random
+    images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
+    """
+    if backend not in ("dali", "torch", "synthetic"):
+        raise ValueError(f"backend must be 'dali', 'torch' or 'synthetic', got {backend!r}")
+    if backend == "synthetic":
+        from ensiam_fast.data.synthetic import DEFAULT_SAMPLES, SyntheticLoader
+
+        return SyntheticLoader(batch_size=batch_size, views=views, image_size=image_size, device=device,
+                               seed=seed, shard_id=shard_id, num_shards=num_shards,
+                               num_samples=num_samples or DEFAULT_SAMPLES)  # fmt: skip
     kwargs = dict(
         batch_size=batch_size,
         views=views,
