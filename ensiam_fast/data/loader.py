@@ -66,7 +66,7 @@ def build_loader(
     images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
     """
     if backend not in ("dali", "torch", "synthetic"):
-        raise ValueError(f"backend must be 'dali', 'torch' or 'synthetic', got {backend!r}")
+        raise ValueError(f"backend must be 'dali' or 'torch' (or 'synthetic': random views), got {backend!r}")
     if backend == "synthetic":
         from ensiam_fast.data.synthetic import DEFAULT_SAMPLES, SyntheticLoader
 
