@@ -153,6 +153,8 @@ def resolve_checkpoint(run: str | os.PathLike | None = None, checkpoint: str | o
         return Path(checkpoint), read_checkpoint(checkpoint)
     if run is None:
         raise CheckpointError("give --run DIR or --checkpoint FILE")
+    if not Path(run).is_dir():
+        raise CheckpointError(f"run directory {run} does not exist; give the output_dir of a training run")
     found = latest_checkpoint(run)
     if found is None:
         raise CheckpointError(

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ensiam_fast.paths import resolve_data_root
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 METHODS = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")
 
@@ -28,10 +30,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    # the dataset folder (manifest.json + shards); relative: from the working directory when it is there,
+    # else from the project folder, where tools/make_shards.py writes by default (ensiam_fast/paths.py)
     root: str = "shards/digits"
     split: str = "train"  # pretraining split (STL-10 pretrains on 'unlabeled')
     knn_train_split: str = "train"  # labelled bank for the kNN monitor
-    knn_test_split: str = "test"
+    knn_test_split: str = "test"  # labelled split the kNN monitor scores
     preset: str = "default"  # default | strong | very_strong (pipelines/presets.py)
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {blur_p: 1.0}
     image_size: int | None = None  # None: the dataset's own size (manifest image_size)
@@ -48,33 +52,33 @@ class ModelConfig:
     cifar_stem: bool = True  # stem at stride 1, no max-pool (the paper's small-dataset ResNet-18; ensiam_fast/stems.py)
     pretrained: bool = False  # start from timm's weights for backbone (the host must have or download them)
     proj_layers: int = 2  # 2 for small datasets, 3 for ImageNet
-    proj_hidden: int = 2048
-    proj_dim: int = 2048
-    pred_hidden: int = 512
+    proj_hidden: int = 2048  # projector hidden width (paper: 2048)
+    proj_dim: int = 2048  # projection size D (paper: 2048)
+    pred_hidden: int = 512  # predictor bottleneck width (paper: 512)
     bn_mode: str = "per_view"  # per_view (as K separate forwards) | joint
-    sync_bn: bool = False
-    channels_last: bool = True
-    compile: bool = False
+    sync_bn: bool = False  # BatchNorm statistics over all processes (per-view layers stay per view)
+    channels_last: bool = True  # NHWC memory layout for the convolutions
+    compile: bool = False  # torch.compile the training forward
 
 
 @dataclass
 class OptimConfig:
     base_lr: float = 0.1  # lr = base_lr * global batch / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 10.0
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-4  # SGD weight decay
+    warmup_epochs: float = 10.0  # linear warm-up before the cosine decay
     fix_pred_lr: bool = False  # SimSiam's option: the predictor keeps the base lr (no schedule)
 
 
 @dataclass
 class TrainConfig:
     method: str = "ensiam"  # ensiam | simsiam_kaug | simsiam | fastsiam
-    views: int = 4  # K
+    views: int = 4  # K, the augmented views per image (2 to 16)
     batch_size: int = 256  # global batch (images, not views), split across processes
-    epochs: int = 200
+    epochs: int = 200  # pretraining epochs; the lr schedule spans them
     max_steps: int | None = None  # a cap on optimizer steps, for smoke runs
-    seed: int = 0
-    output_dir: str = "runs/default"
+    seed: int = 0  # model initialisation and augmentation randomness
+    output_dir: str = "runs/default"  # the run directory: config, metrics, curves.png, checkpoints
     # auto: Accelerate's setting (accelerate launch --mixed_precision, accelerate config), else bf16 on a GPU
     # that has it, fp16 on other GPUs, none on a CPU | no | bf16 | fp16 (ensiam_fast/placement.py)
     mixed_precision: str = "auto"
@@ -82,11 +86,11 @@ class TrainConfig:
     log_with: str = "tensorboard"  # tensorboard | wandb (pip install ensiam_fast[wandb]; WANDB_MODE=offline) | none
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # newest checkpoints kept; older ones are removed
     knn_every: int = 10  # epochs between kNN monitor runs (also at step 0 and at the end); 0 = off
-    knn_k: int = 200
-    knn_t: float = 0.1
-    eval_batch_size: int = 256
+    knn_k: int = 200  # neighbours that vote in the kNN monitor
+    knn_t: float = 0.1  # temperature of the kNN vote weights exp(similarity / t)
+    eval_batch_size: int = 256  # global batch of the kNN monitor's feature extraction
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -206,6 +210,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
             raise ConfigError(f"{path}: {e}") from e
     _apply(cfg, parse_overrides(overrides or []))
     validate(cfg)
+    cfg.data.root = resolve_data_root(cfg.data.root)  # absolute from here on: config.yaml works from anywhere
     return cfg
 
 
@@ -253,3 +258,37 @@ def validate(cfg: TrainConfig) -> None:
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def _comments(cls) -> dict[str, str]:
+    """Field name -> its comment in this file (on the field's line, or the comment lines just above it)."""
+    import inspect
+    import re
+
+    found, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# "))
+            continue
+        m = re.match(r"(\w+):[^#]*?(?:#\s*(.*))?$", text)
+        if m and not text.startswith(("def ", "@", '"')):
+            found[m.group(1)] = " ".join(above + ([m.group(2)] if m.group(2) else []))
+        above = []
+    return found
+
+
+def describe_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """``key = default  comment`` for every config key, nested sections dotted (for ``--help``)."""
+    obj = TrainConfig() if obj is None else obj
+    lines, notes = [], _comments(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_keys(value, f"{prefix}{f.name}.")
+            continue
+        shown = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...")
+        note = notes.get(f.name, "")
+        lines.append(f"  {prefix}{f.name}={shown.strip()}" + (f"\n      {note}" if note else ""))
+    return lines
+

@@ -32,7 +32,8 @@ from ensiam_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ensiam_fast.config import ConfigError, TrainConfig, load_config, save_config
+from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
+from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.synthetic import check_synthetic
 from ensiam_fast.evaluate.knn import knn_evaluate
@@ -249,7 +250,7 @@ class Trainer:
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
-            acc.print(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch})")
+            self.say(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch})")
         if m.sync_bn and acc.num_processes > 1:
             # Our converter keeps per-view statistics per view (torch's would leave them unsynced).
             method = convert_sync_batchnorm(method)
@@ -280,8 +281,22 @@ class Trainer:
         self.raw_method.train()
         self.log.write({"step": self.pos.step, "epoch": epoch, **result})
         acc.log(result, step=self.pos.step)
-        acc.print(f"kNN at step {self.pos.step} (epoch {epoch}): top-1 {result['knn_top1']:.2f}%")
         return result
+
+    def say(self, line: str) -> None:
+        """One line from the main process, through tqdm's writer so a progress bar stays intact."""
+        if self.accelerator.is_main_process:
+            tqdm.write(line)
+
+    def finish(self, summary: dict) -> dict:
+        """curves.png, then the run directory and what it holds (the main process writes and says it)."""
+        if self.accelerator.is_main_process:
+            try:
+                write_curves(self.out, f"{self.cfg.method} K={self.cfg.views}: {self.out.name}")
+            except (OSError, ValueError) as e:  # the run itself is saved: a plot must not fail it
+                self.say(f"warning: could not draw {self.out / 'curves.png'}: {e}")
+            summary.update(run_dir=str(self.out), files=run_files(self.out))
+        return summary
 
     def checkpoint(self) -> None:
         acc, pos = self.accelerator, self.pos
@@ -337,8 +352,15 @@ class Trainer:
                          "num_processes": acc.num_processes, "device": str(acc.device),
                          "mixed_precision": acc.mixed_precision,
                          "gradient_accumulation_steps": acc.gradient_accumulation_steps}  # fmt: skip
+        if self.resumed is not None and pos.step >= self.total_steps:
+            # Nothing to train: no kNN, no metrics line, no checkpoint (they would duplicate the finished run's).
+            self.say(f"run already complete at step {pos.step} (raise epochs or max_steps to train further)")
+            acc.end_training()
+            summary.update(already_complete=True, final_step=pos.step, final_epoch=pos.epoch)
+            return self.finish(summary)
         if cfg.knn_every and pos.step == 0:
             summary["knn_start"] = self.knn(0)["knn_top1"]
+            self.say(f"kNN top-1 at step 0 (random initialisation): {summary['knn_start']:.2f}%")
         self.method.train()
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process,
                    desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
@@ -376,19 +398,28 @@ class Trainer:
                     line = f"epoch {pos.epoch}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
                     if cfg.knn_every and pos.epoch % cfg.knn_every == 0 and pos.step < self.total_steps:
                         line += f", kNN top-1 {self.knn(pos.epoch)['knn_top1']:.2f}%"
-                    if acc.is_main_process:
-                        bar.write(line)
+                    self.say(line)
         bar.close()
         if cfg.knn_every:
             summary["knn_end"] = self.knn(pos.epoch)["knn_top1"]
         self.checkpoint()
         acc.end_training()
         summary.update(final_step=pos.step, final_epoch=pos.epoch)
-        return summary
+        return self.finish(summary)
 
 
-def run(cfg: TrainConfig) -> dict:
-    return Trainer(cfg).fit()
+def run_files(out: Path) -> list[str]:
+    """The run directory's entries (folders with a trailing /) and its newest checkpoint."""
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.endswith(".tmp"))
+    newest = sorted((out / "checkpoints").glob("step-*.pt"))
+    return files + [f"checkpoints/{newest[-1].name}"] if newest else files
+
+
+def run(cfg: TrainConfig) -> dict | None:
+    """Train; the summary on the main process, None on the others (so it is printed once)."""
+    trainer = Trainer(cfg)
+    summary = trainer.fit()
+    return summary if trainer.accelerator.is_main_process else None
 
 
 class Window:
@@ -454,7 +485,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = "config keys (key=default, then what it sets):\n" + "\n".join(describe_keys())
+    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None,
                         help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
@@ -472,8 +505,11 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"{e}; a checkpoint was written. Run the same command again to resume.", file=sys.stderr)
         return 128 + e.signum
+    if summary is None:  # not the main process: it says nothing
+        return 0
     if "knn_start" in summary and "knn_end" in summary:
         print(f"kNN top-1: {summary['knn_start']:.2f}% at the start, {summary['knn_end']:.2f}% at the end")
+    print(f"run directory {summary['run_dir']}: {', '.join(summary['files'])}")
     print(json.dumps(summary))
     return 0
 

@@ -23,8 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runlog import Run, RunError, read_run, unique_labels  # noqa: E402
 
-PANELS = (("loss", "training loss"), ("knn_top1", "kNN top-1 (%)"), ("collapse_std", "collapse std"),
-          ("lr", "learning rate"))
+from ensiam_fast.curves import PANELS  # noqa: E402  (the trainer's curves.png panels, against the epoch here)
 
 
 def plot_runs(runs: list[Run], out: Path, title: str | None = None) -> Path:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.evaluate.knn import extract_features, gather_uneven, topk_correct
+from ensiam_fast.paths import resolve_data_root
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
 
@@ -149,12 +150,13 @@ class EvalData:
     test_split: str
     image_size: int
     num_classes: int
+    train_samples: int = 0  # in the training split, for the batch-size check
 
 
 def resolve_eval_data(cfg: TrainConfig, *, root: str | None = None, train_split: str | None = None,
                       test_split: str | None = None, image_size: int | None = None) -> EvalData:
     """Dataset and splits from the run's config, with overrides; both splits must be labelled."""
-    root = root or cfg.data.root
+    root = resolve_data_root(root or cfg.data.root)  # the trainer's path rule, for --data and older runs
     train_split = train_split or cfg.data.knn_train_split
     test_split = test_split or cfg.data.knn_test_split
     try:
@@ -177,7 +179,8 @@ def resolve_eval_data(cfg: TrainConfig, *, root: str | None = None, train_split:
             raise EvaluationError(f"split {split!r} of {root} holds no samples")
     if manifest.num_classes < 2:
         raise EvaluationError(f"{root}/manifest.json lists {manifest.num_classes} classes; evaluation needs 2+")
-    return EvalData(root, train_split, test_split, int(size), manifest.num_classes)
+    return EvalData(root, train_split, test_split, int(size), manifest.num_classes,
+                    manifest.split(train_split).num_samples)
 
 
 @dataclass
@@ -233,6 +236,9 @@ def fit_augmented(backbone, data: EvalData, settings: LinearSettings, rt: Runtim
     settings.check()
     if settings.batch_size % rt.world:
         raise EvaluationError(f"batch_size={settings.batch_size} does not split evenly over {rt.world} processes")
+    if data.train_samples and settings.batch_size > data.train_samples:
+        raise EvaluationError(f"--batch-size {settings.batch_size} is larger than split {data.train_split!r} of "
+                              f"{data.root} ({data.train_samples} samples); lower --batch-size")
     loader = rt.loader(data, data.train_split, batch_size=settings.batch_size // rt.world, train=True,
                        preset="linear", seed=settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ensiam_fast.paths import DEFAULT_SHARDS
 from ensiam_fast.shards.format import (
     MANIFEST,
     TMP_SUFFIX,
@@ -54,7 +55,6 @@ PLAN = ".make_shards_plan.json"
 PROGRESS = ".make_shards_done.jsonl"
 PLAN_VERSION = 2  # 2: samples in a seeded global order (1: source order)
 SMALL_IMAGE_SIDE = 128  # at or below this, JPEGs keep full-resolution chroma (4:4:4)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ConversionError(RuntimeError):
@@ -479,7 +479,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.verify is None and args.out is None:
         if args.dataset != "digits":
             p.error(f"--out is required for --dataset {args.dataset}")
-        args.out = REPO_ROOT / "shards" / "digits"
+        args.out = DEFAULT_SHARDS / "digits"  # where a relative data.root=shards/digits finds it (paths.py)
     if not 1 <= args.quality <= 100:
         p.error(f"--quality must be in 1..100, got {args.quality}")
     if args.shard_size < 1:

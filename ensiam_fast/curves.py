@@ -1,0 +1,55 @@
+"""``curves.png``: a run's training curves against the optimizer step, drawn from its ``metrics.jsonl``.
+
+Four panels: training loss, kNN top-1 (the monitor, the paper's Figure 3), collapse std (the
+per-dimension std of the l2-normalised projections: about 1/sqrt(D) when healthy, 0 when collapsed)
+and the learning rate. The trainer writes it at the end of every run; ``tools/plot_metrics.py``
+overlays several runs against the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+PANELS = (("loss", "training loss"), ("knn_top1", "kNN top-1 (%)"), ("collapse_std", "collapse std"),
+          ("lr", "learning rate"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The JSON lines of ``metrics.jsonl`` (a torn last line, from a killed run, is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
+
+
+def write_curves(run_dir: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw ``RUN/metrics.jsonl`` into ``RUN/curves.png`` (written to a temporary name, then renamed)."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display backend
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    fig = Figure(figsize=(10, 7))
+    axes = fig.subplots(2, 2, sharex=True)
+    for ax, (key, name) in zip(axes.flat, PANELS):
+        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if key == "knn_top1" else None, markersize=3, linewidth=1.2)
+        else:
+            ax.text(0.5, 0.5, f"{key} not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step")
+    fig.suptitle(title or run_dir.name)
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out)
+    return out
