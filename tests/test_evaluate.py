@@ -134,6 +134,9 @@ def write_run(run_dir, tiny_dataset, backbone="resnet18", config_backbone=None):
 
 def test_bad_input_fails_clearly(tmp_path, tiny_dataset, capsys):
     assert evaluate.main(["knn", "--run", str(tmp_path / "nothing")]) == 2
+    assert "nothing does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert evaluate.main(["knn", "--run", str(tmp_path / "empty")]) == 2
     assert "no readable checkpoint" in capsys.readouterr().err
 
     write_run(tmp_path / "run", tiny_dataset)
