@@ -251,9 +251,9 @@ class PerViewBatchNorm(nn.Module):
         if (self.training and not self._warned_unsynced and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size() > 1):
             self._warned_unsynced = True
-            warnings.warn("PerViewBatchNorm runs unsynced across processes: statistics use the local "
-                          "batch. Call ensiam_fast.models.convert_sync_batchnorm(model) to sync them "
-                          "(torch.nn.SyncBatchNorm.convert_sync_batchnorm does not touch per-view layers).",
+            warnings.warn("per-view BatchNorm runs unsynced across processes: its statistics use each "
+                          "process's local batch. Set model.sync_bn=true to sync them (in code: "
+                          "ensiam_fast.models.convert_sync_batchnorm; torch's converter leaves per-view layers).",
                           stacklevel=3)
 
 

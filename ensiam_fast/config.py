@@ -18,10 +18,16 @@ from typing import Any
 
 import yaml
 
+from ensiam_fast.data.loader import BACKENDS
+from ensiam_fast.losses import LOSSES
+from ensiam_fast.models import BN_MODES
 from ensiam_fast.paths import resolve_data_root
+from ensiam_fast.placement import DATA_DEVICES, MIXED_PRECISION
+from pipelines.presets import MAX_VIEWS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-METHODS = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")
+# every set of choices is defined by the module that implements it
+METHODS = tuple(LOSSES)
 
 
 class ConfigError(ValueError):
@@ -226,8 +232,8 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data: the rest (dataset, splits, sizes) is checked when the data is opened."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is unknown{_close(cfg.method, METHODS)}; one of {METHODS}")
-    if not 2 <= cfg.views <= 16:
-        raise ConfigError(f"views={cfg.views}: every method needs 2 to 16 views")
+    if not 2 <= cfg.views <= MAX_VIEWS:
+        raise ConfigError(f"views={cfg.views}: every method needs 2 to {MAX_VIEWS} views")
     if cfg.method == "simsiam" and cfg.views != 2:
         raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
     if cfg.method == "simsiam_kaug" and cfg.views % 2:
@@ -241,11 +247,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.knn_every < 0 or cfg.knn_k < 1 or cfg.knn_t <= 0:
         raise ConfigError("knn_every must be >= 0, knn_k >= 1 and knn_t > 0")
     choices = {
-        "mixed_precision": ("auto", "no", "bf16", "fp16"),
+        "mixed_precision": MIXED_PRECISION,
         "log_with": ("tensorboard", "wandb", "none"),
-        "data.backend": ("dali", "torch", "synthetic"),
-        "data.device": ("auto", "cpu", "gpu"),
-        "model.bn_mode": ("per_view", "joint"),
+        "data.backend": BACKENDS,
+        "data.device": DATA_DEVICES,
+        "model.bn_mode": BN_MODES,
     }
     for key, allowed in choices.items():
         section, _, name = key.rpartition(".")

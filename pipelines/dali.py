@@ -31,9 +31,7 @@ from pipelines.kernels import blur as k_blur
 from pipelines.kernels import colour as k_colour
 from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels import randaugment as k_randaugment
-from pipelines.presets import AugPreset
-
-MAX_VIEWS = 16
+from pipelines.presets import MAX_VIEWS, AugPreset
 
 
 def decoder_backend(device: str) -> str:

@@ -10,6 +10,9 @@ import dataclasses
 import difflib
 from dataclasses import dataclass
 
+# Views (K) per image the pipelines build; training needs at least 2.
+MAX_VIEWS = 16
+
 
 @dataclass(frozen=True)
 class AugPreset:

@@ -12,6 +12,8 @@ import torch
 
 from pipelines.presets import MEAN, STD, AugPreset
 
+BACKENDS = ("dali", "torch", "synthetic")
+
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
     """uint8 views (K, B, 3, H, W) -> (x / 255 - MEAN) / STD as ``dtype``, on x's device.
@@ -65,7 +67,7 @@ def build_loader(
     ``backend="synthetic"`` ignores ``root``/``split``/``preset`` and yields ``num_samples`` random
     images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
     """
-    if backend not in ("dali", "torch", "synthetic"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'dali' or 'torch' (or 'synthetic': random views), got {backend!r}")
     if backend == "synthetic":
         from ensiam_fast.data.synthetic import DEFAULT_SAMPLES, SyntheticLoader

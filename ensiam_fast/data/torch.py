@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, shard_paths
-from pipelines.presets import AugPreset, get_preset
+from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 from pipelines.reference import ViewAugment
 
 # Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).
 SHUFFLE_BUFFER = 2048
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-MAX_VIEWS = 16
 
 
 # ---------------------------------------------------------------------------------------------
