@@ -6,15 +6,15 @@ The same code builds the CPU and the GPU pipeline: ``device`` only picks the dec
 (``cpu`` or ``mixed``); every later operator runs where its input lives.
 
 Views leave the pipeline as uint8 CHW (normalisation happens in torch on the device, so only
-bytes cross PCIe). Stage order per view follows ``pipelines.presets``: crop -> flip -> colour
-jitter -> grayscale -> blur -> RandAugment -> jigsaw; the flip is applied last, fused with the
-HWC->CHW transpose (see ``finish``), which gives the same distribution of views.
+bytes cross PCIe). The stages run in the preset's order (``AugPreset.stages``, the same order the
+torchvision reference uses): crop -> flip -> colour (jitter, grayscale) -> blur -> RandAugment ->
+jigsaw, then HWC -> CHW.
 
-On the CPU the colour, blur and RandAugment stages are, when Numba is usable, fused kernels run
-by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), several times cheaper
-than DALI's CPU operators;
-``ENSIAM_CPU_KERNELS=dali`` (or no Numba) uses the operators (``colour``, ``blur``,
-``rand_augment``, ``jigsaw``), which the GPU pipeline always uses.
+On the CPU the colour, blur, RandAugment and jigsaw stages are, when Numba is usable, fused
+kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), several
+times cheaper than DALI's CPU operators; ``cpu_kernels='dali'`` (the config key
+``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``, which the GPU
+pipeline always uses.
 """
 
 from __future__ import annotations
@@ -81,41 +81,34 @@ def decode(encoded, device: str):
     return fn.decoders.image(encoded, device=decoder_backend(device), output_type=types.RGB)
 
 
-def view_stages(preset: AugPreset, size: int, device: str, kernels: str | None = None) -> list[tuple[str, object]]:
-    """The stages of one view in order, as (name, function of the views): crop, colour, blur,
-    RandAugment and jigsaw (when the preset has them), then flip + HWC->CHW. ``kernels`` picks the CPU
-    implementation ('numba' or 'dali'; default ``kernels.backend()``); the GPU always uses
-    DALI's operators. ``tools/bench_stages.py`` times the stages one by one."""
-    if device == "gpu":
-        kernels = "dali"
-    elif kernels is None:
-        kernels = cpu_backend()
-    if kernels == "numba":
-        middle = [
-            ("colour", lambda v: k_colour.stage(v, preset)),
-            ("blur", lambda v: k_blur.stage(v, preset)),
-            ("randaugment", lambda v: k_randaugment.stage(v, preset)),
-        ]
+def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto") -> list[tuple[str, object]]:
+    """The stages of one view in the preset's order, as (name, function of the views), then the
+    HWC->CHW transpose. ``kernels`` (``data.cpu_kernels``: 'auto', 'numba' or 'dali') picks the CPU
+    implementation; the GPU always uses DALI's operators. ``tools/bench_stages.py`` times them."""
+    numba = device == "cpu" and cpu_backend(kernels) == "numba"
+    if numba:
+        impl = {
+            "colour": lambda v: k_colour.stage(v, preset),
+            "blur": lambda v: k_blur.stage(v, preset),
+            "randaugment": lambda v: k_randaugment.stage(v, preset),
+            "jigsaw": lambda v: k_jigsaw.stage(v, preset, size),
+        }
     else:
-        middle = [
-            ("colour", lambda v: ops.colour(v, preset, device, branches=size >= ops.BRANCH_MIN_SIZE)),
-            ("blur", lambda v: ops.blur(v, preset, device)),
-            ("randaugment", lambda v: ops.rand_augment(v, preset, size)),
-        ]
-    if preset.randaugment_n <= 0:
-        middle = middle[:2]
-    stages = [("crop", lambda v: ops.crop(v, preset, size)), *middle]
-    if preset.jigsaw_grid > 0:
-        cut = k_jigsaw.stage if kernels == "numba" else ops.jigsaw
-        stages.append(("jigsaw", lambda v: cut(v, preset.jigsaw_grid, size)))
-    stages.append(("flip_chw", lambda v: ops.finish(v, preset.flip_p)))
-    return stages
+        impl = {
+            "colour": lambda v: ops.colour(v, preset, device),
+            "blur": lambda v: ops.blur(v, preset, device),
+            "randaugment": lambda v: ops.rand_augment(v, preset, size),
+            "jigsaw": lambda v: ops.jigsaw(v, preset, size),
+        }
+    impl["crop"] = lambda v: ops.crop(v, preset, size)
+    impl["flip"] = lambda v: ops.flip(v, preset.flip_p)
+    return [(name, impl[name]) for name in preset.stages] + [("chw", ops.to_chw)]
 
 
-def augment_view(images, preset: AugPreset, size: int, device: str):
+def augment_view(images, preset: AugPreset, size: int, device: str, kernels: str = "auto"):
     """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
     view = images
-    for _, stage in view_stages(preset, size, device):
+    for _, stage in view_stages(preset, size, device, kernels):
         view = stage(view)
     return view
 
@@ -145,6 +138,7 @@ def kview_pipeline(
     shard_id: int,
     num_shards: int,
     reader_seed: int,
+    cpu_kernels: str,
 ):
     """Outputs: K views (each a batch of uint8 3 x size x size) and, when labelled, label bytes."""
     encoded, cls = read_shards(
@@ -158,7 +152,7 @@ def kview_pipeline(
         seed=reader_seed,
     )
     images = decode(encoded, device)
-    outputs = [augment_view(images, preset, size, device) for _ in range(views)]
+    outputs = [augment_view(images, preset, size, device, cpu_kernels) for _ in range(views)]
     if labeled:
         outputs.append(label_bytes(cls))
     return tuple(outputs)
@@ -216,10 +210,13 @@ def build_kview_pipeline(
     shard_id: int = 0,
     num_shards: int = 1,
     prefetch_queue_depth: int = 2,
+    cpu_kernels: str = "auto",
 ):
-    """Define (not build) the K-view pipeline; ``device_id`` must be None on the CPU."""
+    """Define (not build) the K-view pipeline; ``device_id`` must be None on the CPU.
+    ``cpu_kernels`` ('auto', 'numba', 'dali') picks the CPU stages (``view_stages``)."""
     check_views(views)
     check_jigsaw(size, preset.jigsaw_grid)
+    cpu_backend(cpu_kernels)  # a bad name fails here, before any graph is defined
     decoder_backend(device)
     if device == "gpu" and device_id is None:
         raise ValueError("device='gpu' needs a device_id (the CUDA device index)")
@@ -239,6 +236,7 @@ def build_kview_pipeline(
             shard_id=shard_id,
             num_shards=num_shards,
             reader_seed=reader_seed,
+            cpu_kernels=cpu_kernels,
             batch_size=batch_size,
             num_threads=num_threads,
             device_id=device_id,

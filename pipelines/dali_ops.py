@@ -15,10 +15,10 @@ import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
 from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
-from pipelines.kernels.colour_maths import LUMA
-from pipelines.kernels.colour_maths import chroma_matrices as _chroma_matrices
+from pipelines.kernels.colour import factor_ranges, has_colour
+from pipelines.kernels.colour_maths import GREY_WEIGHTS
 from pipelines.kernels.randaugment import MAX_TRANSLATE_REL as RANDAUG_MAX_TRANSLATE_REL
-from pipelines.presets import AugPreset
+from pipelines.presets import JIGSAW_LOCAL_K, AugPreset
 
 
 def _near(param, device: str):
@@ -46,159 +46,117 @@ def crop(images, preset: AugPreset, size: int):
     return fn.crop(resized, crop=[size, size])
 
 
-def grey_mean(images):
-    """Per-image mean of the luma (torchvision's contrast centre), a float scalar per sample."""
-    channel_mean = fn.reductions.mean(images, axes=[0, 1])  # (3,)
-    return fn.reductions.sum(channel_mean * types.Constant(np.float32(LUMA)))
-
-
-def brightness_contrast_expr(images, scale, shift):
-    """round(x * scale + shift) saturated to uint8, as one fused element-wise expression."""
-    return fn.cast(images * scale + shift, dtype=types.UINT8)  # cast rounds and saturates
-
-
-def brightness_contrast(images, b, c, device: str):
-    """torchvision's brightness(b) then contrast(c): b * (m + c * (x - m)), m the mean grey.
-
-    On the CPU the per-image centre is an argument of DALI's fused operator (the cheapest path).
-    On the GPU m is computed on the GPU, and DALI takes operator arguments only from the CPU, so
-    the same formula runs as one element-wise expression there (cheap on a GPU).
-    """
-    m = grey_mean(images)
-    if device == "cpu":
-        return fn.brightness_contrast(images, brightness=b, contrast=c, contrast_center=m)
-    return brightness_contrast_expr(images, _near(b * c, device), _near(b * (1.0 - c), device) * m)
-
-
 def _coin(p: float):
     """A per-sample boolean, True with probability p (a predicate for DALI conditionals)."""
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)
 
 
-def draw_chroma(preset: AugPreset):
-    """Per-sample (saturation factor, hue angle in radians); None for a disabled one."""
-    sat = theta = None
-    if preset.saturation > 0:
-        sat = fn.random.uniform(range=[max(0.0, 1.0 - preset.saturation), 1.0 + preset.saturation])
-    if preset.hue > 0:
-        theta = fn.random.uniform(range=[-2.0 * np.pi * preset.hue, 2.0 * np.pi * preset.hue])
-    return sat, theta
+# The colour stage works on three float32 planes (H, W) holding whole numbers in [0, 255]: every
+# operation ends with torchvision's clamp and truncation, so the planes always hold uint8 values.
+def _trunc(v):
+    return dmath.floor(dmath.clamp(v, 0.0, 255.0))
 
 
-def chroma_matrix(sat, theta, grey: bool):
-    """Per-sample 3x3 colour matrix: saturation ``sat`` then a hue rotation by ``theta``."""
-    c0, c1, c2, c3 = (types.Constant(m) for m in _chroma_matrices(grey))
-    sat = 1.0 if sat is None else sat
-    if theta is None:
-        return c0 + sat * (c1 + c2)
-    return c0 + sat * (c1 + dmath.cos(theta) * c2 + dmath.sin(theta) * c3)
+def grey_plane(r, g, b):
+    """torchvision's uint8 grey: trunc(0.2989 R + 0.587 G + 0.114 B)."""
+    w0, w1, w2 = (np.float32(w) for w in GREY_WEIGHTS)
+    return dmath.floor(r * w0 + g * w1 + b * w2)
 
 
-def jitter(images, preset: AugPreset, device: str, *, grey: bool = False):
-    """ColorJitter(b, c, s, h) with every factor drawn, always applied (callers pick the samples),
-    followed by the grayscale conversion when ``grey``.
-
-    Brightness and contrast are one fused step (exact up to torchvision's intermediate clamp);
-    saturation, hue (and grey) are one per-pixel 3x3 matrix (``coord_transform`` over the channel
-    axis, rounded and saturated once). The order is fixed (b, c, s, h), where torchvision draws a
-    random order per image.
-    """
-    out = images
-    if preset.brightness > 0 or preset.contrast > 0:
-        b = fn.random.uniform(range=[max(0.0, 1.0 - preset.brightness), 1.0 + preset.brightness])
-        c = fn.random.uniform(range=[max(0.0, 1.0 - preset.contrast), 1.0 + preset.contrast])
-        out = brightness_contrast(out, b, c, device)
-    if preset.saturation > 0 or preset.hue > 0:
-        return fn.coord_transform(out, M=chroma_matrix(*draw_chroma(preset), grey), dtype=types.UINT8)
-    return to_grey(out) if grey else out
+def _blend(planes, other, f):
+    """torchvision's _blend of each plane with ``other`` (a plane or a per-sample scalar)."""
+    return tuple(_trunc(x * f + other * (1.0 - f)) for x in planes)
 
 
-def to_grey(images):
-    """Exact grey, 3 channels: ITU-R 601 luma, rounded once, copied into R, G and B."""
-    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    return fn.color_space_conversion(grey, image_type=types.GRAY, output_type=types.RGB)
+def _hue(planes, shift):
+    """torchvision's adjust_hue: x / 255, RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB,
+    trunc(255.999 y); branch-free (0/1 masks select), so it runs as element-wise expressions."""
+    r, g, b = (x * np.float32(1.0 / 255.0) for x in planes)
+    v = dmath.max(dmath.max(r, g), b)
+    span = v - dmath.min(dmath.min(r, g), b)
+    flat = fn.cast(span == 0.0, dtype=types.FLOAT)  # grey pixels: no hue, no saturation
+    s = span / (v + flat)
+    rc, gc, bc = ((v - x) / (span + flat) for x in (r, g, b))
+    at_r = fn.cast(v == r, dtype=types.FLOAT)
+    at_g = fn.cast(v == g, dtype=types.FLOAT) * (1.0 - at_r)
+    at_b = (1.0 - at_r) - at_g
+    h = at_r * (bc - gc) + at_g * ((rc + 2.0) - bc) + at_b * ((gc + 4.0) - rc)
+    h = h * np.float32(1.0 / 6.0) + 1.0
+    h = h - dmath.floor(h)
+    h = h + shift
+    h = h - dmath.floor(h)
+    h6 = h * 6.0
+    sector = dmath.floor(h6)
+    f = h6 - sector
+    q = dmath.clamp((1.0 - s * f) * v, 0.0, 1.0)
+    t = dmath.clamp((s * f + (1.0 - s)) * v, 0.0, 1.0)
+    p = dmath.clamp((1.0 - s) * v, 0.0, 1.0)
+    e = [fn.cast(sector == float(k), dtype=types.FLOAT) for k in range(6)]
+    out_r = v * (e[0] + e[5]) + q * e[1] + p * (e[2] + e[3]) + t * e[4]
+    out_g = t * e[0] + v * (e[1] + e[2]) + q * e[3] + p * (e[4] + e[5])
+    out_b = p * (e[0] + e[1]) + t * e[2] + v * (e[3] + e[4]) + q * e[5]
+    back = np.float32(255.0 + 1.0 - 1e-3)
+    return tuple(dmath.floor(x * back) for x in (out_r, out_g, out_b))
 
 
-# From this view side up the colour stage routes views through DALI conditionals (per-pixel work
-# dominates); below it one pass over every view is cheaper than splitting and merging batches.
-BRANCH_MIN_SIZE = 96
-_EYE = np.eye(3, dtype=np.float32)
-
-
-def _has_jitter(preset: AugPreset) -> bool:
-    return preset.jitter_p > 0 and max(preset.brightness, preset.contrast, preset.saturation, preset.hue) > 0
-
-
-def _pick(flag, when_set, otherwise):
-    """flag * when_set + (1 - flag) * otherwise for a 0/1 float flag: exactly one of the two."""
-    return when_set * flag + otherwise * (1.0 - flag)
-
-
-def colour_every_view(images, preset: AugPreset, device: str):
-    """The colour stage as one brightness/contrast pass and one 3x3 matrix pass over every view,
-    the factors being exactly 1 (identity matrix) on views that draw no jitter and the matrix the
-    grey projection on grey views: the same views as ``colour_branches`` with fewer operators."""
-    out = images
-    mat = None
-    if _has_jitter(preset):
-        apply = fn.cast(_coin(preset.jitter_p), dtype=types.FLOAT)
-        if preset.brightness > 0 or preset.contrast > 0:
-            b = fn.random.uniform(range=[max(0.0, 1.0 - preset.brightness), 1.0 + preset.brightness])
-            c = fn.random.uniform(range=[max(0.0, 1.0 - preset.contrast), 1.0 + preset.contrast])
-            out = brightness_contrast(out, _pick(apply, b, 1.0), _pick(apply, c, 1.0), device)
-        if preset.saturation > 0 or preset.hue > 0:
-            sat, theta = draw_chroma(preset)
-            mat = (apply, sat, theta)
-    if preset.grayscale_p > 0:
-        grey = fn.cast(_coin(preset.grayscale_p), dtype=types.FLOAT)
-        if mat is None:
-            m = _pick(grey, types.Constant(_chroma_matrices(True)[0]), types.Constant(_EYE))
-        else:
-            apply, sat, theta = mat
-            coloured = _pick(apply, chroma_matrix(sat, theta, False), types.Constant(_EYE))
-            greyed = _pick(apply, chroma_matrix(sat, theta, True), types.Constant(_chroma_matrices(True)[0]))
-            m = _pick(grey, greyed, coloured)
-    elif mat is not None:
-        apply, sat, theta = mat
-        m = _pick(apply, chroma_matrix(sat, theta, False), types.Constant(_EYE))
+def _jitter_op(planes, op, factors):
+    """Operation ``op`` (a per-sample 0..3: brightness, contrast, saturation, hue) with its factor;
+    a disabled one (factor None) leaves the planes as they are."""
+    fb, fc, fs, fh = factors
+    if op == 0:
+        if fb is not None:
+            planes = tuple(_trunc(x * fb) for x in planes)
+    elif op == 1:
+        if fc is not None:
+            mean = fn.reductions.mean(grey_plane(*planes))
+            planes = _blend(planes, mean, fc)
+    elif op == 2:
+        if fs is not None:
+            planes = _blend(planes, grey_plane(*planes), fs)
     else:
-        return out
-    return fn.coord_transform(out, M=m, dtype=types.UINT8)
+        if fh is not None:
+            planes = _hue(planes, fh)
+    return planes
 
 
-def colour(images, preset: AugPreset, device: str, branches: bool = True):
-    """Colour jitter (with p=jitter_p) then grayscale (p=grayscale_p), torchvision semantics.
+def random_order(n: int):
+    """A uniformly random permutation of 0..n-1 per sample, (n,) int32: ``order[j]`` is the
+    operation applied j-th (the ranks of n uniform keys, ties broken by position)."""
+    keys = fn.random.uniform(range=[0.0, 1.0], shape=[n])
+    pos = np.arange(n, dtype=np.int32)
+    tie = types.Constant(np.int32(pos[None, :] < pos[:, None]))  # [a, b]: b before a
+    a_keys, b_keys = fn.reshape(keys, shape=[n, 1]), fn.reshape(keys, shape=[1, n])
+    smaller = fn.cast(b_keys < a_keys, dtype=types.INT32) + fn.cast(b_keys == a_keys, dtype=types.INT32) * tie
+    rank = fn.reductions.sum(smaller, axes=[1])  # rank[a]: operations before a
+    onehot = fn.cast(fn.reshape(rank, shape=[n, 1]) == types.Constant(pos.reshape(1, n)), dtype=types.INT32)
+    return fn.reductions.sum(onehot * types.Constant(pos.reshape(n, 1)), axes=[0])
 
-    With ``branches`` DALI conditionals route each view only through the operators it draws, so
-    the per-pixel passes run on the views that need them: jitter on ~jitter_p of them, grey on
-    ~grayscale_p (folded into the jitter's colour matrix when both apply); otherwise
-    ``colour_every_view``. Grey views are exactly grey either way.
-    """
-    if not branches:
-        return colour_every_view(images, preset, device)
-    has_jitter = _has_jitter(preset)
-    if not has_jitter and preset.grayscale_p <= 0:
+
+def colour(images, preset: AugPreset, device: str):
+    """Colour jitter (p=jitter_p) then grayscale (p=grayscale_p) with torchvision's semantics (see
+    ``pipelines.kernels.colour``): random order per view, clamp and truncation after each
+    operation, HSV hue shift. DALI conditionals route each view only through what it draws."""
+    if not has_colour(preset):
         return images
-    # Both draws happen for every sample, whatever branch it takes, so the random streams do
-    # not depend on earlier outcomes.
-    apply = _coin(preset.jitter_p) if has_jitter else None
+    ranges = factor_ranges(preset)
+    jitter = preset.jitter_p > 0 and any(on for _, _, on in ranges)
+    # every draw happens for every sample, whatever branch it takes, so the random streams do
+    # not depend on earlier outcomes
+    apply = _coin(preset.jitter_p) if jitter else None
     grey = _coin(preset.grayscale_p) if preset.grayscale_p > 0 else None
-    if apply is None:
-        if grey:
-            images = to_grey(images)
-        return images
-    if grey is None:
+    factors = tuple(_near(fn.random.uniform(range=[lo, hi]), device) if on else None for lo, hi, on in ranges)
+    order = random_order(4) if jitter else None
+    x = fn.cast(images, dtype=types.FLOAT)
+    planes = (x[:, :, 0], x[:, :, 1], x[:, :, 2])
+    if apply is not None:
         if apply:
-            images = jitter(images, preset, device)
-        return images
-    if apply:
+            for j in range(4):
+                planes = _jitter_op(planes, order[j], factors)
+    if grey is not None:
         if grey:
-            images = jitter(images, preset, device, grey=True)
-        else:
-            images = jitter(images, preset, device)
-    elif grey:
-        images = to_grey(images)
-    return images
+            lum = grey_plane(*planes)
+            planes = (lum, lum, lum)
+    return fn.cast(fn.stack(*planes, axis=2, axis_name="C"), dtype=types.UINT8)
 
 
 def gaussian_taps(sigma, max_sigma: float):
@@ -265,39 +223,66 @@ def check_jigsaw(size: int, grid: int) -> None:
         )
 
 
-def jigsaw(images, grid: int, size: int):
-    """Cut each size x size image into grid x grid tiles and paste them back in a uniformly random
-    order, drawn independently per sample.
+def _ranks(keys, same_group, n: int):
+    """rank[a] = number of b in a's group (``same_group[a, b]``) whose key is smaller (ties broken
+    by position): the place of each element after sorting its group, (n,) int32."""
+    pos = np.arange(n, dtype=np.int32)
+    tie = types.Constant(np.int32(pos[None, :] < pos[:, None]))
+    a_keys, b_keys = fn.reshape(keys, shape=[n, 1]), fn.reshape(keys, shape=[1, n])
+    smaller = fn.cast(b_keys < a_keys, dtype=types.INT32) + fn.cast(b_keys == a_keys, dtype=types.INT32) * tie
+    return fn.reductions.sum(smaller * same_group, axes=[1])
 
-    The permutation is the rank of grid*grid random keys; key = random * n + position is never
-    tied, so the ranks always form a permutation. ``multi_paste`` with the image given once per
-    tile pastes tile t of sample i into sample i at its permuted place (one pass over pixels).
+
+def jigsaw_targets(grid: int, mode: str):
+    """(n, 2) int32 per sample: the tile (row, column) each source tile moves to.
+
+    'global': the ranks of n uniform keys (a uniform permutation). 'local': DCL's region confusion,
+    each row sorted by x + U(-k, k), then each column by y + U(-k, k); the column keys belong to
+    the tiles (iid, so the same distribution as keys per intermediate position)."""
+    n = grid * grid
+    ty, tx = (np.float32(a) for a in np.divmod(np.arange(n), grid))
+    if mode == "global":
+        rank = _ranks(fn.random.uniform(range=[0.0, 1.0], shape=[n]), types.Constant(np.ones((n, n), np.int32)), n)
+        return fn.stack(rank // grid, rank % grid, axis=1)
+    k = JIGSAW_LOCAL_K
+    row_keys = types.Constant(tx) + fn.random.uniform(range=[-k, k], shape=[n])
+    same_row = types.Constant(np.int32(ty[:, None] == ty[None, :]))
+    new_x = _ranks(row_keys, same_row, n)
+    col_keys = types.Constant(ty) + fn.random.uniform(range=[-k, k], shape=[n])
+    same_col = fn.cast(fn.reshape(new_x, shape=[n, 1]) == fn.reshape(new_x, shape=[1, n]), dtype=types.INT32)
+    new_y = _ranks(col_keys, same_col, n)
+    return fn.stack(new_y, new_x, axis=1)
+
+
+def jigsaw(images, preset: AugPreset, size: int):
+    """With probability jigsaw_p, cut each size x size image into grid x grid tiles and move them
+    (``jigsaw_targets``), drawn independently per sample.
+
+    ``multi_paste`` with the image given once per tile pastes tile t of sample i into sample i at
+    its new place (one pass over pixels).
     """
+    grid = preset.jigsaw_grid
     check_jigsaw(size, grid)
     n = grid * grid
     tile = size // grid
-    keys = fn.random.uniform(range=[0, 1 << 20], shape=[n], dtype=types.INT32) * n + types.Constant(
-        np.arange(n, dtype=np.int32)
-    )
-    # rank[i] = number of keys smaller than key[i]
-    smaller = fn.reshape(keys, shape=[1, n]) < fn.reshape(keys, shape=[n, 1])
-    rank = fn.reductions.sum(fn.cast(smaller, dtype=types.INT32), axes=[1])
-    out_anchors = fn.cast(fn.stack((rank // grid) * tile, (rank % grid) * tile, axis=1), dtype=types.INT32)
+    apply = _coin(preset.jigsaw_p) if preset.jigsaw_p < 1 else None
+    out_anchors = fn.cast(jigsaw_targets(grid, preset.jigsaw_mode) * tile, dtype=types.INT32)
     positions = np.stack(np.divmod(np.arange(n), grid), axis=1).astype(np.int32) * tile
-    return fn.multi_paste(
-        *([images] * n),
-        in_anchors=types.Constant(positions),
-        out_anchors=out_anchors,
-        shapes=types.Constant(np.full((n, 2), tile, dtype=np.int32)),
-    )
+    shapes = types.Constant(np.full((n, 2), tile, dtype=np.int32))
+    if apply is None:
+        return fn.multi_paste(*([images] * n), in_anchors=types.Constant(positions), out_anchors=out_anchors,
+                              shapes=shapes)  # fmt: skip
+    if apply:
+        images = fn.multi_paste(*([images] * n), in_anchors=types.Constant(positions), out_anchors=out_anchors,
+                                shapes=shapes)  # fmt: skip
+    return images
 
 
-def finish(images, flip_p: float):
-    """Horizontal flip with probability flip_p fused with the HWC -> CHW transpose (uint8 out).
+def flip(images, flip_p: float):
+    """Horizontal flip with probability flip_p, drawn per sample."""
+    return fn.flip(images, horizontal=fn.random.coin_flip(probability=flip_p, dtype=types.INT32))
 
-    Applied last rather than right after the crop: every stage in between is either pointwise,
-    mirror-symmetric (blur kernel, RandAugment's signed magnitudes) or a uniform permutation of
-    a symmetric grid (jigsaw), so flipping last yields the same distribution of views.
-    """
-    mirror = fn.random.coin_flip(probability=flip_p) if flip_p > 0 else 0
-    return fn.crop_mirror_normalize(images, mirror=mirror, output_layout="CHW", dtype=types.UINT8)
+
+def to_chw(images):
+    """HWC -> CHW, the layout the views leave the pipeline in (uint8)."""
+    return fn.transpose(images, perm=[2, 0, 1], output_layout="CHW")

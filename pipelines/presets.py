@@ -1,7 +1,22 @@
 """Augmentation presets: typed data, one place for every number (the paper's Section 4.1 and 4.5).
 
 A preset says *what* to do to each view; ``pipelines.dali`` (DALI, CPU or GPU) and
-``pipelines.reference`` (torchvision) say *how*. Both read only these fields, so they stay in step.
+``pipelines.reference`` (torchvision) say *how*. Both read only these fields, and both apply the
+stages in the one order ``AugPreset.stages`` gives (``STAGE_ORDER``), so they stay in step.
+
+RandAugment magnitude: ``randaugment_m`` is a bin of ``randaugment_bins`` equally spaced magnitudes
+from 0 to each operation's maximum, torchvision's convention (``RandAugment(num_ops, magnitude,
+num_magnitude_bins=31)``): with the default 31 bins, M=5 is 5/30 = 1/6 of the maximum (Rotate 5
+degrees of 30). The original RandAugment scale (Cubuk et al., M in 0..10, as timm's ``rand-m5``)
+reads M=5 as half the maximum (Rotate 15 degrees): set ``randaugment_bins=11`` for that reading.
+The presets keep torchvision's, the library the paper's augmentation settings come from.
+
+Jigsaw: ``jigsaw_mode='global'`` shuffles all grid x grid tiles uniformly (Noroozi and Favaro, the
+paper's [45]); ``'local'`` is the region confusion of Chen et al. (DCL, the paper's [15]): each row
+of tiles is reordered by sorting ``i + U(-k, k)``, then each column likewise, with k =
+``JIGSAW_LOCAL_K`` = 1, so a tile moves at most one place along each axis. The paper gives no
+probability and no mode; the defaults (``jigsaw_p=1``, global) apply the full shuffle to every
+very-strong view, the reading that keeps "4x4 jigsaw" the strongest of its augmentations.
 """
 
 from __future__ import annotations
@@ -12,6 +27,11 @@ from dataclasses import dataclass
 
 # Views (K) per image the pipelines build; training needs at least 2.
 MAX_VIEWS = 16
+# The order of the stages of a view, for every back end. 'colour' is colour jitter (p=jitter_p)
+# then grayscale (p=grayscale_p), torchvision's ColorJitter then RandomGrayscale.
+STAGE_ORDER = ("crop", "flip", "colour", "blur", "randaugment", "jigsaw")
+JIGSAW_MODES = ("global", "local")
+JIGSAW_LOCAL_K = 1.0
 
 
 @dataclass(frozen=True)
@@ -32,12 +52,16 @@ class AugPreset:
     # Gaussian blur with sigma ~ U(blur_sigma), applied with probability blur_p (SimSiam uses 0.5).
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    # RandAugment(n, m) with torchvision's 31 magnitude bins; n=0 disables it.
+    # RandAugment(n, m), m a bin of randaugment_bins (31: torchvision's scale, 11: the original
+    # 0..10 scale, see the module docstring); n=0 disables it.
     randaugment_n: int = 0
     randaugment_m: int = 5
     randaugment_bins: int = 31
-    # Jigsaw: cut each view into grid x grid tiles and put them back in a random order; 0 disables.
+    # Jigsaw: cut each view into grid x grid tiles and move them (jigsaw_mode, see the module
+    # docstring), applied with probability jigsaw_p; grid 0 disables it.
     jigsaw_grid: int = 0
+    jigsaw_p: float = 1.0
+    jigsaw_mode: str = "global"
     # Evaluation only: resize the shorter side to resize_ratio * size, then centre-crop to size.
     resize_ratio: float = 1.0
 
@@ -51,9 +75,34 @@ class AugPreset:
                 raise ValueError(f"unknown augmentation preset field {key!r}{hint}")
         return dataclasses.replace(self, **overrides)
 
+    def __post_init__(self):
+        if self.jigsaw_mode not in JIGSAW_MODES:
+            raise ValueError(f"jigsaw_mode must be one of {', '.join(JIGSAW_MODES)}, got {self.jigsaw_mode!r}")
+        if self.randaugment_n > 0 and not 0 <= self.randaugment_m < self.randaugment_bins:
+            raise ValueError(
+                f"randaugment_m={self.randaugment_m} must be a bin in 0..{self.randaugment_bins - 1} "
+                f"(randaugment_bins={self.randaugment_bins})"
+            )
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "jigsaw_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+
     @property
     def has_color(self) -> bool:
         return self.jitter_p > 0 or self.grayscale_p > 0
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this preset uses, in ``STAGE_ORDER``."""
+        on = {
+            "crop": True,  # random resized crop, or the deterministic resize + centre crop
+            "flip": self.flip_p > 0,
+            "colour": self.jitter_p > 0 or self.grayscale_p > 0,
+            "blur": self.blur_p > 0,
+            "randaugment": self.randaugment_n > 0,
+            "jigsaw": self.jigsaw_grid > 0 and self.jigsaw_p > 0,
+        }
+        return tuple(name for name in STAGE_ORDER if on[name])
 
 
 DEFAULT = AugPreset(name="default")

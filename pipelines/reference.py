@@ -17,15 +17,41 @@ import torch
 import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 
-from pipelines.presets import AugPreset
+from pipelines.presets import JIGSAW_LOCAL_K, AugPreset
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation: one view of one image, torch's global RNG (seeded per batch by the caller).
 # ---------------------------------------------------------------------------------------------
 
 
-def jigsaw(img: torch.Tensor, grid: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cut ``img`` (..., C, H, W) into grid x grid tiles and put them back in a random order.
+def jigsaw_order(grid: int, mode: str = "global", generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each output tile (row-major), the index of the source tile it shows.
+
+    'global': a uniform permutation of all grid*grid tiles. 'local' (DCL's region confusion): each
+    row of tiles reordered by sorting ``x + U(-k, k)``, then each column by ``y + U(-k, k)``.
+    """
+    n = grid * grid
+    if mode == "global":
+        return torch.randperm(n, generator=generator)
+    if mode != "local":
+        raise ValueError(f"jigsaw mode must be 'global' or 'local', got {mode!r}")
+    k = JIGSAW_LOCAL_K
+    src = torch.arange(n).reshape(grid, grid)
+    steps = torch.arange(grid, dtype=torch.float64)
+    for y in range(grid):
+        noise = torch.rand(grid, generator=generator, dtype=torch.float64) * 2 * k - k
+        src[y] = src[y, torch.argsort(steps + noise)]
+    for x in range(grid):
+        noise = torch.rand(grid, generator=generator, dtype=torch.float64) * 2 * k - k
+        src[:, x] = src[torch.argsort(steps + noise), x]
+    return src.flatten()
+
+
+def jigsaw(
+    img: torch.Tensor, grid: int, generator: torch.Generator | None = None, mode: str = "global"
+) -> torch.Tensor:
+    """Cut ``img`` (..., C, H, W) into grid x grid tiles and put them back in a random order
+    (``jigsaw_order``).
 
     Tiles are ``H // grid`` x ``W // grid``; when the side is not a multiple of ``grid`` the
     remaining bottom rows / right columns stay where they are.
@@ -40,7 +66,7 @@ def jigsaw(img: torch.Tensor, grid: int, generator: torch.Generator | None = Non
     core = img[..., : th * grid, : tw * grid]
     # (..., grid_y, th, grid_x, tw) -> (..., grid_y*grid_x, th, tw): one entry per tile
     tiles = core.reshape(*lead, grid, th, grid, tw).movedim(-3, -2).reshape(*lead, grid * grid, th, tw)
-    perm = torch.randperm(grid * grid, generator=generator)
+    perm = jigsaw_order(grid, mode, generator)
     shuffled = tiles[..., perm, :, :].reshape(*lead, grid, grid, th, tw).movedim(-2, -3)
     out = img.clone()
     out[..., : th * grid, : tw * grid] = shuffled.reshape(*lead, th * grid, tw * grid)
@@ -74,10 +100,8 @@ def gaussian_blur(img: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
 
 
 class ViewAugment:
-    """One augmented view of a uint8 (3, H, W) image, following every field of an ``AugPreset``.
-
-    Order: crop -> flip -> colour jitter -> grayscale -> blur -> RandAugment -> jigsaw.
-    """
+    """One augmented view of a uint8 (3, H, W) image, following every field of an ``AugPreset``,
+    its stages in the preset's order (``AugPreset.stages``)."""
 
     def __init__(self, preset: AugPreset, size: int):
         self.preset = preset
@@ -111,21 +135,34 @@ class ViewAugment:
         return p > 0 and float(torch.rand(())) < p
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        p = self.preset
-        img = self.geometry(img)
-        if self._coin(p.flip_p):
-            img = TF.horizontal_flip(img)
-        if self.jitter is not None and self._coin(p.jitter_p):
-            img = self.jitter(img)
-        if self._coin(p.grayscale_p):
-            img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        if self._coin(p.blur_p):
-            lo, hi = p.blur_sigma
-            sigma = lo + (hi - lo) * float(torch.rand(()))
-            k = blur_kernel_size(sigma, min(img.shape[-2:]))
-            img = gaussian_blur(img, k, sigma)
-        if self.randaugment is not None:
-            img = self.randaugment(img)
-        if p.jigsaw_grid > 0:
-            img = jigsaw(img, p.jigsaw_grid)
+        for stage in self.preset.stages:
+            img = getattr(self, f"_{stage}")(img)
         return img
+
+    def _crop(self, img: torch.Tensor) -> torch.Tensor:
+        return self.geometry(img)
+
+    def _flip(self, img: torch.Tensor) -> torch.Tensor:
+        return TF.horizontal_flip(img) if self._coin(self.preset.flip_p) else img
+
+    def _colour(self, img: torch.Tensor) -> torch.Tensor:
+        if self.jitter is not None and self._coin(self.preset.jitter_p):
+            img = self.jitter(img)
+        if self._coin(self.preset.grayscale_p):
+            img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        return img
+
+    def _blur(self, img: torch.Tensor) -> torch.Tensor:
+        if not self._coin(self.preset.blur_p):
+            return img
+        lo, hi = self.preset.blur_sigma
+        sigma = lo + (hi - lo) * float(torch.rand(()))
+        return gaussian_blur(img, blur_kernel_size(sigma, min(img.shape[-2:])), sigma)
+
+    def _randaugment(self, img: torch.Tensor) -> torch.Tensor:
+        return self.randaugment(img)
+
+    def _jigsaw(self, img: torch.Tensor) -> torch.Tensor:
+        if not self._coin(self.preset.jigsaw_p):
+            return img
+        return jigsaw(img, self.preset.jigsaw_grid, mode=self.preset.jigsaw_mode)

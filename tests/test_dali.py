@@ -10,8 +10,9 @@ from nvidia.dali import fn, pipeline_def
 from ensiam_fast.shards import shard_paths
 from pipelines import dali as D
 from pipelines import dali_ops as O
-from pipelines import kernels
+from pipelines.kernels import backend as cpu_backend
 from pipelines.kernels import jigsaw as k_jigsaw
+from pipelines.kernels.colour_maths import GREY_WEIGHTS
 from pipelines.presets import get_preset
 
 SIZE = 32
@@ -29,7 +30,7 @@ def binomial_bounds(p: float, n: int, z: float = 4.5) -> tuple[float, float]:
     return p - z * sd, p + z * sd
 
 
-def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: int = 3):
+def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: int = 3, kernels: str = "auto"):
     """(reference, views): the un-augmented image (uint8 CHW) and K views from one decode."""
     tars, idxs = shard_paths(root, "train")
 
@@ -39,8 +40,8 @@ def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: in
             tars, idxs, labeled=True, shuffle=False, initial_fill=1, shard_id=0, num_shards=1, seed=seed
         )
         images = D.decode(encoded, "cpu")
-        reference = O.finish(images, 0.0)
-        return (reference, *[D.augment_view(images, preset, SIZE, "cpu") for _ in range(views)])
+        reference = O.to_chw(images)
+        return (reference, *[D.augment_view(images, preset, SIZE, "cpu", kernels) for _ in range(views)])
 
     outs = run_once(pipe())
     return outs[0], np.stack(outs[1:])  # (B, 3, H, W), (K, B, 3, H, W)
@@ -57,39 +58,28 @@ def test_flip_rate_matches_preset(tiny_dataset):
 
 
 def numba_usable() -> bool:
-    return kernels.backend() == "numba"
+    return cpu_backend() == "numba"
 
 
-COLOUR_MODES = ["every_view", "branches", "numba"]
-
-
-def set_colour_mode(monkeypatch, mode: str) -> None:
-    """Pick one CPU colour implementation: DALI operators over every view, DALI operators behind
-    conditionals (picked by view size in the pipeline), or the fused Numba kernel."""
-    if mode == "numba" and not numba_usable():
+@pytest.fixture(params=["dali", "numba"])
+def kernels(request):
+    """Run a test through both CPU implementations: DALI's operators (the GPU graph) and Numba."""
+    if request.param == "numba" and not numba_usable():
         pytest.skip("Numba is not usable here")
-    monkeypatch.setenv("ENSIAM_CPU_KERNELS", "numba" if mode == "numba" else "dali")
-    monkeypatch.setattr(O, "BRANCH_MIN_SIZE", SIZE if mode == "branches" else SIZE + 1)
-
-
-@pytest.fixture(params=COLOUR_MODES)
-def colour_mode(request, monkeypatch):
-    """Run a test through every colour implementation."""
-    set_colour_mode(monkeypatch, request.param)
     return request.param
 
 
-def test_grayscale_rate_matches_preset(tiny_dataset, colour_mode):
+def test_grayscale_rate_matches_preset(tiny_dataset, kernels):
     preset = IDENTITY.replace(grayscale_p=0.2)
-    ref, views = views_and_reference(tiny_dataset, preset, views=16)
+    ref, views = views_and_reference(tiny_dataset, preset, views=16, kernels=kernels)
     v = views.astype(int)
     grey = (np.abs(v[:, :, 0] - v[:, :, 1]) <= 1).all(axis=(2, 3)) & (np.abs(v[:, :, 1] - v[:, :, 2]) <= 1).all(
         axis=(2, 3)
     )
     untouched = (views == ref[None]).all(axis=(2, 3, 4))
     assert (grey ^ untouched).all(), "a view is either grey or the untouched colour image"
-    # the grey views carry torchvision's luma of the source
-    luma = np.tensordot(np.float32(O.LUMA), ref.astype(np.float32), axes=([0], [1]))  # (B, H, W)
+    # the grey views carry torchvision's truncated grey of the source
+    luma = np.floor(np.tensordot(np.float32(GREY_WEIGHTS), ref.astype(np.float32), axes=([0], [1])))  # (B, H, W)
     k, b = np.nonzero(grey)
     assert np.abs(v[k, b, 0] - luma[b]).max() <= 1.0
     assert (v[k, b, 0] == v[k, b, 1]).all() and (v[k, b, 1] == v[k, b, 2]).all(), "grey is exact"
@@ -97,8 +87,8 @@ def test_grayscale_rate_matches_preset(tiny_dataset, colour_mode):
     assert lo < grey.mean() < hi, grey.mean()
 
 
-def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset, colour_mode):
-    _, views = views_and_reference(tiny_dataset, get_preset("default"), views=4, batch_size=8)
+def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset, kernels):
+    _, views = views_and_reference(tiny_dataset, get_preset("default"), views=4, batch_size=8, kernels=kernels)
     assert views.dtype == np.uint8 and views.shape == (4, 8, 3, SIZE, SIZE)
     for i in range(4):
         for j in range(i + 1, 4):
@@ -118,35 +108,60 @@ def tile_grid(image: np.ndarray, grid: int) -> np.ndarray:
     return image.reshape(grid, t, grid, t, c).transpose(0, 2, 1, 3, 4).reshape(grid * grid, t, t, c)
 
 
-@pytest.mark.parametrize("kernel", ["dali", "numba"])
-def test_jigsaw_permutes_tiles_of_a_known_image(kernel):
-    if kernel == "numba" and not numba_usable():
-        pytest.skip("Numba is not usable here")
-    make = O.jigsaw if kernel == "dali" else k_jigsaw.stage
-    grid, size, batch = 4, 16, 64
-    # every tile has its own value, so the output tells where each tile went
-    known = np.repeat(np.repeat(np.arange(grid * grid, dtype=np.uint8).reshape(grid, grid), 4, 0), 4, 1)
+def jigsaw_moves(kernels: str, preset, batch: int = 64) -> list[tuple[int, ...]]:
+    """Per view of a known 16x16 image (every 4x4 tile its own value), the source tile shown at
+    each place (row-major)."""
+    grid, size = preset.jigsaw_grid, 16
+    t = size // grid
+    known = np.repeat(np.repeat(np.arange(grid * grid, dtype=np.uint8).reshape(grid, grid), t, 0), t, 1)
     known = np.stack([known, known + 100, 255 - known], axis=-1)
 
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7)
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7, enable_conditionals=True)
     def pipe():
         images = fn.external_source(source=lambda: [known] * batch, batch=True, layout="HWC")
-        return make(images, grid, size)
+        if kernels == "dali":
+            return O.jigsaw(images, preset, size)
+        return k_jigsaw.stage(images, preset, size)
 
     (out,) = run_once(pipe())
     src_tiles = tile_grid(known, grid)
-    perms = []
+    moves = []
     for image in out:
         tiles = tile_grid(image, grid)
         # each output tile is exactly one source tile, and all source tiles are used once
         where = [int(np.flatnonzero((src_tiles == t).all(axis=(1, 2, 3)))[0]) for t in tiles]
         assert sorted(where) == list(range(grid * grid))
-        perms.append(tuple(where))
+        moves.append(tuple(where))
+    return moves
+
+
+def test_jigsaw_modes_permute_tiles_as_documented(kernels):
+    """global: a uniform permutation per view; local (DCL's region confusion, k=1): every tile
+    moves at most one place along each axis, and some do; jigsaw_p: the share of views cut."""
+    from pipelines.reference import jigsaw_order
+
+    grid, batch = 4, 64
+    perms = jigsaw_moves(kernels, get_preset("very_strong", jigsaw_grid=grid))
     identity = tuple(range(grid * grid))
     assert sum(p == identity for p in perms) <= 1
     assert len(set(perms)) == batch, "permutations are drawn per sample"
-    # uniform placement: tile 0 lands in many different places
-    assert len({p.index(0) for p in perms}) >= 10
+    assert len({p.index(0) for p in perms}) >= 10, "tile 0 lands in many different places"
+    assert max(abs(s // grid - d // grid) for p in perms for d, s in enumerate(p)) >= 2  # far moves happen
+
+    local = jigsaw_moves(kernels, get_preset("very_strong", jigsaw_grid=grid, jigsaw_mode="local"), batch)
+    ref = [tuple(jigsaw_order(grid, "local", torch.Generator().manual_seed(i)).tolist()) for i in range(batch)]
+    for perms_ in (local, ref):
+        rows = [abs(s // grid - d // grid) for p in perms_ for d, s in enumerate(p)]
+        cols = [abs(s % grid - d % grid) for p in perms_ for d, s in enumerate(p)]
+        assert max(rows) == 1 and max(cols) == 1, "local moves stay within one tile along each axis"
+    # the same distribution as the reference: share of tiles that moved, two-proportion z-test
+    a = np.array([s != d for p in local for d, s in enumerate(p)], dtype=float)
+    b = np.array([s != d for p in ref for d, s in enumerate(p)], dtype=float)
+    assert abs(a.mean() - b.mean()) <= 4.5 * np.sqrt(a.var() / len(a) + b.var() / len(b))
+
+    half = jigsaw_moves(kernels, get_preset("very_strong", jigsaw_grid=grid, jigsaw_p=0.5), batch)
+    lo, hi = binomial_bounds(0.5, batch)
+    assert lo < np.mean([p != identity for p in half]) < hi
 
 
 def test_jigsaw_and_views_reject_bad_arguments():
@@ -160,39 +175,13 @@ def test_jigsaw_and_views_reject_bad_arguments():
         D.decoder_backend("tpu")
 
 
-def test_brightness_contrast_formula_both_paths():
-    """The CPU operator path and the expression the GPU path uses both give b*(m + c*(x - m))."""
-    rng = np.random.default_rng(0)
-    batch = 8
-    images = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) for _ in range(batch)]
-    bs = rng.uniform(0.6, 1.4, batch).astype(np.float32)
-    cs = rng.uniform(0.6, 1.4, batch).astype(np.float32)
-
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=1)
-    def pipe():
-        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        b = fn.external_source(source=lambda: list(bs), batch=True)
-        c = fn.external_source(source=lambda: list(cs), batch=True)
-        op = O.brightness_contrast(x, b, c, "cpu")
-        expr = O.brightness_contrast_expr(x, b * c, b * (1.0 - c) * O.grey_mean(x))
-        return op, expr
-
-    op, expr = run_once(pipe())
-    for i, x in enumerate(images):
-        m = float(np.tensordot(x.reshape(-1, 3).mean(0), np.float64(O.LUMA), axes=1))
-        want = np.clip(bs[i] * (m + cs[i] * (x.astype(np.float64) - m)), 0, 255)
-        assert np.abs(op[i] - want).max() <= 1.0
-        assert np.abs(expr[i] - want).max() <= 1.0
-
-
 @pytest.mark.parametrize("preset", ["default", "very_strong", "eval"])
-@pytest.mark.parametrize("size", [SIZE, 128])  # both colour implementations (see BRANCH_MIN_SIZE)
-def test_gpu_pipeline_graph_builds_on_the_gpu(tiny_dataset, preset, size):
+def test_gpu_pipeline_graph_builds_on_the_gpu(tiny_dataset, preset):
     """Without a GPU DALI cannot instantiate a GPU pipeline, but the Python graph (every operator,
     its placement) can be built: the views come out on the GPU, the label bytes on the CPU."""
     tars, idxs = shard_paths(tiny_dataset, "train")
     pipe = D.build_kview_pipeline(
-        tars, idxs, labeled=True, preset=get_preset(preset), views=2, size=size, batch_size=8,
+        tars, idxs, labeled=True, preset=get_preset(preset), views=2, size=SIZE, batch_size=8,
         device="gpu", device_id=0,
     )  # fmt: skip
     pipe._build_graph()  # private, but the only way to trace a GPU graph on a CPU-only host
@@ -231,14 +220,14 @@ def test_origin_traces_are_off_while_defining_and_restored_after(tiny_dataset):
     assert dali_trace.is_tracing_enabled()
 
 
-def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, colour_mode):
+def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, kernels):
     """Every colour implementation: views without jitter or grey are untouched, grey ones exact,
     and the share of changed views is 1 - (1 - jitter_p)(1 - grayscale_p)."""
     preset = IDENTITY.replace(jitter_p=0.5, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2)
-    ref, views = views_and_reference(tiny_dataset, preset, views=16)
+    ref, views = views_and_reference(tiny_dataset, preset, views=16, kernels=kernels)
     changed = (views != ref[None]).any(axis=(2, 3, 4))
     grey = (views[:, :, 0] == views[:, :, 1]).all(axis=(2, 3)) & (views[:, :, 1] == views[:, :, 2]).all(axis=(2, 3))
     lo, hi = binomial_bounds(1 - 0.5 * 0.8, changed.size)
-    assert lo < changed.mean() < hi, (colour_mode, changed.mean())
+    assert lo < changed.mean() < hi, (kernels, changed.mean())
     lo, hi = binomial_bounds(0.2, grey.size)
-    assert lo < grey.mean() < hi, (colour_mode, grey.mean())
+    assert lo < grey.mean() < hi, (kernels, grey.mean())

@@ -38,24 +38,20 @@ def numba_available() -> tuple[bool, str]:
     return bool(_STATE["available"]), str(_STATE["why"])
 
 
-def backend(choice: str | None = None) -> str:
+def backend(choice: str = "auto") -> str:
     """'numba' when the fused kernels can run here, else 'dali' (DALI's own CPU operators).
 
     ``choice`` is the config key ``data.cpu_kernels``: 'dali' forces DALI's operators (e.g. to
     compare the two), 'numba' makes a missing Numba an error instead of a silent fallback.
     """
-    if choice is None:
-        import os
-
-        choice = os.environ.get("ENSIAM_CPU_KERNELS", "auto")
     want = str(choice).strip().lower()
     if want not in CHOICES:
-        raise ValueError(f"ENSIAM_CPU_KERNELS must be auto, numba or dali, got {want!r}")
+        raise ValueError(f"cpu_kernels must be one of {', '.join(CHOICES)}, got {choice!r}")
     if want == "dali":
         return "dali"
     ok, why = numba_available()
     if want == "numba" and not ok:
-        raise RuntimeError(f"ENSIAM_CPU_KERNELS=numba but Numba cannot be used here ({why})")
+        raise RuntimeError(f"cpu_kernels=numba but Numba cannot be used here ({why})")
     return "numba" if ok else "dali"
 
 

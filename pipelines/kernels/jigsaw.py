@@ -1,22 +1,65 @@
-"""The jigsaw stage of a view as one CPU kernel."""
+"""The jigsaw stage of a view as one CPU kernel: with probability jigsaw_p, the view's grid x grid
+tiles are moved, all of them uniformly ('global') or each within its neighbourhood ('local', DCL's
+region confusion); see ``pipelines.presets``."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pipelines.kernels import numba_op, run_kernel
-from pipelines.kernels.common import jit
+from pipelines.kernels.common import copy_image, jit
+from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES
+
+
+def jigsaw_draws(grid: int) -> int:
+    """Uniform [0, 1) draws per view: apply, then two keys per tile (rows, then columns)."""
+    return 1 + 2 * grid * grid
+
+
+def jigsaw_constants(preset) -> np.ndarray:
+    """(grid, jigsaw_p, local, k) of one preset."""
+    local = JIGSAW_MODES.index(preset.jigsaw_mode)
+    return np.float32([preset.jigsaw_grid, preset.jigsaw_p, local, JIGSAW_LOCAL_K])
+
+
+@jit
+def tile_sources(grid, draws, local, k):
+    """For each output tile (row-major), the source tile it shows."""
+    n = grid * grid
+    if local == 0:
+        return np.argsort(draws[1 : 1 + n])  # the order that sorts n uniform keys: uniform
+    src = np.arange(n)
+    keys = np.empty(grid, dtype=np.float64)
+    for y in range(grid):  # each row: sort x + U(-k, k)
+        for x in range(grid):
+            keys[x] = x + (2.0 * draws[1 + y * grid + x] - 1.0) * k
+        order = np.argsort(keys)
+        row = src[y * grid : (y + 1) * grid].copy()
+        for x in range(grid):
+            src[y * grid + x] = row[order[x]]
+    for x in range(grid):  # then each column: sort y + U(-k, k)
+        for y in range(grid):
+            keys[y] = y + (2.0 * draws[1 + n + x * grid + y] - 1.0) * k
+        order = np.argsort(keys)
+        col = np.empty(grid, dtype=src.dtype)
+        for y in range(grid):
+            col[y] = src[y * grid + x]
+        for y in range(grid):
+            src[y * grid + x] = col[order[y]]
+    return src
 
 
 @jit
 def jigsaw_run(out, img, draws, consts):
-    """One view cut into a consts[0] x consts[0] grid of tiles, put back in the order that sorts
-    ``draws`` (one uniform key per tile): a uniformly random permutation per view."""
+    """One view, moved tile by tile (``tile_sources``) when draws[0] < jigsaw_p, else copied."""
     grid = int(consts[0])
+    if not draws[0] < consts[1]:
+        copy_image(out, img)
+        return
     h, w, ch = img.shape
     th = h // grid
     tw = w // grid
-    order = np.argsort(draws[: grid * grid])
+    order = tile_sources(grid, draws, int(consts[2]), np.float64(consts[3]))
     src_rows = img.reshape(h, w * ch)
     dst_rows = out.reshape(h, w * ch)
     span = tw * ch
@@ -37,10 +80,13 @@ def _entry(out, img, draws, consts):  # compiled by DALI in every process; one c
     jigsaw_run(out, img, draws, consts)
 
 
-def stage(images, grid: int, size: int):
-    """The jigsaw of every view as this kernel: a tile permutation drawn per view (the order that
-    sorts grid*grid uniform keys), one copy of each tile."""
+def stage(images, preset, size: int):
+    """The jigsaw of every view as this kernel."""
     from pipelines.dali_ops import check_jigsaw
 
-    check_jigsaw(size, grid)
-    return run_kernel(numba_op("jigsaw", _entry), images, grid * grid, [grid])
+    check_jigsaw(size, preset.jigsaw_grid)
+    grid = preset.jigsaw_grid
+    return run_kernel(numba_op("jigsaw", _entry), images, jigsaw_draws(grid), jigsaw_constants(preset))
+
+
+__all__ = ["jigsaw_constants", "jigsaw_draws", "jigsaw_run", "stage", "tile_sources"]
