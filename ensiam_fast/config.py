@@ -23,6 +23,7 @@ from ensiam_fast.losses import LOSSES
 from ensiam_fast.models import BN_MODES
 from ensiam_fast.paths import resolve_data_root
 from ensiam_fast.placement import DATA_DEVICES, MIXED_PRECISION
+from pipelines.kernels import CHOICES as CPU_KERNELS
 from pipelines.presets import MAX_VIEWS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -50,6 +51,7 @@ class DataConfig:
     synthetic_samples: int = 50_000  # images per epoch with backend=synthetic
     device: str = "auto"  # auto (gpu when the process has one) | cpu | gpu: where DALI augments
     num_threads: int | None = None  # None: the cores available to this process
+    cpu_kernels: str = "auto"  # DALI on the CPU: auto (Numba when usable) | numba | dali (pipelines/kernels)
 
 
 @dataclass
@@ -251,6 +253,7 @@ def validate(cfg: TrainConfig) -> None:
         "log_with": ("tensorboard", "wandb", "none"),
         "data.backend": BACKENDS,
         "data.device": DATA_DEVICES,
+        "data.cpu_kernels": CPU_KERNELS,
         "model.bn_mode": BN_MODES,
     }
     for key, allowed in choices.items():

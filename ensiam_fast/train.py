@@ -232,6 +232,7 @@ class Trainer:
             shard_id=acc.process_index, num_shards=acc.num_processes, seed=cfg.seed, train=True,
             image_size=self.info["image_size"], num_threads=cfg.data.num_threads, backend=cfg.data.backend,
             num_samples=self.info["num_samples"],
+            cpu_kernels=cfg.data.cpu_kernels,
         )  # fmt: skip
 
     def build_model_and_optimizer(self) -> None:

@@ -70,16 +70,17 @@ def _blend(planes, other, f):
 
 def _hue(planes, shift):
     """torchvision's adjust_hue: x / 255, RGB -> HSV, h <- (h + shift) mod 1, HSV -> RGB,
-    trunc(255.999 y); branch-free (0/1 masks select), so it runs as element-wise expressions."""
+    trunc(255.999 y); branch-free (boolean masks select), so each step is one fused element-wise
+    expression."""
     r, g, b = (x * np.float32(1.0 / 255.0) for x in planes)
     v = dmath.max(dmath.max(r, g), b)
     span = v - dmath.min(dmath.min(r, g), b)
-    flat = fn.cast(span == 0.0, dtype=types.FLOAT)  # grey pixels: no hue, no saturation
+    flat = span == 0.0  # grey pixels: no hue, no saturation (the divisions below see 1 instead)
     s = span / (v + flat)
     rc, gc, bc = ((v - x) / (span + flat) for x in (r, g, b))
-    at_r = fn.cast(v == r, dtype=types.FLOAT)
-    at_g = fn.cast(v == g, dtype=types.FLOAT) * (1.0 - at_r)
-    at_b = (1.0 - at_r) - at_g
+    at_r = v == r
+    at_g = (v == g) * (v != r)
+    at_b = (v != g) * (v != r)
     h = at_r * (bc - gc) + at_g * ((rc + 2.0) - bc) + at_b * ((gc + 4.0) - rc)
     h = h * np.float32(1.0 / 6.0) + 1.0
     h = h - dmath.floor(h)
@@ -91,11 +92,11 @@ def _hue(planes, shift):
     q = dmath.clamp((1.0 - s * f) * v, 0.0, 1.0)
     t = dmath.clamp((s * f + (1.0 - s)) * v, 0.0, 1.0)
     p = dmath.clamp((1.0 - s) * v, 0.0, 1.0)
-    e = [fn.cast(sector == float(k), dtype=types.FLOAT) for k in range(6)]
-    out_r = v * (e[0] + e[5]) + q * e[1] + p * (e[2] + e[3]) + t * e[4]
-    out_g = t * e[0] + v * (e[1] + e[2]) + q * e[3] + p * (e[4] + e[5])
-    out_b = p * (e[0] + e[1]) + t * e[2] + v * (e[3] + e[4]) + q * e[5]
+    e = [sector == float(k) for k in range(6)]
     back = np.float32(255.0 + 1.0 - 1e-3)
+    out_r = v * (e[0] | e[5]) + q * e[1] + p * (e[2] | e[3]) + t * e[4]
+    out_g = t * e[0] + v * (e[1] | e[2]) + q * e[3] + p * (e[4] | e[5])
+    out_b = p * (e[0] | e[1]) + t * e[2] + v * (e[3] | e[4]) + q * e[5]
     return tuple(dmath.floor(x * back) for x in (out_r, out_g, out_b))
 
 

@@ -135,11 +135,15 @@ class DaliLoader:
         train: bool = True,
         image_size: int | None = None,
         num_threads: int | None = None,
+        cpu_kernels: str = "auto",
     ):
         from pipelines import dali as dali_pipes
+        from pipelines.kernels import backend as cpu_backend
 
         self._pipes = dali_pipes
         dali_pipes.check_views(views)
+        cpu_backend(cpu_kernels)  # a bad name fails here (data.cpu_kernels: auto | numba | dali)
+        self.cpu_kernels = cpu_kernels
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
@@ -278,6 +282,7 @@ class DaliLoader:
             initial_fill=min(SHUFFLE_BUFFER, max(1, self.num_samples)),
             shard_id=self.shard_id,
             num_shards=self.num_shards,
+            cpu_kernels=self.cpu_kernels,
         )
         try:
             pipe.build()

@@ -61,8 +61,10 @@ def build_loader(
     num_threads: int | None = None,
     backend: str = "dali",
     num_samples: int | None = None,
+    cpu_kernels: str = "auto",
 ):
     """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring.
+    ``cpu_kernels`` (DALI on the CPU only): 'auto' | 'numba' | 'dali' (``pipelines.kernels.backend``).
 
     ``backend="synthetic"`` ignores ``root``/``split``/``preset`` and yields ``num_samples`` random
     images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
@@ -96,4 +98,4 @@ def build_loader(
         return build_reference_loader(root, split, **kwargs)
     from ensiam_fast.data.dali import DaliLoader
 
-    return DaliLoader(root, split, **kwargs)
+    return DaliLoader(root, split, cpu_kernels=cpu_kernels, **kwargs)

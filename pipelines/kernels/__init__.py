@@ -16,8 +16,6 @@ import threading
 
 import numpy as np
 
-from pipelines.kernels.common import same_shape_as_first
-
 CHOICES = ("auto", "numba", "dali")
 
 _LOCK = threading.Lock()
@@ -66,6 +64,8 @@ def numba_op(name: str, run_fn):
         if name not in _OPS:
             from nvidia.dali import types
             from nvidia.dali.plugin.numba.experimental import NumbaFunction
+
+            from pipelines.kernels.common import same_shape_as_first
 
             _OPS[name] = NumbaFunction(
                 run_fn=run_fn,
