@@ -144,6 +144,45 @@ def test_colour_stage_matches_torchvision(path, colour_reference):
     assert_same_distribution(ours, ref, groups, f"{path}: colour stage")
 
 
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    grid = np.union1d(a, b)
+    fa = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+    fb = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+    return float(np.abs(fa - fb).max())
+
+
+# KS critical value at alpha = 1e-5: c(alpha) sqrt((n + m) / (n m)), c = sqrt(-ln(alpha / 2) / 2)
+KS_C = float(np.sqrt(-np.log(1e-5 / 2) / 2))
+HUE_ONLY = get_preset("default", crop=False, flip_p=0.0, blur_p=0.0, jitter_p=1.0, brightness=0.0, contrast=0.0,
+                      saturation=0.0, hue=0.1, grayscale_p=0.0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hue_reference():
+    return reference_views(fidelity_images(), HUE_ONLY, draws=DRAWS)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_hue_shift_distribution_matches_torchvision(path, hue_reference):
+    """Hue jitter alone (+-0.1 of the colour circle) on solid colours: each view is a function of
+    the hue factor only, so the whole distribution of each channel's value is compared (KS test),
+    per colour. Sensitive to the HSV maths itself: a rotation about the grey axis, or one sector
+    of the HSV -> RGB mapping wrong, moves these distributions far beyond the critical value."""
+    path_usable(path)
+    images = fidelity_images()
+    ours = dali_views(images, HUE_ONLY, path, draws=DRAWS)
+    failures = []
+    for i, colour in enumerate(SOLIDS):
+        for c, ch in enumerate("RGB"):
+            a, b = ours[:, i, 0, 0, c].astype(float), hue_reference[:, i, 0, 0, c].astype(float)
+            d, crit = ks_distance(a, b), KS_C * np.sqrt((len(a) + len(b)) / (len(a) * len(b)))
+            if d > crit:
+                failures.append(f"solid {colour} {ch}: KS {d:.3f} > {crit:.3f} (DALI mean {a.mean():.1f}, "
+                                f"torchvision {b.mean():.1f})")  # fmt: skip
+    assert not failures, f"{path}: hue shift\n" + "\n".join(failures)
+
+
 def whole_view_images() -> list[np.ndarray]:
     rng = np.random.default_rng(5)
     return [textured(rng) for _ in range(8)]

@@ -8,6 +8,10 @@ costs against DALI's operators: ``tools/bench_stages.py``.
 DALI calls the compiled function once per sample from its own worker threads (no Python, no
 GIL), so it parallelises like any DALI CPU operator. Only the CPU pipeline uses them; the GPU
 pipeline uses DALI's operators (``pipelines.dali_ops``).
+
+Numba caches each compiled kernel on disk keyed on its own source file only: after editing a
+shared module (``colour_maths``, ``common``), delete ``pipelines/kernels/__pycache__`` or the
+stages that import it keep running the old code.
 """
 
 from __future__ import annotations
