@@ -11,8 +11,8 @@ torchvision reference uses): crop -> flip -> colour (jitter, grayscale) -> blur 
 jigsaw, then HWC -> CHW.
 
 On the CPU the colour, blur, RandAugment and jigsaw stages are, when Numba is usable, fused
-kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), several
-times cheaper than DALI's CPU operators; ``cpu_kernels='dali'`` (the config key
+kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), cheaper
+than DALI's CPU operators (``tools/bench_stages.py``); ``cpu_kernels='dali'`` (the config key
 ``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``, which the GPU
 pipeline always uses.
 """

@@ -84,8 +84,8 @@ def gaussian_blur(img: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
     """torchvision's Gaussian blur (reflect padding, same kernel), done as two 1-D passes.
 
     ``torchvision.transforms.v2.functional.gaussian_blur`` convolves with the full k x k kernel;
-    the Gaussian is separable, so two k-tap passes give the same picture (to rounding) about six
-    times faster at 224x224 with k=13. Keeps the baseline honest rather than slow.
+    the Gaussian is separable, so two k-tap passes give the same picture (to rounding) for less
+    work. Keeps the baseline honest rather than slow.
     """
     half = (kernel - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel)

@@ -153,3 +153,21 @@ def test_randaugment_operations_match_torchvision(op):
                 assert diff.max() == 0, (op, sign, diff.max(), (diff > 0).mean())
             if op != "Identity" and op != "AutoContrast":
                 assert (got != img).any(), f"{op} changed nothing"
+
+
+def test_randaugment_magnitude_conventions():
+    """M=5 is a bin of randaugment_bins: 1/6 of the maximum rotation (5 degrees) on torchvision's 31
+    bins, half of it (15 degrees) on the original 0..10 scale (randaugment_bins=11)."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+
+    img = smooth_image(np.random.default_rng(4), 24, 24)
+    rotate = (KR.RA_OPS.index("Rotate") + 0.5) / len(KR.RA_OPS)
+    for bins, degrees in ((31, 5.0), (11, 15.0)):
+        preset = get_preset("very_strong", randaugment_n=1, randaugment_m=5, randaugment_bins=bins)
+        out = run_kernel([img], np.float32([[rotate, 0.9]]), None, op=kernels.numba_op("randaugment", KR._entry),
+                         consts=KR.randaugment_constants(preset))[0]  # fmt: skip
+        want = TF.rotate(torch.from_numpy(img).permute(2, 0, 1), degrees).permute(1, 2, 0).numpy()
+        assert (np.abs(out.astype(int) - want).max(axis=2) > 0).mean() < 0.01, bins
+    with pytest.raises(ValueError, match="randaugment_m=11 must be a bin in 0..10"):
+        get_preset("very_strong", randaugment_m=11, randaugment_bins=11)

@@ -173,6 +173,28 @@ def test_jigsaw_and_views_reject_bad_arguments():
             D.check_views(bad)
     with pytest.raises(ValueError, match="device must be 'cpu' or 'gpu'"):
         D.decoder_backend("tpu")
+    with pytest.raises(ValueError, match="jigsaw_mode must be one of global, local, got 'tiles'"):
+        get_preset("very_strong", jigsaw_mode="tiles")
+    with pytest.raises(ValueError, match="jigsaw_p must be a probability"):
+        get_preset("very_strong", jigsaw_p=1.5)
+
+
+def test_cpu_kernels_config_key_reaches_the_pipeline(tiny_dataset):
+    """data.cpu_kernels from the config to the DALI loader: a bad name fails when the loader is
+    built, naming the key's choices; 'dali' runs the DALI-operator stages."""
+    from ensiam_fast.config import ConfigError, load_config
+    from ensiam_fast.data import build_loader
+
+    cfg = load_config("demo", ["data.cpu_kernels=dali"])
+    loader = build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="default", num_threads=1,
+                          cpu_kernels=cfg.data.cpu_kernels)  # fmt: skip
+    assert loader.cpu_kernels == "dali"
+    x, _ = next(iter(loader))
+    assert x.shape == (2, 8, 3, SIZE, SIZE)
+    with pytest.raises(ConfigError, match=r"data\.cpu_kernels='fast' is not one of"):
+        load_config("demo", ["data.cpu_kernels=fast"])
+    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, numba, dali, got 'fast'"):
+        build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="default", cpu_kernels="fast")
 
 
 @pytest.mark.parametrize("preset", ["default", "very_strong", "eval"])

@@ -59,7 +59,7 @@ def backend(choice: str = "auto") -> str:
 
 def numba_op(name: str, run_fn):
     """``run_fn(out, img, draws, consts)`` as a DALI CPU operator (uint8 HWC in and out), compiled
-    once per process (2-3 s the first time) and shared by every view and pipeline.
+    once per process and shared by every view and pipeline.
 
     Calls are serialised: the loader defines the next epoch's pipeline in a background thread
     while another definition may be under way, and one operator object serves both.
