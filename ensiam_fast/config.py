@@ -99,6 +99,7 @@ class TrainConfig:
     knn_k: int = 200  # neighbours that vote in the kNN monitor
     knn_t: float = 0.1  # temperature of the kNN vote weights exp(similarity / t)
     eval_batch_size: int = 256  # global batch of the kNN monitor's feature extraction
+    dist_timeout_s: float = 600.0  # a collective waiting longer (a dead or frozen peer) ends the run with an error
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -263,6 +264,82 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if cfg.model.proj_layers not in (2, 3):
         raise ConfigError(f"model.proj_layers={cfg.model.proj_layers}: SimSiam's projector has 2 or 3 layers")
+    _validate_ranges(cfg)
+    _validate_augmentation(cfg)
+    _validate_backbone(cfg)
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    checks = [
+        ("seed", cfg.seed, cfg.seed >= 0, "must be >= 0 (it seeds numpy and DALI)"),
+        ("dist_timeout_s", cfg.dist_timeout_s, cfg.dist_timeout_s > 0, "must be > 0 seconds"),
+        ("output_dir", cfg.output_dir, bool(cfg.output_dir.strip()), "must name a directory"),
+        ("optim.base_lr", cfg.optim.base_lr, cfg.optim.base_lr > 0, "must be > 0 (lr = base_lr * batch_size / 256)"),
+        ("optim.momentum", cfg.optim.momentum, 0 <= cfg.optim.momentum < 1, "must be in [0, 1)"),
+        ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.warmup_epochs", cfg.optim.warmup_epochs, cfg.optim.warmup_epochs >= 0, "must be >= 0"),
+        ("data.eval_resize_ratio", cfg.data.eval_resize_ratio, cfg.data.eval_resize_ratio >= 1,
+         "must be >= 1 (resize to ratio * size, then centre-crop to size)"),
+    ]  # fmt: skip
+    for key in ("proj_hidden", "proj_dim", "pred_hidden"):
+        value = getattr(cfg.model, key)
+        checks.append((f"model.{key}", value, value >= 1, "must be at least 1"))
+    for key in ("image_size", "num_threads"):
+        value = getattr(cfg.data, key)
+        checks.append((f"data.{key}", value, value is None or value >= 1, "must be at least 1 (or null)"))
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} {rule}")
+
+
+def _validate_augmentation(cfg: TrainConfig) -> None:
+    """The preset name, its overrides, and (when the size is known here) the jigsaw grid."""
+    from pipelines.dali_ops import check_jigsaw
+    from pipelines.presets import get_preset
+
+    try:
+        preset = get_preset(cfg.data.preset)
+    except ValueError as e:
+        raise ConfigError(f"data.preset={cfg.data.preset!r}: {e}") from None
+    try:
+        preset = preset.replace(**cfg.data.preset_overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data.preset_overrides: {e}") from None
+    for key, value in cfg.data.preset_overrides.items():
+        _check_like(f"data.preset_overrides.{key}", value, getattr(get_preset(cfg.data.preset), key))
+    if cfg.data.image_size is not None:
+        try:
+            check_jigsaw(cfg.data.image_size, preset.jigsaw_grid)
+        except ValueError as e:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} with data.preset={preset.name!r}: {e}") from None
+
+
+def _check_like(key: str, value: Any, default: Any) -> None:
+    """A preset override must have the type of the field's default (a pair stays a pair of numbers)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif number(default):
+        ok = number(value)
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and len(value) == len(default) and all(map(number, value))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{key}={value!r} should be like the preset's {default!r}")
+
+
+def _validate_backbone(cfg: TrainConfig) -> None:
+    from ensiam_fast.stems import check_backbone
+
+    try:
+        check_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+    except ValueError as e:
+        raise ConfigError(
+            f"model.backbone={cfg.model.backbone!r} (model.cifar_stem={cfg.model.cifar_stem}): {e}"
+        ) from None
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

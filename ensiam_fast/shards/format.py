@@ -219,6 +219,11 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     for key in ("dataset", "classes", "splits"):
         if key not in raw:
             raise ShardFormatError(f"{path} lacks the key {key!r}; re-run tools/make_shards.py")
+    if not isinstance(raw["splits"], dict) or not isinstance(raw["classes"], list):
+        raise ShardFormatError(f"{path}: 'splits' must be a mapping and 'classes' a list; re-run tools/make_shards.py")
+    size = raw.get("image_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)):
+        raise ShardFormatError(f"{path}: image_size={size!r} must be [height, width] (integers) or null")
     splits = {}
     for name, s in raw["splits"].items():
         try:
@@ -231,6 +236,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             )
         except KeyError as e:
             raise ShardFormatError(f"{path}: split {name!r} lacks the key {e.args[0]!r}") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ShardFormatError(f"{path}: split {name!r} has a field of the wrong type ({e}); "
+                                   "re-run tools/make_shards.py") from e
     return Manifest(
         dataset=raw["dataset"],
         classes=list(raw["classes"]),
