@@ -167,9 +167,10 @@ def resolve_checkpoint(run: str | os.PathLike | None = None, checkpoint: str | o
 def check_compatible(cfg, state: dict, path: Path, num_processes: int) -> None:
     """Refuse to resume a checkpoint under a config that would reinterpret it.
 
-    A different network or method cannot load the weights. A different global ``batch_size`` or
-    number of processes would silently change what the stored data position (``batch_in_epoch``,
-    counted in per-process batches of one shard each) and the step-based schedule mean."""
+    A different network or method cannot load the weights. A different global ``batch_size``,
+    ``gradient_accumulation_steps`` or number of processes would silently change what the stored
+    data position (``batch_in_epoch``, counted in per-process loader batches of one shard each) and
+    the step-based schedule mean."""
     saved = state["config"]
     where = "; use a new output_dir or the same settings"
     for key in ("method", "views"):
@@ -189,6 +190,13 @@ def check_compatible(cfg, state: dict, path: Path, num_processes: int) -> None:
             f"{path} was trained with batch_size={saved.get('batch_size')} but this config has "
             f"batch_size={cfg.batch_size}: the saved data position and lr schedule count steps of that "
             f"batch; resume with batch_size={saved.get('batch_size')} or use a new output_dir"
+        )
+    saved_accum = saved.get("gradient_accumulation_steps", 1)
+    if saved_accum != getattr(cfg, "gradient_accumulation_steps", 1):
+        raise CheckpointError(
+            f"{path} was trained with gradient_accumulation_steps={saved_accum} but this config has "
+            f"{cfg.gradient_accumulation_steps}: the saved data position counts loader batches of that size; "
+            f"resume with gradient_accumulation_steps={saved_accum} or use a new output_dir"
         )
     saved_procs = state.get("num_processes", 1)
     if saved_procs != num_processes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,10 +25,12 @@ if __package__ in (None, ""):  # `accelerate launch ensiam_fast/train.py` runs t
 import torch
 from tqdm.auto import tqdm
 
+from ensiam_fast import distributed
 from ensiam_fast.checkpoint import (
     CheckpointError,
     check_compatible,
     latest_checkpoint,
+    remove_stale_tmp,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -41,12 +44,25 @@ from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 from ensiam_fast.shards import ShardFormatError, read_manifest
-from ensiam_fast.stems import check_backbone
+from pipelines.dali_ops import check_jigsaw
 from pipelines.presets import get_preset
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start or cannot go on; the message says why and what to do."""
+
+
+USER_ERRORS = (ConfigError, TrainingError, CheckpointError, ShardFormatError, distributed.DistributedError)
+
+
+def agreed(accelerator, check, *args, also: tuple = ()):
+    """``check(*args)`` on every process; a user error on any of them stops all, with one message."""
+    try:
+        result, error = check(*args), None
+    except USER_ERRORS + also as e:
+        result, error = None, str(e)
+    distributed.raise_if_any(accelerator, error)
+    return result
 
 
 class Interrupted(RuntimeError):
@@ -91,13 +107,12 @@ class StopRequest:
 
 
 def build_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir)
-    return Accelerator(
+    return distributed.build_accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),  # auto: Accelerate's own setting first
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        timeout_s=cfg.dist_timeout_s, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.log_with == "none" else cfg.log_with, project_config=project,
     )  # fmt: skip
 
@@ -137,6 +152,10 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     size = cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
     if size is None:
         raise TrainingError(f"{cfg.data.root} has images of several sizes: set data.image_size")
+    try:
+        check_jigsaw(size, get_preset(cfg.data.preset, **cfg.data.preset_overrides).jigsaw_grid)
+    except ValueError as e:
+        raise TrainingError(f"the images of {cfg.data.root} are {size}x{size}, set data.image_size: {e}") from e
     return {"image_size": size, "num_samples": train.num_samples, "dataset": manifest.dataset}
 
 
@@ -172,14 +191,27 @@ class Position:
 
 
 class MetricsLog:
-    """``metrics.jsonl``, one JSON object per line, written by the main process only."""
+    """``metrics.jsonl``, one JSON object per line, written by the main process only.
+
+    On start the file is cut back to what the checkpoint we resume from covers (nothing when there
+    is none), so a crash at any moment never leaves a step logged twice: a training line at the
+    resumed step stays, everything later (and a kNN line at that step, which runs again) goes, and
+    so does a last line cut short by the crash."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            # Lines logged after the checkpoint we resume from describe steps that will run again.
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill mid-write
+                if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record):
+                    kept.append(line)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -192,22 +224,19 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        try:  # a bad backbone or stem is reported before any data is read
-            check_backbone(cfg.model.backbone, cfg.model.cifar_stem)
-        except ValueError as e:
-            raise TrainingError(f"model.backbone={cfg.model.backbone!r}: {e}") from e
         self.accelerator = acc = build_accelerator(cfg)
-        self.info = check_data(cfg, acc.num_processes)
         self.out = Path(cfg.output_dir)
+        # Each check runs on every process; if any fails, all stop together with one message.
+        distributed.check_shared_output_dir(acc, self.out)
+        self.info = agreed(acc, check_data, cfg, acc.num_processes)
         if acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            remove_stale_tmp(self.out)  # a save cut short by a crash
         if acc.device.type == "cuda":
             torch.cuda.set_device(acc.device)  # DALI's GPU pipeline uses the current device
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
-        self.data_device = data_device(cfg, acc)
-        self.loader = self.build_train_loader()
+        self.data_device = agreed(acc, data_device, cfg, acc)
+        self.loader = agreed(acc, self.build_train_loader, also=(ValueError,))  # the loader's own checks
         # optimizer steps; a step takes gradient_accumulation_steps loader batches (a tail too short to fill one
         # step is skipped, as a last partial batch is)
         self.steps_per_epoch = len(self.loader) // cfg.gradient_accumulation_steps
@@ -218,10 +247,15 @@ class Trainer:
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
         self.pos = Position()
         self.build_model_and_optimizer()
+        if acc.is_main_process:  # every check passed: only now is the run directory written
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
         # wandb keeps its files in the run directory too (WANDB_MODE=offline runs without an account)
         acc.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()),
                           init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
-        self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, self.pos.step if self.resumed else None)
+        # a finished run that is run again trains nothing and keeps its log as it is
+        done = self.resumed is not None and self.pos.step >= self.total_steps
+        self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, None if done else self.pos.step)
 
     def build_train_loader(self):
         cfg, acc = self.cfg, self.accelerator
@@ -245,9 +279,11 @@ class Trainer:
         )  # fmt: skip
         optimizer = build_optimizer(method, cfg, self.peak_lr)
         self.resumed = latest_checkpoint(self.out)
+        distributed.agree_on(acc, "the checkpoint step to resume from", self.resumed and self.resumed[1]["step"],
+                             advice="every process must see the same checkpoints (one shared output_dir)")
         if self.resumed is not None:
             path, state = self.resumed
-            check_compatible(cfg, state, path, acc.num_processes)
+            agreed(acc, check_compatible, cfg, state, path, acc.num_processes)
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -270,6 +306,7 @@ class Trainer:
 
     def knn(self, epoch: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
+        distributed.sync_buffers(self.raw_method, acc)  # every rank scores with the same statistics
         self.raw_method.eval()
         result = knn_evaluate(
             self.features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
@@ -302,6 +339,7 @@ class Trainer:
     def checkpoint(self) -> None:
         acc, pos = self.accelerator, self.pos
         acc.wait_for_everyone()
+        distributed.sync_buffers(self.raw_method, acc)  # what is saved is what every rank holds
         if acc.is_main_process:
             save_checkpoint(self.out, {
                 "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
@@ -366,7 +404,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process,
                    desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
         window, last_good = Window(), pos.step
-        with StopRequest() as stop:
+        with StopRequest() as stop, bar:  # closing the bar ends its line, also when an error ends the run
             while pos.step < self.total_steps:
                 self.loader.set_epoch(pos.epoch)
                 window.restart()
@@ -495,17 +533,45 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def report(message: str, shared: bool) -> None:
+    """One line on stderr: by the first process for an error every process shares, else by each
+    process that hit it (naming its rank when there are several)."""
+    rank, world = distributed.global_rank(), distributed.requested_world_size()
+    if shared and rank != 0:
+        return
+    prefix = f"rank {rank}: " if world > 1 and not shared else ""
+    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:  # every process parses the same command line: one line per machine
+        if distributed.local_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
         summary = run(cfg)
-    except (ConfigError, TrainingError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        # Trainer runs its start checks through `agreed`: those errors are the same on every process.
+        shared = getattr(e, "shared", True)
+        report(str(e), shared=shared)
+        if shared:
+            distributed.settle()
         return 2
     except Interrupted as e:
-        print(f"{e}; a checkpoint was written. Run the same command again to resume.", file=sys.stderr)
+        if distributed.global_rank() == 0:
+            print(f"{e}; a checkpoint was written. Run the same command again to resume.", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:
+        if distributed.requested_world_size() == 1 or not distributed.is_peer_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        report(f"lost contact with another process ({first}): a process died, froze past dist_timeout_s="
+               f"{cfg.dist_timeout_s:g}s, or its machine dropped off. Run the same command again to resume "
+               "from the newest checkpoint.", shared=False)
+        return 1
     if summary is None:  # not the main process: it says nothing
         return 0
     if "knn_start" in summary and "knn_end" in summary:

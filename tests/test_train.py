@@ -160,3 +160,30 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
     assert rc == 0
     steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == list(range(1, stopped_at + 3))
+
+
+def test_sigkill_before_the_first_checkpoint_leaves_no_step_twice(tmp_path, tiny_dataset):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}",
+            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_file = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: no checkpoint, whatever was logged stays
+    proc.wait(timeout=60)
+    assert latest_checkpoint(out) is None and len(metrics_file.read_text().splitlines()) >= 2
+    with open(metrics_file, "a") as f:
+        f.write('{"step": 9, "lo')  # and a line torn mid-write
+    rc, _ = run_main(tmp_path, tiny_dataset, "knn_every=0", "epochs=50", "max_steps=3", name="killed")
+    assert rc == 0
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == [1, 2, 3]

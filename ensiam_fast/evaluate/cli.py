@@ -19,6 +19,7 @@ import torch
 
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
 from ensiam_fast.config import TrainConfig
+from ensiam_fast.distributed import DistributedError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
     FEATURE_NORMS,
@@ -33,10 +34,12 @@ from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 
 
 def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
-    from accelerate import Accelerator
+    from ensiam_fast.distributed import build_accelerator
 
-    # the trainer's precision rule (the run's mixed_precision; auto: Accelerate's setting, else the device's)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    # the trainer's precision rule (the run's mixed_precision; auto: Accelerate's setting, else the device's);
+    # one job over gloo on a CPU host too, with the run's collective deadline (ensiam_fast/distributed.py)
+    accelerator = build_accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                                    timeout_s=cfg.dist_timeout_s)
     if accelerator.device.type == "cuda":
         torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
     # the trainer's device rule, except that a run trained with data.device=gpu evaluates on a CPU-only host
@@ -130,7 +133,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         record = run_command(args)
-    except (CheckpointError, ExportError, EvaluationError, ValueError) as e:
+    except (CheckpointError, ExportError, EvaluationError, DistributedError, ValueError) as e:
         # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,160 @@
+"""Several processes through the real launcher on the CPU: ``accelerate launch`` on this host.
+
+Each run is a tiny network on tiny data, but a process start costs seconds: these are the slow
+end-to-end tests, bounded by small max_steps and a short dist_timeout_s."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import make_tiny_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "dist_worker.py"
+TRAIN = REPO / "ensiam_fast" / "train.py"
+TINY = [
+    "batch_size=8", "epochs=2", "log_every=1", "checkpoint_every=1000", "knn_every=1", "knn_k=5",
+    "eval_batch_size=16", "data.image_size=16", "data.num_threads=1", "model.proj_hidden=32",
+    "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false", "model.cifar_stem=true",
+    "optim.warmup_epochs=1", "mixed_precision=no",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def id_dataset(tmp_path_factory):
+    """Every training sample is its own class, so labels name samples: 48 train, 24 test."""
+    root = tmp_path_factory.mktemp("ids")
+    return make_tiny_dataset(root, {"train": (48, True), "test": (24, True)}, num_classes=48)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(script, args, *, machines: int = 1, machine_rank: int = 0, port: int | None = None):
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
+    if machines > 1:
+        cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
+    return cmd + [str(script), "--config", "demo", *args]
+
+
+def env(**extra):
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **extra)
+    e.pop("ACCELERATE_USE_CPU", None)  # the point: no environment variable needed on a CPU host
+    return e
+
+
+def check_ranks_agree(dump_dir: Path, out: Path, num_samples: int | None):
+    ranks = [torch.load(dump_dir / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    a, b = ranks[0]["state"], ranks[1]["state"]
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"parameters/buffers differ between ranks: {differ[:5]}"
+    assert any("running_mean" in k for k in a)  # the buffers were compared, not only parameters
+    if num_samples is not None:  # one epoch: the two shards are disjoint and cover the split
+        seen0, seen1 = ranks[0]["labels"], ranks[1]["labels"]
+        assert len(seen0) == len(seen1) == num_samples // 2
+        assert not set(seen0) & set(seen1)
+        assert set(seen0) | set(seen1) == set(range(num_samples))
+
+
+def test_two_processes_form_one_job(tmp_path, id_dataset):
+    out, dumps = tmp_path / "run", tmp_path / "dumps"
+    dumps.mkdir()
+    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "max_steps=6"]  # 6 steps = one epoch
+    proc = subprocess.run(launcher(WORKER, args), env=env(DUMP_DIR=str(dumps)), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["num_processes"] == 2 and summary["mixed_precision"] == "no"
+    assert summary["device"].startswith("cpu") and summary["final_step"] == 6
+    assert sum(line.startswith("{") for line in proc.stdout.splitlines()) == 1  # printed by one process
+    check_ranks_agree(dumps, out, 48)
+    knn = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
+    assert knn and all(r["knn_samples"] == 24 for r in knn)  # each test sample scored exactly once
+
+
+def test_two_loopback_machines_with_sync_bn(tmp_path, id_dataset):
+    out, dumps = tmp_path / "run", tmp_path / "dumps"
+    dumps.mkdir()
+    port = free_port()
+    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "max_steps=2", "knn_every=0", "model.sync_bn=true"]
+    procs = [subprocess.Popen(launcher(WORKER, args, machines=2, machine_rank=r, port=port),
+                              env=env(DUMP_DIR=str(dumps)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert json.loads(results[0][0].strip().splitlines()[-1])["num_processes"] == 2
+    check_ranks_agree(dumps, out, None)
+
+
+def test_machines_with_different_output_dirs_stop_at_start(tmp_path, id_dataset):
+    port = free_port()
+    outs = [tmp_path / "a", tmp_path / "b"]
+    args = [f"data.root={id_dataset}", *TINY, "max_steps=2", "dist_timeout_s=60"]
+    procs = [subprocess.Popen(launcher(TRAIN, [f"output_dir={outs[r]}", *args], machines=2, machine_rank=r, port=port),
+                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode != 0 for p in procs)
+    errors = [ln for _, err in results for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "same output_dir" in errors[0], errors
+    assert not (outs[1] / "config.yaml").exists() and not (outs[1] / "checkpoints").exists()
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "train.py" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_lost_rank_ends_the_job_within_the_timeout(tmp_path, id_dataset, sig):
+    out, timeout_s = tmp_path / "run", 30
+    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "epochs=200", "knn_every=0",
+            f"dist_timeout_s={timeout_s}"]  # fmt: skip
+    proc = subprocess.Popen(launcher(TRAIN, args), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    victim = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        victim = rank_pid(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, sig)
+        start = time.time()
+        _, err = proc.communicate(timeout=timeout_s + 150)
+        elapsed = time.time() - start
+    finally:
+        if victim is not None and psutil.pid_exists(victim):
+            os.kill(victim, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    # The survivor's collective fails: at once for a dead peer, after dist_timeout_s for a frozen
+    # one; the launcher then stops what is left (a stopped process only by SIGKILL, after its grace).
+    assert elapsed < timeout_s + 90, elapsed
+    if sig == signal.SIGSTOP:
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert any("rank 0: lost contact with another process" in ln for ln in lines), err[-3000:]
