@@ -292,9 +292,16 @@ def _validate_ranges(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={value!r} {rule}")
 
 
+def check_jigsaw(size: int, grid: int) -> None:
+    """The jigsaw cuts a view into grid x grid equal tiles (here, not in pipelines/dali_ops.py, so a
+    run without DALI can check it)."""
+    if grid > 0 and size % grid:
+        raise ValueError(f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
+                         f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0")
+
+
 def _validate_augmentation(cfg: TrainConfig) -> None:
     """The preset name, its overrides, and (when the size is known here) the jigsaw grid."""
-    from pipelines.dali_ops import check_jigsaw
     from pipelines.presets import get_preset
 
     try:

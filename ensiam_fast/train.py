@@ -35,7 +35,7 @@ from ensiam_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
+from ensiam_fast.config import ConfigError, TrainConfig, check_jigsaw, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.synthetic import check_synthetic
@@ -44,7 +44,6 @@ from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 from ensiam_fast.shards import ShardFormatError, read_manifest
-from pipelines.dali_ops import check_jigsaw
 from pipelines.presets import get_preset
 
 
