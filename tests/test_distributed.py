@@ -158,3 +158,25 @@ def test_a_lost_rank_ends_the_job_within_the_timeout(tmp_path, id_dataset, sig):
     if sig == signal.SIGSTOP:
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert any("rank 0: lost contact with another process" in ln for ln in lines), err[-3000:]
+
+
+def test_errors_under_accelerate_launch_are_one_line(tmp_path, id_dataset):
+    # Two processes, one error every rank finds: reported once, by the first process.
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "data.root=/nonexistent/dataset", *TINY]
+    proc = subprocess.run(launcher(TRAIN, args), env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # accelerate's launcher turns the processes' exit code 2 into its own 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "/nonexistent/dataset does not exist" in lines[0], proc.stderr[-3000:]
+    assert "ensiam_fast/" not in "".join(ln for ln in proc.stderr.splitlines() if ln.strip().startswith("File "))
+    assert not out.exists()
+
+
+def test_a_launch_that_yields_one_process_says_so(tmp_path, id_dataset):
+    # Without --multi_gpu, accelerate's plain launcher starts one process however many were asked for.
+    cmd = ["accelerate", "launch", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(TRAIN), "--config", "demo", f"output_dir={tmp_path / 'run'}", "data.root=/nonexistent/dataset", *TINY]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert "warning: accelerate launch was asked for several processes but started only this one" in proc.stderr
+    # accelerate's plain launcher (without --quiet) repeats the child's stderr in its own traceback
+    assert len({ln for ln in proc.stderr.splitlines() if ln.startswith("error:")}) == 1
