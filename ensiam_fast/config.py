@@ -308,12 +308,13 @@ def _validate_augmentation(cfg: TrainConfig) -> None:
         preset = get_preset(cfg.data.preset)
     except ValueError as e:
         raise ConfigError(f"data.preset={cfg.data.preset!r}: {e}") from None
+    for key, value in cfg.data.preset_overrides.items():  # types first: the preset's own range checks need them
+        if hasattr(preset, key):
+            _check_like(f"data.preset_overrides.{key}", value, getattr(preset, key))
     try:
         preset = preset.replace(**cfg.data.preset_overrides)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"data.preset_overrides: {e}") from None
-    for key, value in cfg.data.preset_overrides.items():
-        _check_like(f"data.preset_overrides.{key}", value, getattr(get_preset(cfg.data.preset), key))
     if cfg.data.image_size is not None:
         try:
             check_jigsaw(cfg.data.image_size, preset.jigsaw_grid)
