@@ -43,6 +43,7 @@ from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.models import convert_sync_batchnorm
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
+from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
 
@@ -236,6 +237,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data_device = agreed(acc, data_device, cfg, acc)
         self.loader = agreed(acc, self.build_train_loader, also=(ValueError,))  # the loader's own checks
+        # torch's CPU threads: ENSIAM_THREADS=auto follows the machine's load (a fair share on a shared CPU)
+        self.loader = configure_runtime(self.loader, device_type=acc.device.type)
         # optimizer steps; a step takes gradient_accumulation_steps loader batches (a tail too short to fill one
         # step is skipped, as a last partial batch is)
         self.steps_per_epoch = len(self.loader) // cfg.gradient_accumulation_steps

@@ -224,3 +224,22 @@ def test_errors():
 
     with pytest.raises(ValueError, match="SyncBatchNormAct"):
         convert_per_view_bn(nn.Sequential(SyncBatchNormAct(4)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["nchw", "channels_last", "2d", "cumulative_no_affine"])
+def test_equals_separate_forwards_cuda(case):
+    bn, x, grad = make(case)
+    bn, x, grad = bn.cuda(), x.cuda(), grad.cuda()
+    layer = PerViewBatchNorm.from_batchnorm(copy.deepcopy(bn))
+    layer.num_views = K
+    assert_same(run(layer, x, grad), separate(bn, x, grad), layer, bn, atol=1e-4)
+    xi = x.clone().requires_grad_()
+    with OpLog() as log:
+        layer(xi).backward(grad)
+    assert not [op for op in log.ops if op.startswith(("aten.cat", "aten.copy", "aten.clone"))]
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # half activations, float32 parameters and buffers
+        got = run(layer, x.bfloat16(), grad.bfloat16(), steps=1)
+        ref = separate(bn, x.bfloat16(), grad.bfloat16(), steps=1)
+    assert got[0].dtype == torch.bfloat16
+    assert_same(got, ref, layer, bn, atol=2e-2)

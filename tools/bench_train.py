@@ -3,14 +3,17 @@
 
     python tools/bench_train.py                          # CPU grid: K in {2,4}, fp32/bf16, NCHW/channels_last
     python tools/bench_train.py --compile                # also torch.compile, K=2 fp32 NCHW
-    python tools/bench_train.py --device cuda --batch 256 --precisions fp32 bf16 fp16
+    python tools/bench_train.py --device cuda --batch 256 --views 2 4 8 --impls fused loop joint --compile
+    python tools/bench_train.py --bn-layer-only --compile   # one BatchNorm layer: per-view vs old vs joint
 
-Both implementations run the same training step on synthetic (K, B, 3, 32, 32) views: forward,
-EnSiam loss, backward, SGD step. ``fused`` is ``SiameseNet`` with per-view BatchNorm (one backbone
-pass over K*B images); ``loop`` is the same network with plain BatchNorm called K times on B images
-(official SimSiam style), its outputs concatenated for the same loss. Every configuration builds both
-once, warms up, then alternates steps (which one goes first flips each round) so machine noise hits
-both; figures are medians over the timed steps. Images/s counts B per step, views/s K*B.
+The implementations run the same training step on synthetic (K, B, 3, S, S) views (S = ``--size``,
+default 32): forward, EnSiam loss, backward, SGD step. ``fused`` is ``SiameseNet`` with per-view
+BatchNorm (one backbone pass over K*B images); ``loop`` is the same network with plain BatchNorm
+called K times on B images (official SimSiam style), its outputs concatenated for the same loss;
+``joint`` (optional) is the fused pass with plain BatchNorm pooling all K*B images (different
+statistics: the cost of per-view BatchNorm is fused/joint). Every configuration builds each
+once, warms up, then alternates steps (the order flips each round) so machine noise hits all;
+figures are medians over the timed steps. Images/s counts B per step, views/s K*B.
 
 Memory: on CUDA the peak allocated bytes per implementation (``torch.cuda.max_memory_allocated``,
 reset before each step). On CPU there is no per-allocation counter, so only the process peak RSS
@@ -54,6 +57,10 @@ class Config:
         return f"K={self.views} {self.precision} {fmt}{' compiled' if self.compile else ''}"
 
 
+IMPLS = ("fused", "loop", "joint")
+HEADS = {"paper": {}, "tiny": {"proj_hidden": 32, "proj_dim": 32, "pred_hidden": 8}}
+
+
 def loop_forward(model: SiameseNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K separate forwards of B images each, concatenated to (K, B, D)."""
     outs = [model(x[k : k + 1]) for k in range(x.shape[0])]
@@ -63,10 +70,10 @@ def loop_forward(model: SiameseNet, x: torch.Tensor) -> tuple[torch.Tensor, torc
 class Runner:
     """One implementation's model, optimizer and step function for one configuration."""
 
-    def __init__(self, impl: str, base: SiameseNet, cfg: Config, device: torch.device):
+    def __init__(self, impl: str, base: SiameseNet, cfg: Config, device: torch.device, heads: dict):
         model = copy.deepcopy(base)
-        if impl == "loop":  # plain BatchNorm: each of the K calls normalises one view, as official SimSiam
-            model = build_model(bn_mode="joint")
+        if impl in ("loop", "joint"):  # plain BatchNorm (loop: each of the K calls normalises one view)
+            model = build_model(bn_mode="joint", **heads)
             model.load_state_dict(base.state_dict())
         model = model.to(device)
         model.set_views(cfg.views if impl == "fused" else 1)  # fixed before compiling: no recompile
@@ -75,7 +82,7 @@ class Runner:
         self.model, self.impl, self.cfg, self.device = model, impl, cfg, device
         self.opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
         forward = torch.compile(model) if cfg.compile else model
-        self.forward = forward if impl == "fused" else (lambda x: loop_forward(forward, x))
+        self.forward = (lambda x: loop_forward(forward, x)) if impl == "loop" else forward
         dtype = DTYPES[cfg.precision]
         self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -100,10 +107,10 @@ def synced_time(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def count_step_flops(base: SiameseNet, views: int, batch: int, device: torch.device) -> float:
+def count_step_flops(base: SiameseNet, views: int, batch: int, size: int, device: torch.device) -> float:
     """FLOPs of one fused fp32 training step (forward + backward), counted by torch's FlopCounterMode."""
     model = copy.deepcopy(base).to(device)
-    x = torch.randn(views, batch, 3, 32, 32, device=device)
+    x = torch.randn(views, batch, 3, size, size, device=device)
     with FlopCounterMode(display=False) as counter:
         z, p = model(x)
         ensiam_loss(p, z).backward()
@@ -111,10 +118,10 @@ def count_step_flops(base: SiameseNet, views: int, batch: int, device: torch.dev
 
 
 def measure(cfg: Config, base: SiameseNet, args, device: torch.device) -> dict:
-    x = torch.randn(cfg.views, args.batch, 3, 32, 32, device=device)
+    x = torch.randn(cfg.views, args.batch, 3, args.size, args.size, device=device)
     if cfg.channels_last:  # the loader's layout: each image channels_last, views stacked in front
         x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view(x.shape)
-    runners = [Runner(impl, base, cfg, device) for impl in ("fused", "loop")]
+    runners = [Runner(impl, base, cfg, device, HEADS[args.heads]) for impl in args.impls]
     compile_s = {}
     for r in runners:
         compile_s[r.impl] = synced_time(lambda r=r: r.step(x), device)  # first step: compile / lazy init
@@ -138,63 +145,74 @@ def measure(cfg: Config, base: SiameseNet, args, device: torch.device) -> dict:
                      "first_step_s": compile_s[impl]}
         if device.type == "cuda":
             out[impl]["peak_mem_mib"] = peaks[impl] / 2**20
-    out["fused_over_loop_speed"] = out["fused"]["steps_per_s"] / out["loop"]["steps_per_s"]
+    if "fused" in times and "loop" in times:
+        out["fused_over_loop_speed"] = out["fused"]["steps_per_s"] / out["loop"]["steps_per_s"]
+    if "fused" in times and "joint" in times:
+        out["per_view_over_joint_speed"] = out["fused"]["steps_per_s"] / out["joint"]["steps_per_s"]
     return out
 
 
-def bn_decomposed(x, k, weight, bias, eps=1e-5):
-    """Loop-free alternative 1: per-view statistics by one reduction, normalisation by autograd ops."""
-    xv = x.view(k, -1, *x.shape[1:])
-    var, mean = torch.var_mean(xv, dim=(1, 3, 4), unbiased=False, keepdim=True)
-    shape = (1, 1, -1, 1, 1)
-    return ((xv - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)).view(x.shape)
+def bn_per_view_cat(x, k, layer):
+    """The previous PerViewBatchNorm: K native kernels on dim-0 slices, outputs concatenated."""
+    return torch.cat([torch.nn.functional.batch_norm(view, layer.running_mean, layer.running_var, layer.weight,
+                                                     layer.bias, True, 0.1, layer.eps) for view in x.chunk(k)])
 
 
-def bn_transposed(x, k, weight, bias, eps=1e-5):
-    """Loop-free alternative 2: copy to (B, K*C, H, W) so one native kernel sees K*C channels."""
-    n, c = x.shape[0] // k, x.shape[1]
-    xt = x.view(k, n, c, *x.shape[2:]).transpose(0, 1).reshape(n, k * c, *x.shape[2:])
-    y = torch.nn.functional.batch_norm(xt, None, None, weight.repeat(k), bias.repeat(k), True, 0.0, eps)
-    return y.view(n, k, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
-
-
-def bench_bn_layer(args, device: torch.device) -> dict:
-    """One ResNet-18 CIFAR layer-1 BatchNorm, forward + backward: per-view variants against joint."""
-    from ensiam_fast.models import PerViewBatchNorm
+def bench_bn_layer(args, device: torch.device) -> list[dict]:
+    """One ResNet-18 CIFAR layer-1 BatchNorm (K*B, 64, S, S), forward + backward, per format and
+    precision: the shipped per-view layer against the previous one (``torch.cat``) and joint BN,
+    eager and (``--compile``) compiled."""
+    from ensiam_fast.batchnorm import PerViewBatchNorm
 
     k, c = max(args.views), 64
-    x0 = torch.randn(k * args.batch, c, 32, 32, device=device)
-    layer = PerViewBatchNorm(c).to(device)
-    layer.num_views = k
-    weight, bias = layer.weight, layer.bias
-    variants = {
-        "joint_native": lambda x: torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, 1e-5),
-        "per_view_chunked": layer,  # the shipped PerViewBatchNorm
-        "per_view_decomposed": lambda x: bn_decomposed(x, k, weight, bias),
-        "per_view_transposed": lambda x: bn_transposed(x, k, weight, bias),
-    }
-    grad = torch.randn_like(x0)
+    results = []
+    for fmt in args.formats:
+        for prec in [p for p in (args.precisions or ["fp32", "bf16"]) if p in ("fp32", "bf16")]:
+            dtype = torch.float32 if prec == "fp32" else torch.bfloat16
+            x0 = torch.randn(k * args.batch, c, args.size, args.size, device=device, dtype=dtype)
+            if fmt == "channels_last":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            layer = PerViewBatchNorm(c).to(device)
+            layer.num_views = k
+            joint = torch.nn.BatchNorm2d(c).to(device)
+            variants = {
+                "joint": joint,
+                "per_view": layer,  # the shipped PerViewBatchNorm
+                "per_view_cat": lambda x, layer=layer: bn_per_view_cat(x, k, layer),
+            }
+            if args.compile:
+                variants.update({f"{n}_compiled": torch.compile(copy.deepcopy(v) if isinstance(v, torch.nn.Module)
+                                                                else v) for n, v in list(variants.items())})
+            grad = torch.randn_like(x0)
 
-    def run(fn):
-        x = x0.clone().requires_grad_()
-        fn(x).backward(grad)
+            def run(fn, x0=x0, grad=grad):
+                x = x0.detach().requires_grad_()
+                fn(x).backward(grad)
 
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up
-        run(fn)
-    for i in range(args.steps * 2):
-        for name, fn in (list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]):
-            times[name].append(synced_time(lambda fn=fn: run(fn), device))
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    print("BN layer fwd+bwd ms: " + ", ".join(f"{n} {1e3 * t:.2f}" for n, t in med.items()), flush=True)
-    return {"shape": list(x0.shape), "views": k, "median_ms": {n: 1e3 * t for n, t in med.items()},
-            "over_joint": {n: t / med["joint_native"] for n, t in med.items()}}
+            times = {name: [] for name in variants}
+            first = {name: synced_time(lambda fn=fn: run(fn), device) for name, fn in variants.items()}
+            for i in range(args.steps * 2):
+                for name, fn in (list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]):
+                    times[name].append(synced_time(lambda fn=fn: run(fn), device))
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            print(f"BN layer {fmt} {prec} fwd+bwd ms: " + ", ".join(f"{n} {1e3 * t:.3f}" for n, t in med.items()),
+                  flush=True)
+            results.append({"shape": list(x0.shape), "views": k, "format": fmt, "precision": prec,
+                            "median_ms": {n: 1e3 * t for n, t in med.items()},
+                            "first_call_s": first,
+                            "over_joint": {n: t / med["joint"] for n, t in med.items()},
+                            "per_view_over_cat": med["per_view_cat"] / med["per_view"]})
+    return results
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--batch", type=int, default=32, help="B, images per view")
+    ap.add_argument("--size", type=int, default=32, help="image side S (ResNet-18 with the CIFAR stem)")
+    ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["fused", "loop"])
+    ap.add_argument("--heads", choices=sorted(HEADS), default="paper",
+                    help="projector/predictor widths: the paper's (2048/2048/512) or tiny ones (smoke runs)")
     ap.add_argument("--views", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--precisions", nargs="+", choices=sorted(DTYPES), default=None,
                     help="default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA")
@@ -202,13 +220,14 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first one")
     ap.add_argument("--compile", action="store_true",
-                    help="add torch.compile for K=min(views), fp32, the first format")
+                    help="add torch.compile for K=--compile-views, the first precision and format")
+    ap.add_argument("--compile-views", type=int, default=None, help="K of the compiled configuration (default: min)")
     ap.add_argument("--peak-tflops", type=float, default=989.0,
                     help="the card's peak for the MFU figure (default: H100 SXM dense bf16)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bn-layer", action="store_true",
-                    help="also time one BatchNorm layer's per-view variants (why PerViewBatchNorm chunks)")
+                    help="also time one BatchNorm layer: per-view (shipped), per-view with cat (previous), joint")
     ap.add_argument("--bn-layer-only", action="store_true", help="only the BatchNorm-layer comparison")
     return ap.parse_args(argv)
 
@@ -222,37 +241,42 @@ def main(argv=None) -> dict:
     configs = [Config(k, prec, fmt == "channels_last", False)
                for k in args.views for prec in precisions for fmt in args.formats]
     if args.compile:
-        configs.append(Config(min(args.views), "fp32", args.formats[0] == "channels_last", True))
+        configs.append(Config(args.compile_views or min(args.views), precisions[0],
+                              args.formats[0] == "channels_last", True))
     torch.manual_seed(args.seed)
-    base = build_model()  # resnet18, CIFAR stem, paper heads (2048/2048/512), per-view BN
-    flops = {k: count_step_flops(base, k, args.batch, device) for k in args.views}
     bn_layer = bench_bn_layer(args, device) if args.bn_layer or args.bn_layer_only else None
     if args.bn_layer_only:
         print(json.dumps({"bench": "train_step_bn_layer", "device": str(device), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "batch": args.batch, "bn_layer": bn_layer}))
-        return bn_layer
+                          "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
+                          "bn_layer": bn_layer}))
+        return {"bn_layer": bn_layer}
+    base = build_model(**HEADS[args.heads])  # resnet18, CIFAR stem, per-view BN
+    flops = {k: count_step_flops(base, k, args.batch, args.size, device) for k in {c.views for c in configs}}
     results = []
     for cfg in configs:
         res = measure(cfg, base, args, device)
         res["gflops_per_step"] = flops[cfg.views] / 1e9
         if device.type == "cuda":
-            for impl in ("fused", "loop"):
+            for impl in args.impls:
                 res[impl]["mfu"] = flops[cfg.views] * res[impl]["steps_per_s"] / (args.peak_tflops * 1e12)
         results.append(res)
-        print(f"{cfg.label():32s} fused {res['fused']['images_per_s']:8.1f} img/s  "
-              f"loop {res['loop']['images_per_s']:8.1f} img/s  fused/loop {res['fused_over_loop_speed']:.3f}",
-              flush=True)
+        print(f"{cfg.label():32s} " + "  ".join(f"{i} {res[i]['images_per_s']:9.1f} img/s" for i in args.impls)
+              + "".join(f"  {r} {res[r]:.3f}" for r in ("fused_over_loop_speed", "per_view_over_joint_speed")
+                        if r in res), flush=True)
     summary = {
         "bench": "train_step", "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
+        "impls": args.impls,
         "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "results": results, "bn_layer": bn_layer,
-        "fused_over_loop_speed_min": min(r["fused_over_loop_speed"] for r in results),
-        "fused_over_loop_speed_median": statistics.median(r["fused_over_loop_speed"] for r in results),
     }
+    for ratio in ("fused_over_loop_speed", "per_view_over_joint_speed"):
+        values = [r[ratio] for r in results if ratio in r]
+        if values:
+            summary[f"{ratio}_min"], summary[f"{ratio}_median"] = min(values), statistics.median(values)
     print(json.dumps(summary))
     return summary
 

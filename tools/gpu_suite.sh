@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine; what it runs and writes: tools/gpu_suite.py.
+#   PYTHONPATH=. bash tools/gpu_suite.sh             # on the device (under 8 minutes)
+#   PYTHONPATH=. bash tools/gpu_suite.sh --dry-run   # every step tiny, on the CPU
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+exec python3 tools/gpu_suite.py "$@"
