@@ -205,6 +205,14 @@ class PerViewBatchNorm(nn.Module):
         """Under ``torch.compile``: per-view statistics by one reduction over the ``(K, B, C, ...)``
         view and one elementwise normalisation, which the compiler fuses (forward and backward).
         The native kernels' in-place slices cannot be traced (they mutate the buffers K times)."""
+        if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # NHWC memory: (K, B*H*W, C) is a free view, so the reduction runs over rows of
+            # contiguous channels instead of striding across them.
+            xv = x.permute(0, 2, 3, 1).reshape(k, -1, x.shape[1]).float()  # (K, B*H*W, C)
+            var, mean = torch.var_mean(xv, dim=1, correction=0, keepdim=True)
+            self._update_running(mean, var, _per_view_count(x, k))
+            y = self._normalize(xv, mean, var).to(x.dtype)
+            return y.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
         xv = x.view(k, x.shape[0] // k, *x.shape[1:]).float()  # (K, B, C, *spatial)
         var, mean = torch.var_mean(xv, dim=(1,) + tuple(range(3, xv.ndim)), correction=0, keepdim=True)
         self._update_running(mean, var, _per_view_count(x, k))
@@ -238,8 +246,8 @@ class PerViewBatchNorm(nn.Module):
                 self.running_var.lerp_(unbiased[i].to(self.running_var.dtype), factor)
 
     def _normalize(self, xf: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """``(x - mean) / sqrt(var + eps) * weight + bias`` on the ``(K, B, C, ...)`` float view, as one
-        multiply-add with per-(view, channel) scale and shift."""
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` on a float view with channels in dim 2
+        (``(K, B, C, ...)`` or ``(K, B*H*W, C)``), as one multiply-add with per-(view, channel) scale and shift."""
         scale = torch.rsqrt(var + self.eps)  # (K, 1, C, 1...)
         if self.weight is not None:
             shape = (1, 1, self.num_features) + (1,) * (xf.ndim - 3)

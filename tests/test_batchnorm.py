@@ -128,15 +128,20 @@ def test_compiled_formulation_equals_separate_forwards(case):
     assert_same(run(layer, x, grad), separate(bn, x, grad), layer, bn)
 
 
-def test_torch_compile_equals_eager():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_equals_eager(channels_last):
     # Under torch.compile the layer switches to the fused formulation: same outputs, gradients, buffers.
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
     convert_per_view_bn(eager)
     eager[1].num_views = 2
+    if channels_last:
+        eager = eager.to(memory_format=torch.channels_last)
     compiled_net = copy.deepcopy(eager)
     compiled = torch.compile(compiled_net)
     x = torch.randn(2 * 3, 3, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         outs = []
         for net in (eager, compiled):
