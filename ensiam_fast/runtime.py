@@ -18,9 +18,10 @@ thread pool never starts.
 
     loader = configure_runtime(loader, device_type="cpu")   # once, in the trainer's set-up
 
-The governor stops, and torch's thread count is restored, when the returned loader is collected.
-
-``ENSIAM_THREADS=N`` fixes torch's threads at N and turns the governor off.
+Opt-in: ``ENSIAM_THREADS=auto`` turns the governor on, ``ENSIAM_THREADS=N`` fixes torch's threads
+at N, unset leaves torch's default (a changing thread count changes float summation order, so
+runs stop matching bit for bit). The governor stops, and torch's thread count is restored, when
+the returned loader is collected.
 """
 
 from __future__ import annotations
@@ -153,14 +154,20 @@ class GovernedLoader:
 
 
 def configure_runtime(loader, device_type: str = "cpu", num_local_processes: int | None = None):
-    """Choose the trainer's CPU threads (see the module docstring); returns the loader to iterate.
+    """Choose the trainer's CPU threads from ``ENSIAM_THREADS``; returns the loader to iterate.
 
+    ``ENSIAM_THREADS=auto``: the governor (see the module docstring). ``ENSIAM_THREADS=N``: N threads.
+    Unset: torch's default, as before. The governor is opt-in because a thread count that changes
+    during a run changes the order of float reductions, so two runs (e.g. one resumed, one not) no
+    longer match to the last bits (tests/test_train.py's resume test caught it).
     ``num_local_processes``: training processes on this machine (default: ``LOCAL_WORLD_SIZE``, as
     set by torchrun and ``accelerate launch``, else 1); they split the CPUs evenly."""
+    mode = os.environ.get("ENSIAM_THREADS", "").strip().lower()
+    if not mode:
+        return loader
     share = cpu_share(num_local_processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    fixed = os.environ.get("ENSIAM_THREADS")
-    if fixed:
-        torch.set_num_threads(max(1, int(fixed)))
+    if mode != "auto":
+        torch.set_num_threads(max(1, int(mode)))
         return loader
     if device_type != "cpu":  # the model runs on the GPU: torch's CPU threads only launch kernels
         torch.set_num_threads(share)

@@ -70,14 +70,20 @@ class FakeLoader:
         yield from range(start, 3)
 
 
-def test_fixed_threads_from_the_environment(monkeypatch):
+def test_threads_from_the_environment(monkeypatch):
     start = torch.get_num_threads()
-    monkeypatch.setenv("ENSIAM_THREADS", "1")
     loader = FakeLoader()
+    monkeypatch.delenv("ENSIAM_THREADS", raising=False)
+    assert configure_runtime(loader, device_type="cpu") is loader and torch.get_num_threads() == start
+    monkeypatch.setenv("ENSIAM_THREADS", "1")
     try:
         assert configure_runtime(loader, device_type="cpu") is loader and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(start)
+    monkeypatch.setenv("ENSIAM_THREADS", "auto")
+    governed = configure_runtime(loader, device_type="cpu")
+    assert isinstance(governed, GovernedLoader) and list(governed.iter_from(0)) == [0, 1, 2]
+    governed.governor.stop()
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 4 or not os.path.exists("/proc/stat"),

@@ -15,9 +15,10 @@ the same process, so their ratio is meaningful on a shared machine.
 
 ``--background-load N`` measures every run twice per repeat, idle and with N busy-looping
 processes started by this script (the demo's "shared CPU" case), alternating idle/loaded so drift
-hits both; ``loaded_over_idle`` is the ratio of the medians over repeats. ``--baseline-threads T``
-also measures each case with torch's threads fixed at T (``ENSIAM_THREADS``, the governor off:
-the behaviour before ``ensiam_fast.runtime``), interleaved, for ``*_over_baseline`` ratios.
+hits both; ``loaded_over_idle`` is the ratio of the medians over repeats. Runs use the thread
+governor (``ENSIAM_THREADS=auto``, ``ensiam_fast/runtime.py``); ``--baseline-threads T`` also
+measures each case with torch's threads fixed at T (the behaviour before the governor),
+interleaved, for ``*_over_baseline`` ratios.
 
 On CUDA each run also reports its peak allocated memory and its model FLOP utilisation: FLOPs of
 one training step counted by ``FlopCounterMode`` on meta tensors, times steps/s, over
@@ -107,7 +108,7 @@ def background_load(n: int):
 
 @contextlib.contextmanager
 def fixed_threads(value: str | None):
-    """``ENSIAM_THREADS=value`` for the block (None: leave the governor on)."""
+    """``ENSIAM_THREADS=value`` for the block ("auto": the governor, N: fixed threads)."""
     saved = os.environ.get("ENSIAM_THREADS")
     if value is not None:
         os.environ["ENSIAM_THREADS"] = value
@@ -192,7 +193,7 @@ def main(argv=None) -> dict:
             for rep in range(args.repeats):
                 for load, mode in cases if rep % 2 == 0 else cases[::-1]:
                     out = work / f"{name.replace('/', '-')}-{load}-{mode}-{rep}"
-                    fixed = str(args.baseline_threads) if mode == "baseline" else None
+                    fixed = str(args.baseline_threads) if mode == "baseline" else "auto"
                     with background_load(load), fixed_threads(fixed):
                         samples[load, mode].append(run_one(name, run_argv, out, args))
                     print(f"{name} load={load} {mode} rep={rep}: {samples[load, mode][-1]['images_per_s']:.1f} img/s, "
