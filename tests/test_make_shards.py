@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -664,3 +666,20 @@ def test_encode_png_is_lossless(shape):
     with Image.open(io.BytesIO(data)) as img:
         assert img.format == "PNG" and img.mode == "RGB"
         assert np.array_equal(np.asarray(img), px)
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(sources, tmp_path, capsys):
+    src = Path(shutil.copytree(sources["cifar10"][0], tmp_path / "src"))
+    root = src / "cifar-10-batches-py" if (src / "cifar-10-batches-py").is_dir() else src
+    marker = tmp_path / "code_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": Payload()}))
+    assert run("--dataset", "cifar10", "--src", src, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "batches.meta" in lines[0] and "refers to posix.system" in lines[0], err

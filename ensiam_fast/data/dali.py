@@ -18,8 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ensiam_fast.data.spec import derive_seed, resolve_device, resolve_image_size, resolve_preset
-from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, shard_paths, write_index
+from ensiam_fast.data.preflight import preflight
+from ensiam_fast.data.spec import check_not_empty, derive_seed, resolve_device, resolve_image_size, resolve_preset
+from ensiam_fast.shards.format import (
+    IMAGE_EXTS,
+    ShardFormatError,
+    read_index,
+    read_manifest,
+    shard_bounds,
+    shard_paths,
+    write_index,
+)
 from pipelines.presets import AugPreset
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
@@ -79,17 +88,9 @@ def ensure_indices(root: Path, tars: list[str], idxs: list[str]) -> list[str]:
 
 def _index_entries(idx_path: str) -> list[tuple[str, int, int, str]]:
     """(ext, offset, size, member) of the image component of every sample in an index."""
-    lines = Path(idx_path).read_text().splitlines()
-    width = 4 if lines and lines[0].startswith("v1.2") else 3
-    entries = []
-    for line in lines[1:]:
-        fields = line.split()
-        for i in range(0, len(fields) - width + 1, width):
-            ext, offset, size = fields[i], int(fields[i + 1]), int(fields[i + 2])
-            if ext in ("jpg", "png"):
-                name = fields[i + 3] if width == 4 else f"<sample at byte {offset}>"
-                entries.append((ext, offset, size, name))
-    return entries
+    return [
+        (m.ext, m.offset, m.size, m.member) for sample in read_index(idx_path) for m in sample if m.ext in IMAGE_EXTS
+    ]
 
 
 def find_undecodable(tars: list[str], idxs: list[str], budget_s: float = 30.0) -> tuple[str, str] | None:
@@ -160,6 +161,8 @@ class DaliLoader:
         tars, idxs = shard_paths(self.root, split)
         self._tars = tars
         self._idxs = ensure_indices(self.root, tars, idxs)
+        check_not_empty(self.root, split, info.num_samples)
+        preflight(self.root, tars, self._idxs, info.shard_sizes, info.labeled, manifest.num_classes)
         self.views = views
         self.batch_size = batch_size
         self.labeled = info.labeled

@@ -47,3 +47,14 @@ def resolve_image_size(image_size: int | None, manifest_size: list[int] | None, 
     if not manifest_size:
         raise ValueError(f"{root}/manifest.json has no image_size (its images differ in size): pass image_size=...")
     return int(manifest_size[0])
+
+
+def check_not_empty(root: Path, split: str, num_samples: int) -> None:
+    """An empty split cannot feed a loader: say so, not some batch-size arithmetic later."""
+    if num_samples < 1:
+        from ensiam_fast.shards.format import ShardFormatError
+
+        raise ShardFormatError(
+            f"split {split!r} of {root} holds no samples (manifest.json); choose another split or re-make "
+            "the dataset with tools/make_shards.py"
+        )

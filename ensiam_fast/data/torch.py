@@ -20,6 +20,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,13 +28,21 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
-from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, shard_paths
+from ensiam_fast.data.preflight import preflight
+from ensiam_fast.data.spec import check_not_empty
+from ensiam_fast.shards.format import (
+    IMAGE_EXTS,
+    ShardFormatError,
+    index_count,
+    read_manifest,
+    shard_bounds,
+    shard_paths,
+)
 from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 from pipelines.reference import ViewAugment
 
 # Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).
 SHUFFLE_BUFFER = 2048
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,15 +279,6 @@ class ReferenceLoader:
             yield x, y
 
 
-def index_count(idx_path: str) -> int:
-    """Sample count from a DALI index's version line (manifests without shard_sizes)."""
-    with open(idx_path) as f:
-        head = f.readline().split()
-    if len(head) != 2 or not head[1].isdigit():
-        raise ShardFormatError(f"{idx_path}: first line should be 'v1.2 <count>', got {' '.join(head)!r}")
-    return int(head[1])
-
-
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -320,6 +320,8 @@ def build_reference_loader(
     manifest = read_manifest(root)
     info = manifest.split(split)
     tars, idxs = shard_paths(root, split)
+    check_not_empty(Path(root), split, info.num_samples)
+    preflight(Path(root), tars, idxs, info.shard_sizes, info.labeled, manifest.num_classes)
     if not 1 <= views <= MAX_VIEWS:
         raise ValueError(f"views must be in 1..{MAX_VIEWS}, got {views}")
     if batch_size < 1:

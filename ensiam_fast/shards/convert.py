@@ -35,6 +35,7 @@ from ensiam_fast.shards.format import (
     Manifest,
     ShardFormatError,
     SplitInfo,
+    index_count,
     index_name,
     read_manifest,
     shard_name,
@@ -329,9 +330,10 @@ def _shard_on_disk(tar: Path, num_samples: int) -> bool:
     idx = tar.with_name(index_name(tar.name))
     if not (tar.is_file() and idx.is_file()):
         return False
-    with open(idx) as f:
-        head = f.readline().split()
-    return len(head) == 2 and head[1] == str(num_samples)
+    try:
+        return index_count(idx) == num_samples
+    except ShardFormatError:
+        return False
 
 
 # --------------------------------------------------------------------------- running
@@ -451,6 +453,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--src", type=Path, help="source folder (not needed for digits)")
     p.add_argument("--out", type=Path, help="output folder (default for digits: shards/digits)")
     p.add_argument("--verify", type=Path, metavar="DIR", help="check a converted dataset and exit")
+    p.add_argument(
+        "--drop-corrupt",
+        action="store_true",
+        help="with --verify: rewrite shards without their corrupt samples (listed in the manifest's skipped)",
+    )
     p.add_argument("--shard-size", type=int, default=EncodeOptions.shard_size, help="samples per tar")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="png is lossless (small images)")
     p.add_argument("--quality", type=int, default=EncodeOptions.quality, help="JPEG quality 1..100")
@@ -489,8 +496,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_verify(root: Path, workers: int) -> int:
+def run_verify(root: Path, workers: int, drop: bool = False) -> int:
     report = verify_dataset(root, workers=workers)
+    if drop and not report.ok:
+        from ensiam_fast.shards.repair import drop_corrupt
+
+        try:
+            changes = drop_corrupt(root, report)
+        except ShardFormatError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for line in changes:
+            print(line)
+        report = verify_dataset(root, workers=workers)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for problem in report.problems:
@@ -504,7 +522,7 @@ def run_verify(root: Path, workers: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verify is not None:
-        return run_verify(args.verify, args.workers)
+        return run_verify(args.verify, args.workers, args.drop_corrupt)
     opts = EncodeOptions(args.format, args.quality, args.shard_size, args.resize, args.reencode, args.seed)
     started = time.perf_counter()
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ FORMAT = "ensiam_fast-shards/1"
 INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects
 TMP_SUFFIX = ".tmp"
 TAR_BLOCK = 512
+IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image members a sample may have, one of them
 
 
 class ShardFormatError(ValueError):
@@ -79,11 +81,10 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     path = Path(path)
     idx_path = path.with_suffix(".idx")
     tmp_tar = path.with_name(path.name + TMP_SUFFIX)
-    tmp_idx = idx_path.with_name(idx_path.name + TMP_SUFFIX)
     index_lines: list[str] = []
     offset = 0
     try:
-        with open(tmp_tar, "wb", buffering=1 << 20) as f:
+        with open_exclusive(tmp_tar, replace=True) as f:
             for key, parts in samples:
                 if "." in key or "/" in key:
                     raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
@@ -104,11 +105,7 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     if not index_lines:
         tmp_tar.unlink(missing_ok=True)
         raise ShardFormatError(f"refusing to write an empty shard {path}")
-    with open(tmp_idx, "w") as f:
-        f.write(f"{INDEX_VERSION} {len(index_lines)}\n")
-        f.write("\n".join(index_lines))
-        f.write("\n")
-    os.replace(tmp_idx, idx_path)
+    write_atomic(idx_path, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
     os.replace(tmp_tar, path)
     return ShardRecord(path.name, len(index_lines))
 
@@ -119,21 +116,110 @@ def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int,
     return num_samples * shard_id // num_shards, num_samples * (shard_id + 1) // num_shards
 
 
+# --------------------------------------------------------------------------- safe writing
+
+
+def open_exclusive(path: Path, replace: bool = False):
+    """A new file opened for binary writing that is never a link: created with O_EXCL|O_NOFOLLOW, so
+    a file or symlink planted at ``path`` makes it fail instead of being written through. With
+    ``replace`` an entry already there (ours from an interrupted run, or planted) is removed first."""
+    if replace:
+        Path(path).unlink(missing_ok=True)  # removes a link itself, never its target
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb", buffering=1 << 20)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a fresh, exclusively created temporary file in the same folder, then
+    rename it into place (a rename replaces a link at ``path``, never writes through it)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- the index
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One member of a sample as the DALI index lists it."""
+
+    ext: str
+    offset: int  # of the member's data in the tar
+    size: int
+    member: str
+
+
+def check_member_name(name: str, tar: str | os.PathLike) -> None:
+    """Member names go into a whitespace-separated index: refuse control characters and spaces."""
+    if not name or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ShardFormatError(
+            f"shard {tar} has a member named {name!r}, with a control character or a space; such "
+            "names cannot be indexed: re-make the shard with tools/make_shards.py"
+        )
+
+
+def read_index(idx_path: str | os.PathLike) -> list[list[IndexEntry]]:
+    """The samples of a DALI index (``v1.2``), one list of members per sample, in tar order."""
+    idx_path = Path(idx_path)
+    try:
+        lines = idx_path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardFormatError(f"cannot read the index {idx_path} ({e})") from e
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardFormatError(f"{idx_path}: first line should be '{INDEX_VERSION} <count>', found {lines[:1]}")
+    samples = []
+    for n, line in enumerate(lines[1:], 2):
+        tok = line.split()
+        if not tok or len(tok) % 4:
+            raise ShardFormatError(f"{idx_path} line {n}: expected groups of 'ext offset size name', found {line!r}")
+        try:
+            samples.append(
+                [IndexEntry(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)]
+            )
+        except ValueError:
+            raise ShardFormatError(
+                f"{idx_path} line {n}: offsets and sizes must be integers, found {line!r}"
+            ) from None
+    if int(head[1]) != len(samples):
+        raise ShardFormatError(f"{idx_path}: header says {head[1]} samples but {len(samples)} lines follow")
+    return samples
+
+
+def index_count(idx_path: str | os.PathLike) -> int:
+    """The sample count on an index's version line (without reading the rest)."""
+    with open(idx_path) as f:
+        head = f.readline().split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
+        raise ShardFormatError(f"{idx_path}: first line should be '{INDEX_VERSION} <count>', got {' '.join(head)!r}")
+    return int(head[1])
+
+
 def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
-    """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically."""
+    """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically
+    through a fresh temporary file (see :func:`write_atomic`)."""
     samples: dict[str, list[str]] = {}
     with tarfile.open(tar_path, mode="r:") as tf:
         for member in tf:
             base = member.name.rsplit("/", 1)[-1]
             if not member.isfile() or base.startswith("."):
                 continue
+            check_member_name(member.name, tar_path)
             key, _, ext = member.name.partition(".")
             samples.setdefault(key, []).append(f"{ext} {member.offset_data} {member.size} {member.name}")
     if not samples:
         raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
-    tmp = Path(str(idx_path) + TMP_SUFFIX)
-    tmp.write_text(f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n")
-    os.replace(tmp, idx_path)
+    write_atomic(
+        Path(idx_path), f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n"
+    )
 
 
 @dataclass
@@ -192,9 +278,7 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     """Write ``manifest.json`` atomically."""
     root = Path(root)
     path = root / MANIFEST
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest.to_json(), indent=2) + "\n")
     return path
 
 
@@ -249,13 +333,25 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     )
 
 
+def resolve_inside(root: Path, name: str) -> Path:
+    """``root / name`` for a shard name from the manifest, refused unless it stays inside ``root``
+    (a downloaded dataset must not make us read, or write an index, anywhere else)."""
+    path = Path(root) / name
+    if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(root).resolve()):
+        raise ShardFormatError(
+            f"{Path(root) / MANIFEST} lists the shard {name!r}, which is outside the dataset folder {root}; "
+            "shard names must be paths inside it: fix the manifest or re-make the dataset"
+        )
+    return path
+
+
 def shard_paths(root: str | os.PathLike, split: str) -> tuple[list[str], list[str]]:
     """Absolute tar and index paths of one split, checked to exist."""
     root = Path(root)
     info = read_manifest(root).split(split)
     tars, idxs = [], []
     for name in info.shards:
-        tar = root / name
+        tar = resolve_inside(root, name)
         if not tar.is_file():
             raise ShardFormatError(
                 f"shard {tar} listed in {root / MANIFEST} is missing; re-run tools/make_shards.py "

@@ -10,16 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ensiam_fast.shards.format import (
-    INDEX_VERSION,
+    IMAGE_EXTS,
     MANIFEST,
     TAR_BLOCK,
     TMP_SUFFIX,
     ShardFormatError,
     index_name,
+    read_index,
     read_manifest,
+    resolve_inside,
 )
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ShardCheck:
     num_samples: int = 0
     problems: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # the valid labels it holds (labelled splits)
+    bad_samples: dict[str, list[str]] = field(default_factory=dict)  # key -> what is wrong with it
 
 
 def _tar_members(tar: Path, size: int, problems: list[str]) -> list[tuple[str, int, int]]:
@@ -40,6 +41,9 @@ def _tar_members(tar: Path, size: int, problems: list[str]) -> list[tuple[str, i
             while (m := tf.next()) is not None:
                 if not m.isfile():
                     problems.append(f"{tar.name}: member {m.name!r} is not a regular file")
+                    continue
+                if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in m.name):
+                    problems.append(f"{tar.name}: member name {m.name!r} has a control character or a space")
                     continue
                 members.append((m.name, m.offset_data, m.size))
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -56,27 +60,11 @@ def _tar_members(tar: Path, size: int, problems: list[str]) -> list[tuple[str, i
 
 def _index_entries(idx: Path, problems: list[str]) -> list[list[tuple[str, int, int, str]]] | None:
     """One list of (ext, offset, size, member) per sample line, or None when unreadable."""
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        problems.append(f"{idx.name}: first line should be '{INDEX_VERSION} <count>', found {lines[:1]}")
+    try:
+        return [[(m.ext, m.offset, m.size, m.member) for m in sample] for sample in read_index(idx)]
+    except ShardFormatError as e:
+        problems.append(str(e))
         return None
-    samples = []
-    for n, line in enumerate(lines[1:], 2):
-        tok = line.split()
-        if not tok or len(tok) % 4:
-            problems.append(f"{idx.name} line {n}: expected groups of 'ext offset size name', found {line!r}")
-            return None
-        try:
-            samples.append(
-                [(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)]
-            )
-        except ValueError:
-            problems.append(f"{idx.name} line {n}: offsets and sizes must be integers, found {line!r}")
-            return None
-    if int(head[1]) != len(samples):
-        problems.append(f"{idx.name}: header says {head[1]} samples but {len(samples)} lines follow")
-    return samples
 
 
 def _check_sample(
@@ -150,7 +138,10 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
             f.seek(off)
             samples.setdefault(key, {})[ext] = f.read(sz)
     for key, parts in samples.items():
-        check.problems.extend(_check_sample(tar.name, key, parts, labeled, num_classes, decode))
+        found = _check_sample(tar.name, key, parts, labeled, num_classes, decode)
+        if found:
+            check.problems.extend(found)
+            check.bad_samples[key] = found
         text = parts.get("cls", b"").decode("ascii", "replace").strip()
         if labeled and text.isdigit() and int(text) < num_classes:
             check.labels.append(int(text))
@@ -208,6 +199,7 @@ class VerifyReport:
     counts: dict[str, tuple[int, int]] = field(default_factory=dict)  # split -> (samples, shards)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    checks: dict[str, ShardCheck] = field(default_factory=dict)  # shard name -> its check
     # split -> (distinct classes per shard on average, what a random order gives on average)
     mixing: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -233,6 +225,14 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
         report.problems.append(str(e))
         return report
     report.dataset = manifest.dataset
+    for info in manifest.splits.values():
+        for name in info.shards:
+            try:
+                resolve_inside(root, name)
+            except ShardFormatError as e:
+                report.problems.append(str(e))
+    if report.problems:
+        return report
     jobs = [
         (root / name, info.labeled, manifest.num_classes, decode)
         for info in manifest.splits.values()
@@ -257,6 +257,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
             )
         for i, name in enumerate(info.shards):
             check = next(results)
+            report.checks[name] = check
             report.problems.extend(check.problems)
             found += check.num_samples
             shard_labels.append(check.labels)

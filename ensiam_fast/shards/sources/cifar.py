@@ -14,10 +14,37 @@ def _text(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+# What a CIFAR pickle needs: numpy arrays (rebuilt through these) and plain containers, strings,
+# bytes and numbers (which need no global at all). Anything else could run code: refused.
+_ALLOWED_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 (a re-pickled release)
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Loads only arrays, lists, dicts, strings, bytes and numbers; never imports anything else."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"it refers to {module}.{name}, which a CIFAR pickle never does (only arrays, lists, dicts, "
+            "strings, bytes and numbers are loaded); the file is not the original release"
+        )
+
+
 def _load_pickle(path: Path, dataset: str) -> dict:
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+            raw = _RestrictedUnpickler(f, encoding="bytes").load()
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a broken release
         raise SourceLayoutError(f"{dataset}: {path} is not a readable CIFAR pickle ({e})") from e
     if not isinstance(raw, dict):
