@@ -12,6 +12,12 @@ conversion (source reading, planning, encoding, tar writing, manifest), as image
 second and per CPU-second (this process and its workers: robust when other jobs share the cores).
 The baseline, in the same run, is the straightforward loop (Pillow fromarray + save, tarfile) on the
 32x32 source. Prints one JSON object last.
+
+    python tools/bench_make_shards.py --against REF [--small N --repeats R]
+
+compares this checkout with the commit REF instead (e.g. the commit before a change to the
+converter): the 32x32 JPEG and PNG conversions, one worker, each in its own process with the
+package taken from this checkout or from ``git archive REF``, the two alternating run by run.
 """
 
 from __future__ import annotations
@@ -141,6 +147,64 @@ def time_naive(src: Path, work: Path, fmt: str, repeats: int) -> dict:
     }
 
 
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from ensiam_fast.shards.convert import EncodeOptions, convert
+from ensiam_fast.shards.sources import open_source
+src, out, fmt, shard_size = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+source = open_source("cifar10", src)
+t0, c0 = time.perf_counter(), time.process_time()
+manifest, _ = convert(source, out, EncodeOptions(fmt, 95, shard_size), workers=1, progress=False)
+n = sum(s.num_samples for s in manifest.splits.values())
+print(json.dumps({"images": n, "s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}))
+"""
+
+
+def against(ref: str, args: argparse.Namespace) -> dict:
+    """This checkout against ``ref``, interleaved run by run, in separate processes."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        old = tmp / "ref"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", str(repo), "archive", ref, "ensiam_fast", "pipelines"],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+        cifar = write_cifar_like(tmp / "cifar", args.small, rng)
+        runs: dict = {}
+        for rep in range(args.repeats):
+            for fmt in ("jpg", "png"):
+                order = [("this", repo), ("ref", old)] if rep % 2 == 0 else [("ref", old), ("this", repo)]
+                for label, path in order:
+                    out = tmp / "out"
+                    shutil.rmtree(out, ignore_errors=True)
+                    env = {**os.environ, "PYTHONPATH": str(path)}
+                    proc = subprocess.run([sys.executable, "-c", CHILD, str(cifar), str(out), fmt,
+                                           str(args.shard_size)], capture_output=True, text=True, env=env,
+                                          check=True)  # fmt: skip
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    runs.setdefault(f"32x32_{fmt}_{label}", []).append(r["images"] / r["cpu_s"])
+                    print(f"{fmt} {label}: {r['images'] / r['s']:.0f} images/s, "
+                          f"{r['images'] / r['cpu_s']:.0f} per CPU-s", flush=True)  # fmt: skip
+    medians = {k: round(statistics.median(v)) for k, v in runs.items()}
+    return {
+        "benchmark": "make_shards --against",
+        "ref": ref,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "images_per_cpu_s_median": medians,
+        "this_over_ref_per_cpu_s": {
+            fmt: round(medians[f"32x32_{fmt}_this"] / medians[f"32x32_{fmt}_ref"], 3) for fmt in ("jpg", "png")
+        },
+        "runs": {k: [round(x) for x in v] for k, v in runs.items()},
+    }
+
+
 def report(name: str, r: dict) -> None:
     print(
         f"{name:24s}: {r['images_per_s']:6d} images/s "
@@ -155,7 +219,11 @@ def main() -> None:
     p.add_argument("--large", type=int, default=600, help="~500x375 JPEG files (imagefolder layout)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=2000)
+    p.add_argument("--against", metavar="REF", help="compare the 32x32 conversions with the git commit REF")
     args = p.parse_args()
+    if args.against:
+        print(json.dumps(against(args.against, args)))
+        return
     rng = np.random.default_rng(0)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -106,8 +106,13 @@ _PNG_END = _png_chunk(b"IEND", b"")
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless 8-bit RGB PNG of an (H, W, 3) uint8 array.
 
-    Every row uses PNG's "Average" filter, computed with numpy; at 32x32 this takes about half the
-    CPU time of Pillow's PNG writer, for files about 4% larger.
+    Every row uses PNG's "Average" filter, computed with numpy, then run-length deflate. Measured at
+    32x32 against Pillow's writer (``tools/bench_png.py``, shared 2-core machine, 2026-12-02,
+    CPU time per image, mean file size): on photo-like content 120 us and 2,545 bytes, against
+    Pillow's 300 us / 2,489 bytes at ``compress_level=1`` and 313 us / 2,485 bytes at its default 6;
+    on the digits (flat backgrounds) 102 us and 1,751 bytes, against 186 us / 990 bytes (level 1).
+    Kept: 1.8-2.6x faster, and on photographs (CIFAR, STL-10: what ``--format png`` is for) the
+    files are within 2.5% of Pillow's; only flat synthetic images come out up to 77% larger.
     """
     h, w, _ = pixels.shape
     rows = pixels.reshape(h, w * 3).astype(np.int16)
