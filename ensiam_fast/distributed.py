@@ -125,6 +125,7 @@ def check_shared_output_dir(accelerator, out: Path) -> None:
     token = [uuid.uuid4().hex if accelerator.is_main_process else None]
     dist.broadcast_object_list(token, src=0)
     probe = out / f".rank-check-{token[0]}"
+    created = accelerator.is_main_process and not out.exists()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         probe.write_text(token[0])
@@ -143,6 +144,8 @@ def check_shared_output_dir(accelerator, out: Path) -> None:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             probe.unlink(missing_ok=True)
+            if created:  # the run may still be refused: leave no empty folder behind (made again later)
+                out.rmdir()
 
 
 @torch.no_grad()
