@@ -67,14 +67,19 @@ def _stat_dtype(x: torch.Tensor, weight, running_mean) -> torch.dtype:
 
     The ``out=`` variants insist on it, and it differs by backend (CPU: the parameters' dtype;
     CUDA: float32 for half inputs), so one tiny call per combination asks the kernel itself."""
-    key = (x.device.type, x.dtype, None if weight is None else weight.dtype,
-           None if running_mean is None else running_mean.dtype)
+    key = (
+        x.device.type,
+        x.dtype,
+        None if weight is None else weight.dtype,
+        None if running_mean is None else running_mean.dtype,
+    )
     if key not in _STAT_DTYPES:
         w = None if weight is None else weight.detach()[:1]
         rm = None if running_mean is None else running_mean[:1].clone()
         rv = None if running_mean is None else torch.ones_like(rm)
-        _, mean, _ = torch.native_batch_norm(x.new_zeros(2, 1), w, None if w is None else torch.zeros_like(w),
-                                             rm, rv, True, 0.0, 1e-5)
+        _, mean, _ = torch.native_batch_norm(
+            x.new_zeros(2, 1), w, None if w is None else torch.zeros_like(w), rm, rv, True, 0.0, 1e-5
+        )
         _STAT_DTYPES[key] = mean.dtype
     return _STAT_DTYPES[key]
 
@@ -130,8 +135,14 @@ class PerViewBatchNorm(nn.Module):
     :meth:`SiameseNet.set_views`; with ``num_views == 1`` this is exactly plain BatchNorm.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.affine, self.track_running_stats = affine, track_running_stats
@@ -167,30 +178,34 @@ class PerViewBatchNorm(nn.Module):
         return new
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"track_running_stats={self.track_running_stats}, num_views={self.num_views}, "
-                f"sync={self.sync}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, num_views={self.num_views}, "
+            f"sync={self.sync}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 2 or x.shape[1] != self.num_features:
             raise ValueError(f"PerViewBatchNorm({self.num_features}) got input shape {tuple(x.shape)}")
         if not self.training and self.running_mean is not None:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         k = self.num_views
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} images does not split into num_views={k} views")
         if _per_view_count(x, k) <= 1:  # as F.batch_norm: a variance of one value is meaningless
-            raise ValueError(f"PerViewBatchNorm needs more than 1 value per channel in each of the {k} views "
-                             f"when training, got input size {tuple(x.shape)}")
+            raise ValueError(
+                f"PerViewBatchNorm needs more than 1 value per channel in each of the {k} views "
+                f"when training, got input size {tuple(x.shape)}"
+            )
         if self.sync and dist.is_available() and dist.is_initialized():
             return self._synced_forward(x, k)
         self._warn_if_unsynced()
         if torch.compiler.is_compiling():
             return self._fused_forward(x, k)
         factors = tuple(self._next_factor() for _ in range(k))
-        return _PerViewBatchNormFn.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
-                                         factors, self.eps)
+        return _PerViewBatchNormFn.apply(
+            x, self.weight, self.bias, self.running_mean, self.running_var, factors, self.eps
+        )
 
     def _next_factor(self) -> float:
         """Plain BatchNorm's update factor for one training forward (counts the forward)."""
@@ -256,21 +271,34 @@ class PerViewBatchNorm(nn.Module):
         return torch.addcmul(-mean * scale, xf, scale)
 
     def _warn_if_unsynced(self) -> None:
-        if (self.training and not self._warned_unsynced and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if (
+            self.training
+            and not self._warned_unsynced
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             self._warned_unsynced = True
-            warnings.warn("per-view BatchNorm runs unsynced across processes: its statistics use each "
-                          "process's local batch. Set model.sync_bn=true to sync them (in code: "
-                          "ensiam_fast.models.convert_sync_batchnorm; torch's converter leaves per-view layers).",
-                          stacklevel=3)
+            warnings.warn(
+                "per-view BatchNorm runs unsynced across processes: its statistics use each "
+                "process's local batch. Set model.sync_bn=true to sync them (in code: "
+                "ensiam_fast.models.convert_sync_batchnorm; torch's converter leaves per-view layers).",
+                stacklevel=3,
+            )
 
 
 class PerViewBatchNormAct(PerViewBatchNorm):
     """timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` layers) with per-view
     statistics: the same state-dict keys, the drop and activation modules kept as they were."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
         self.drop, self.act = nn.Identity(), nn.Identity()
 
@@ -306,8 +334,10 @@ def convert_per_view_bn(module: nn.Module) -> nn.Module:
     if per_view is not None:
         return per_view.from_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        raise ValueError(f"cannot convert {type(module).__name__} to per-view BatchNorm; "
-                         "use bn_mode='joint' (or convert before SyncBatchNorm conversion)")
+        raise ValueError(
+            f"cannot convert {type(module).__name__} to per-view BatchNorm; "
+            "use bn_mode='joint' (or convert before SyncBatchNorm conversion)"
+        )
     for name, child in module.named_children():
         try:
             module.add_module(name, convert_per_view_bn(child))

@@ -241,8 +241,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
     if cfg.method == "simsiam_kaug" and cfg.views % 2:
         raise ConfigError(f"method=simsiam_kaug pairs views, so views must be even, got views={cfg.views}")
-    for key in ("batch_size", "epochs", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-                "gradient_accumulation_steps"):
+    for key in (
+        "batch_size",
+        "epochs",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_batch_size",
+        "gradient_accumulation_steps",
+    ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -296,8 +303,10 @@ def check_jigsaw(size: int, grid: int) -> None:
     """The jigsaw cuts a view into grid x grid equal tiles (here, not in pipelines/dali_ops.py, so a
     run without DALI can check it)."""
     if grid > 0 and size % grid:
-        raise ValueError(f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
-                         f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0")
+        raise ValueError(
+            f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
+            f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0"
+        )
 
 
 def _validate_augmentation(cfg: TrainConfig) -> None:
@@ -324,6 +333,7 @@ def _validate_augmentation(cfg: TrainConfig) -> None:
 
 def _check_like(key: str, value: Any, default: Any) -> None:
     """A preset override must have the type of the field's default (a pair stays a pair of numbers)."""
+
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -385,4 +395,3 @@ def describe_keys(obj: Any = None, prefix: str = "") -> list[str]:
         note = notes.get(f.name, "")
         lines.append(f"  {prefix}{f.name}={shown.strip()}" + (f"\n      {note}" if note else ""))
     return lines
-

@@ -12,8 +12,12 @@ import json
 import os
 from pathlib import Path
 
-PANELS = (("loss", "training loss"), ("knn_top1", "kNN top-1 (%)"), ("collapse_std", "collapse std"),
-          ("lr", "learning rate"))
+PANELS = (
+    ("loss", "training loss"),
+    ("knn_top1", "kNN top-1 (%)"),
+    ("collapse_std", "collapse std"),
+    ("lr", "learning rate"),
+)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -64,8 +64,11 @@ def build_accelerator(*, mixed_precision: str, timeout_s: float, **kwargs):
         )
     if acc.num_processes == 1 and "MASTER_PORT" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
         # accelerate's plain launcher sets MASTER_* only when asked for several processes or machines
-        print("warning: accelerate launch was asked for several processes but started only this one; add "
-              "--multi_gpu (also on a host without GPUs: the processes then use gloo on the CPU)", file=sys.stderr)
+        print(
+            "warning: accelerate launch was asked for several processes but started only this one; add "
+            "--multi_gpu (also on a host without GPUs: the processes then use gloo on the CPU)",
+            file=sys.stderr,
+        )
     return acc
 
 
@@ -134,9 +137,13 @@ def check_shared_output_dir(accelerator, out: Path) -> None:
         seen = probe.read_text() == token[0]
     except OSError:
         seen = False
-    error = None if seen else (
-        f"output_dir {out} on this process is not the main process's folder: every process must see "
-        "the same output_dir (shared storage such as NFS/Lustre) to resume and checkpoint together"
+    error = (
+        None
+        if seen
+        else (
+            f"output_dir {out} on this process is not the main process's folder: every process must see "
+            "the same output_dir (shared storage such as NFS/Lustre) to resume and checkpoint together"
+        )
     )
     try:
         raise_if_any(accelerator, error)

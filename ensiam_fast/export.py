@@ -77,7 +77,7 @@ def strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def backbone_weights(model_state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` entries of a SiameseNet state dict, without the prefix."""
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in strip_wrappers(model_state).items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in strip_wrappers(model_state).items() if k.startswith(prefix)}
     if not weights:
         raise ExportError(f"{where}: the model state has no 'backbone.*' entries; is it an ensiam_fast checkpoint?")
     return weights
@@ -106,8 +106,11 @@ def load_weights_strict(model: nn.Module, weights: dict[str, torch.Tensor], *, w
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
-    shapes = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(weights)) if weights[k].shape != expected[k].shape]
+    shapes = [
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(weights))
+        if weights[k].shape != expected[k].shape
+    ]
     if missing or unexpected or shapes:
         detail = []
         if missing:
@@ -147,8 +150,15 @@ def load_backbone(state: dict[str, Any], path: str | os.PathLike) -> tuple[nn.Mo
 
 def source_info(path: Path, state: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    return {"run": str(run), "checkpoint": str(path), "step": int(state["step"]), "epoch": int(state["epoch"]),
-            "method": cfg.method, "views": cfg.views, "data": cfg.data.root}
+    return {
+        "run": str(run),
+        "checkpoint": str(path),
+        "step": int(state["step"]),
+        "epoch": int(state["epoch"]),
+        "method": cfg.method,
+        "views": cfg.views,
+        "data": cfg.data.root,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,9 +202,11 @@ def torchvision_model(name: str, cifar_stem: bool) -> nn.Module:
     name = name.partition(".")[0]  # a timm pretrained tag (resnet18.a1_in1k) names no other architecture
     builder = getattr(torchvision.models, name, None)
     if builder is None or not callable(builder):
-        raise ExportError(f"torchvision has no model named {name!r}; the torchvision format holds the ResNets "
-                          "that torchvision and timm share (resnet18/34/50/101/152, wide_resnet50_2, "
-                          "resnext50_32x4d, ...): use --format timm")
+        raise ExportError(
+            f"torchvision has no model named {name!r}; the torchvision format holds the ResNets "
+            "that torchvision and timm share (resnet18/34/50/101/152, wide_resnet50_2, "
+            "resnext50_32x4d, ...): use --format timm"
+        )
     model = builder(weights=None)
     if not hasattr(model, "fc"):
         raise ExportError(f"torchvision's {name!r} is not a ResNet (no 'fc'); use --format timm")
@@ -206,8 +218,12 @@ def export_torchvision(backbone: nn.Module, name: str, cifar_stem: bool, out: Pa
     weights = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     # Prove the file loads before writing it: the same keys and shapes as torchvision's model.
     try:
-        load_weights_strict(torchvision_model(name, cifar_stem), weights, what=f"torchvision.models.{name}",
-                            where=f"the {name!r} backbone")
+        load_weights_strict(
+            torchvision_model(name, cifar_stem),
+            weights,
+            what=f"torchvision.models.{name}",
+            where=f"the {name!r} backbone",
+        )
     except ExportError as e:
         raise ExportError(f"{e} timm's {name!r} is not torchvision's architecture: use --format timm") from None
     _write_atomic(out, lambda p: torch.save(weights, p))
@@ -225,22 +241,30 @@ def detectron2_key(key: str) -> str:
 
 def detectron2_weights(backbone: nn.Module, name: str, cifar_stem: bool) -> dict[str, Any]:
     if cifar_stem:
-        raise ExportError(f"{name!r} was trained with the CIFAR stem (3x3 stride-1 conv1, no max-pool), but "
-                          "Detectron2's ResNet stem is a 7x7 stride-2 conv with a max-pool, so the weights cannot "
-                          "be loaded there; use --format timm or torchvision")
+        raise ExportError(
+            f"{name!r} was trained with the CIFAR stem (3x3 stride-1 conv1, no max-pool), but "
+            "Detectron2's ResNet stem is a 7x7 stride-2 conv with a max-pool, so the weights cannot "
+            "be loaded there; use --format timm or torchvision"
+        )
     weights = backbone.state_dict()
     torchvision_like = all(re.match(r"(conv1|bn1|layer[1-4]\.)", k) for k in weights)
     if not torchvision_like or not any(".conv3." in k for k in weights):
-        raise ExportError(f"the detectron2 format holds bottleneck ResNets (resnet50/101/152 and wide/ResNeXt "
-                          f"variants), as MoCo/SimSiam detection transfer uses; {name!r} has "
-                          f"{describe_weights(weights)}; use --format timm")
-    return {detectron2_key(k): v.detach().cpu().numpy() for k, v in weights.items()
-            if not k.endswith("num_batches_tracked")}
+        raise ExportError(
+            f"the detectron2 format holds bottleneck ResNets (resnet50/101/152 and wide/ResNeXt "
+            f"variants), as MoCo/SimSiam detection transfer uses; {name!r} has "
+            f"{describe_weights(weights)}; use --format timm"
+        )
+    return {
+        detectron2_key(k): v.detach().cpu().numpy() for k, v in weights.items() if not k.endswith("num_batches_tracked")
+    }
 
 
 def export_detectron2(backbone: nn.Module, name: str, cifar_stem: bool, out: Path) -> None:
-    payload = {"model": detectron2_weights(backbone, name, cifar_stem), "__author__": "ensiam_fast",
-               "matching_heuristics": True}
+    payload = {
+        "model": detectron2_weights(backbone, name, cifar_stem),
+        "__author__": "ensiam_fast",
+        "matching_heuristics": True,
+    }
 
     def write(p: Path) -> None:
         with open(p, "wb") as f:
@@ -262,8 +286,15 @@ def export_backbone(run=None, checkpoint=None, *, fmt: str, out: str | os.PathLi
         export_torchvision(backbone, name, cifar, out)
     else:
         export_detectron2(backbone, name, cifar, out)
-    meta = {"format": META_FORMAT, "library": fmt, "model": name, "stem": stem_name(cifar),
-            "feature_dim": int(backbone.num_features), "file": out.name, "source": source_info(path, state, cfg)}
+    meta = {
+        "format": META_FORMAT,
+        "library": fmt,
+        "model": name,
+        "stem": stem_name(cifar),
+        "feature_dim": int(backbone.num_features),
+        "file": out.name,
+        "source": source_info(path, state, cfg),
+    }
     write_meta(out, meta)
     return meta
 
@@ -277,11 +308,15 @@ def read_meta(path: str | os.PathLike, library: str) -> dict[str, Any]:
     try:
         meta = json.loads(mpath.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{mpath} not found: the model name and stem of {path} are stored there "
-                          "(written by python -m ensiam_fast.export)") from None
+        raise ExportError(
+            f"{mpath} not found: the model name and stem of {path} are stored there "
+            "(written by python -m ensiam_fast.export)"
+        ) from None
     if meta.get("format") != META_FORMAT or meta.get("library") != library:
-        raise ExportError(f"{mpath} does not describe a {library} export of ensiam_fast "
-                          f"(format {meta.get('format')!r}, library {meta.get('library')!r})")
+        raise ExportError(
+            f"{mpath} does not describe a {library} export of ensiam_fast "
+            f"(format {meta.get('format')!r}, library {meta.get('library')!r})"
+        )
     return meta
 
 
@@ -294,8 +329,9 @@ def load_timm_backbone(path: str | os.PathLike) -> nn.Module:
     model = timm.create_model(meta["model"], num_classes=0, pretrained=False)
     if meta["stem"] == "cifar":
         apply_cifar_stem(model)
-    load_weights_strict(model, load_file(str(path)), what=f"timm model {meta['model']!r} ({meta['stem']} stem)",
-                        where=str(path))
+    load_weights_strict(
+        model, load_file(str(path)), what=f"timm model {meta['model']!r} ({meta['stem']} stem)", where=str(path)
+    )
     return model
 
 
@@ -304,8 +340,9 @@ def load_torchvision_backbone(path: str | os.PathLike) -> nn.Module:
     meta = read_meta(path, "torchvision")
     model = torchvision_model(meta["model"], meta["stem"] == "cifar")
     weights = torch.load(path, map_location="cpu", weights_only=True)
-    load_weights_strict(model, weights, what=f"torchvision.models.{meta['model']} ({meta['stem']} stem)",
-                        where=str(path))
+    load_weights_strict(
+        model, weights, what=f"torchvision.models.{meta['model']} ({meta['stem']} stem)", where=str(path)
+    )
     return model
 
 
@@ -314,8 +351,9 @@ def load_torchvision_backbone(path: str | os.PathLike) -> nn.Module:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ensiam_fast.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ensiam_fast.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory: its newest complete checkpoint is exported")
     source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")

@@ -33,8 +33,7 @@ def _check_views(p: torch.Tensor, z: torch.Tensor) -> int:
     if p.ndim != 3:
         raise ValueError(f"p must be shaped (K, B, D), got ndim={p.ndim} with shape {tuple(p.shape)}")
     if z.shape != p.shape:
-        raise ValueError(f"p and z must have the same (K, B, D) shape, got p {tuple(p.shape)} "
-                         f"and z {tuple(z.shape)}")
+        raise ValueError(f"p and z must have the same (K, B, D) shape, got p {tuple(p.shape)} and z {tuple(z.shape)}")
     k = p.shape[0]
     if k < 2:
         raise ValueError(f"a Siamese loss needs K >= 2 views, got K={k}")

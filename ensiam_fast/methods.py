@@ -24,8 +24,7 @@ class SSLMethod(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if x.ndim != 5 or x.shape[0] != self.views:
-            raise ValueError(f"{self.method} expects {self.views} views shaped (K, B, 3, H, W), "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(f"{self.method} expects {self.views} views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
         z, p = self.model(x)  # (K, B, D) each
         # The loss runs in float32 whatever the autocast dtype: cosines of 2048-d vectors in bf16
         # lose the small differences the gradient is made of.
@@ -38,8 +37,12 @@ class SSLMethod(nn.Module):
         encoder = [*self.model.backbone.parameters(), *self.model.projector.parameters()]
         return [
             {"name": "encoder", "params": encoder, "lr": base_lr, "fix_lr": False},
-            {"name": "predictor", "params": list(self.model.predictor.parameters()), "lr": base_lr,
-             "fix_lr": fix_pred_lr},
+            {
+                "name": "predictor",
+                "params": list(self.model.predictor.parameters()),
+                "lr": base_lr,
+                "fix_lr": fix_pred_lr,
+            },
         ]
 
 

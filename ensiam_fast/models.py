@@ -41,15 +41,24 @@ def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Se
 
 def prediction_mlp(dim: int, hidden: int) -> nn.Sequential:
     """SimSiam predictor: bottleneck Linear-BN-ReLU, then a plain Linear with bias."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, dim))
+    return nn.Sequential(
+        nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim)
+    )
 
 
 class SiameseNet(nn.Module):
     """Backbone f, projector h and predictor g; ``forward`` returns ``(z, p)`` shaped ``(K, B, D)``."""
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, *,
-                 backbone_name: str, cifar_stem: bool, bn_mode: str):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: nn.Module,
+        predictor: nn.Module,
+        *,
+        backbone_name: str,
+        cifar_stem: bool,
+        bn_mode: str,
+    ):
         super().__init__()
         self.backbone, self.projector, self.predictor = backbone, projector, predictor
         self.feature_dim = backbone.num_features
@@ -85,16 +94,28 @@ class SiameseNet(nn.Module):
             self.set_views(k)  # back to the training K, so a compiled forward keeps its guards
 
 
-def build_model(backbone: str = "resnet18", cifar_stem: bool = True, proj_layers: int = 2,
-                bn_mode: str = "per_view", proj_hidden: int = 2048, proj_dim: int = 2048,
-                pred_hidden: int = 512, pretrained: bool = False) -> SiameseNet:
+def build_model(
+    backbone: str = "resnet18",
+    cifar_stem: bool = True,
+    proj_layers: int = 2,
+    bn_mode: str = "per_view",
+    proj_hidden: int = 2048,
+    proj_dim: int = 2048,
+    pred_hidden: int = 512,
+    pretrained: bool = False,
+) -> SiameseNet:
     """Build the Siamese network (paper: hidden/out 2048, 2 projector layers small data, 3 ImageNet)."""
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
     net = create_backbone(backbone, cifar_stem, pretrained)
-    model = SiameseNet(net, projection_mlp(net.num_features, proj_hidden, proj_dim, proj_layers),
-                       prediction_mlp(proj_dim, pred_hidden), backbone_name=backbone,
-                       cifar_stem=cifar_stem, bn_mode=bn_mode)
+    model = SiameseNet(
+        net,
+        projection_mlp(net.num_features, proj_hidden, proj_dim, proj_layers),
+        prediction_mlp(proj_dim, pred_hidden),
+        backbone_name=backbone,
+        cifar_stem=cifar_stem,
+        bn_mode=bn_mode,
+    )
     if bn_mode == "per_view":
         convert_per_view_bn(model)
     return model

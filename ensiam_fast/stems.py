@@ -49,8 +49,9 @@ def _convnext_stem(model: nn.Module) -> None:
     patchify = model.stem[0]
     if not isinstance(patchify, nn.Conv2d):
         raise ValueError(f"expected ConvNeXt's patchify Conv2d, found {type(patchify).__name__}")
-    model.stem[0] = nn.Conv2d(patchify.in_channels, patchify.out_channels, 3, stride=1, padding=1,
-                              bias=patchify.bias is not None)
+    model.stem[0] = nn.Conv2d(
+        patchify.in_channels, patchify.out_channels, 3, stride=1, padding=1, bias=patchify.bias is not None
+    )
 
 
 # family (the backbone's class name, as timm and torchvision name it) -> how its stem changes
@@ -68,13 +69,16 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     family = type(model).__name__
     change = CIFAR_STEMS.get(family)
     if change is None:
-        raise ValueError(f"model.cifar_stem=true is defined for the families {', '.join(CIFAR_STEMS)}, not for "
-                         f"{family}: set model.cifar_stem=false")
+        raise ValueError(
+            f"model.cifar_stem=true is defined for the families {', '.join(CIFAR_STEMS)}, not for "
+            f"{family}: set model.cifar_stem=false"
+        )
     try:
         change(model)
     except (AttributeError, IndexError, TypeError, ValueError) as e:
-        raise ValueError(f"this {family} variant has a stem the CIFAR stem does not know ({e}); "
-                         "set model.cifar_stem=false") from None
+        raise ValueError(
+            f"this {family} variant has a stem the CIFAR stem does not know ({e}); set model.cifar_stem=false"
+        ) from None
     return model
 
 
@@ -89,8 +93,9 @@ def check_backbone_name(name: str) -> None:
         raise ValueError(f"unknown backbone {name!r} (not in timm.list_models()).{hint}")
     if tag and name not in timm.list_pretrained(name):
         tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
-        raise ValueError(f"backbone {name!r}: timm has no pretrained tag {tag!r} for {base} "
-                         f"(tags: {', '.join(tags) or 'none'})")
+        raise ValueError(
+            f"backbone {name!r}: timm has no pretrained tag {tag!r} for {base} (tags: {', '.join(tags) or 'none'})"
+        )
 
 
 def create_backbone(name: str, cifar_stem: bool, pretrained: bool = False) -> nn.Module:

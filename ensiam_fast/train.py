@@ -121,8 +121,13 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     """Every data problem that would stop the run, found before anything is built."""
     if cfg.data.backend == "synthetic":  # no shards: random views on the device (ensiam_fast.data.synthetic)
         try:
-            return check_synthetic(image_size=cfg.data.image_size, num_samples=cfg.data.synthetic_samples,
-                                   batch_size=cfg.batch_size, num_processes=num_processes, knn_every=cfg.knn_every)
+            return check_synthetic(
+                image_size=cfg.data.image_size,
+                num_samples=cfg.data.synthetic_samples,
+                batch_size=cfg.batch_size,
+                num_processes=num_processes,
+                knn_every=cfg.knn_every,
+            )
         except ValueError as e:
             raise TrainingError(str(e)) from e
     try:
@@ -253,8 +258,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         # wandb keeps its files in the run directory too (WANDB_MODE=offline runs without an account)
-        acc.init_trackers("ensiam_fast", config=flatten(cfg.to_dict()),
-                          init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}})
+        acc.init_trackers(
+            "ensiam_fast",
+            config=flatten(cfg.to_dict()),
+            init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}},
+        )
         # a finished run that is run again trains nothing and keeps its log as it is
         done = self.resumed is not None and self.pos.step >= self.total_steps
         self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, None if done else self.pos.step)
@@ -281,8 +289,12 @@ class Trainer:
         )  # fmt: skip
         optimizer = build_optimizer(method, cfg, self.peak_lr)
         self.resumed = latest_checkpoint(self.out)
-        distributed.agree_on(acc, "the checkpoint step to resume from", self.resumed and self.resumed[1]["step"],
-                             advice="every process must see the same checkpoints (one shared output_dir)")
+        distributed.agree_on(
+            acc,
+            "the checkpoint step to resume from",
+            self.resumed and self.resumed[1]["step"],
+            advice="every process must see the same checkpoints (one shared output_dir)",
+        )
         if self.resumed is not None:
             path, state = self.resumed
             agreed(acc, check_compatible, cfg, state, path, acc.num_processes)
@@ -527,10 +539,12 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def parse_args(argv=None):
     epilog = "config keys (key=default, then what it sets):\n" + "\n".join(describe_keys())
-    parser = argparse.ArgumentParser(description=__doc__, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", default=None, help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     return parser.parse_args(argv)
 
@@ -570,9 +584,12 @@ def main(argv=None) -> int:
         if distributed.requested_world_size() == 1 or not distributed.is_peer_failure(e):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        report(f"lost contact with another process ({first}): a process died, froze past dist_timeout_s="
-               f"{cfg.dist_timeout_s:g}s, or its machine dropped off. Run the same command again to resume "
-               "from the newest checkpoint.", shared=False)
+        report(
+            f"lost contact with another process ({first}): a process died, froze past dist_timeout_s="
+            f"{cfg.dist_timeout_s:g}s, or its machine dropped off. Run the same command again to resume "
+            "from the newest checkpoint.",
+            shared=False,
+        )
         return 1
     if summary is None:  # not the main process: it says nothing
         return 0

@@ -107,9 +107,7 @@ class ViewAugment:
         self.preset = preset
         self.size = size
         if preset.crop:
-            self.geometry = v2.RandomResizedCrop(
-                size, scale=preset.crop_scale, ratio=preset.crop_ratio, antialias=True
-            )
+            self.geometry = v2.RandomResizedCrop(size, scale=preset.crop_scale, ratio=preset.crop_ratio, antialias=True)
         else:
             short = max(size, round(preset.resize_ratio * size))
             self.geometry = v2.Compose([v2.Resize(short, antialias=True), v2.CenterCrop(size)])

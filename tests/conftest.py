@@ -76,6 +76,4 @@ def make_tiny_dataset(
 def tiny_dataset(tmp_path_factory) -> Path:
     """48 labelled train, 24 labelled test and 32 unlabelled 32x32 images, 12 classes."""
     root = tmp_path_factory.mktemp("tiny")
-    return make_tiny_dataset(
-        root, {"train": (48, True), "test": (24, True), "unlabeled": (32, False)}
-    )
+    return make_tiny_dataset(root, {"train": (48, True), "test": (24, True), "unlabeled": (32, False)})

@@ -48,9 +48,27 @@ def test_accelerate_launch_mixed_precision_flag_is_used(tmp_path, tiny_dataset):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("ACCELERATE_MIXED_PRECISION", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "bf16", "--num_processes", "1",
-           "--num_machines", "1", "--dynamo_backend", "no", "--cpu", str(REPO / "ensiam_fast" / "train.py"),
-           "--config", "demo", f"data.root={tiny_dataset}", f"output_dir={out}", "max_steps=1", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--mixed_precision",
+        "bf16",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--cpu",
+        str(REPO / "ensiam_fast" / "train.py"),
+        "--config",
+        "demo",
+        f"data.root={tiny_dataset}",
+        f"output_dir={out}",
+        "max_steps=1",
+        *TINY,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -60,8 +78,17 @@ def test_accelerate_launch_mixed_precision_flag_is_used(tmp_path, tiny_dataset):
 
 def test_log_with_none_writes_no_events_and_accumulation_counts_optimizer_steps(tmp_path, tiny_dataset, capsys):
     out = tmp_path / "run"
-    argv = ["--config", "demo", f"data.root={tiny_dataset}", f"output_dir={out}", "max_steps=2",
-            "gradient_accumulation_steps=2", "log_with=none", "mixed_precision=no", *TINY]
+    argv = [
+        "--config",
+        "demo",
+        f"data.root={tiny_dataset}",
+        f"output_dir={out}",
+        "max_steps=2",
+        "gradient_accumulation_steps=2",
+        "log_with=none",
+        "mixed_precision=no",
+        *TINY,
+    ]
     assert train.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["gradient_accumulation_steps"] == 2 and summary["final_step"] == 2
@@ -95,8 +122,14 @@ def one_update(batches: list[torch.Tensor], accumulation: int) -> dict[str, torc
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     torch.manual_seed(0)
-    model = SiameseNet(NoBNBackbone(), nn.Linear(8, 6), nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 6)),
-                       backbone_name="none", cifar_stem=False, bn_mode="joint")
+    model = SiameseNet(
+        NoBNBackbone(),
+        nn.Linear(8, 6),
+        nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 6)),
+        backbone_name="none",
+        cifar_stem=False,
+        bn_mode="joint",
+    )
     method = SSLMethod(model, "ensiam", views=2)
     trainer = train.Trainer.__new__(train.Trainer)  # only what train_step uses, no data
     trainer.cfg = train.load_config("demo", ["model.channels_last=false"])

@@ -30,8 +30,9 @@ def test_bench_data_has_the_promised_sizes(tmp_path):
 def test_bench_config_measures_the_reference_and_checks_targets(tmp_path):
     tool = load_tool()
     roots = {32: tool.write_bench_dataset(tmp_path / "s32", 32, 32)}
-    row = tool.bench_config(roots, ["torch"], size=32, preset="default", views=2, batch=8, threads=0,
-                            device="cpu", repeats=2)
+    row = tool.bench_config(
+        roots, ["torch"], size=32, preset="default", views=2, batch=8, threads=0, device="cpu", repeats=2
+    )
     assert row["torch_images_s"] > 0 and abs(row["torch_views_s"] - 2 * row["torch_images_s"]) <= 0.2
     assert len(row["torch_images_s_all"]) == 2
     met = tool.check_targets([dict(size=32, preset="default", views=4, ratio_dali_over_torch=6.5)], "cpu")

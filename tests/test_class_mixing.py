@@ -69,8 +69,26 @@ def classes_per_batch(root: Path, monkeypatch) -> float:
 def test_class_sorted_source_gives_class_mixed_batches(sorted_source, tmp_path, monkeypatch):
     random_sampling = expected_classes([PER_CLASS] * CLASSES, BATCH)  # 13.97 of 16
     out = tmp_path / "converted"
-    assert make_shards(["--dataset", "imagefolder", "--src", str(sorted_source), "--out", str(out),
-                        "--format", "png", "--shard-size", str(SHARD), "--workers", "1", "--quiet"]) == 0
+    assert (
+        make_shards(
+            [
+                "--dataset",
+                "imagefolder",
+                "--src",
+                str(sorted_source),
+                "--out",
+                str(out),
+                "--format",
+                "png",
+                "--shard-size",
+                str(SHARD),
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     mixed = classes_per_batch(out, monkeypatch)
     assert mixed >= 0.9 * random_sampling, (mixed, random_sampling)
     # The same images in source order through the same loader: what the check above guards against.
@@ -80,8 +98,24 @@ def test_class_sorted_source_gives_class_mixed_batches(sorted_source, tmp_path, 
 
 def test_verify_reports_mixing_and_warns_on_class_sorted_shards(sorted_source, tmp_path, capsys):
     out = tmp_path / "converted"
-    assert make_shards(["--dataset", "imagefolder", "--src", str(sorted_source), "--out", str(out),
-                        "--shard-size", str(SHARD), "--workers", "1", "--quiet"]) == 0
+    assert (
+        make_shards(
+            [
+                "--dataset",
+                "imagefolder",
+                "--src",
+                str(sorted_source),
+                "--out",
+                str(out),
+                "--shard-size",
+                str(SHARD),
+                "--workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     report = verify_dataset(out, decode=False)
     observed, expected = report.mixing["train"]
     assert report.ok and not report.warnings

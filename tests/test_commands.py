@@ -52,7 +52,8 @@ def test_modules_with_main_are_found():
 def test_python_dash_m_runs_main(module):
     """``python -m MODULE --help`` prints the usage: the module runs its ``main`` (not silently nothing)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
-                         cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "usage:" in out.stdout

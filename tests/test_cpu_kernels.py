@@ -15,7 +15,6 @@ from pipelines.presets import get_preset
 pytestmark = pytest.mark.skipif(kernels.backend() != "numba", reason="Numba is not usable here")
 
 
-
 def torchvision_colour(img: np.ndarray, draws: np.ndarray, preset) -> np.ndarray:
     """The colour stage with torchvision's own functions, for the factors and order ``draws`` encode
     (the layout ``pipelines.kernels.colour`` documents)."""
@@ -75,8 +74,7 @@ def test_colour_kernel_matches_torchvision(name):
     for i in (2, 3):
         assert (out[i][..., 0] == out[i][..., 1]).all() and (out[i][..., 1] == out[i][..., 2]).all()
     # hue only, +0.1 of the circle, on pure red (the issue's example)
-    red = get_preset(name).replace(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1, jitter_p=1.0,
-                                   grayscale_p=0.0)
+    red = get_preset(name).replace(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.1, jitter_p=1.0, grayscale_p=0.0)
     d = np.float32([[0.0, 0.5, 0.5, 0.5, 1.0, 0.1, 0.2, 0.3, 0.4, 0.9]])
     (shifted,) = run_kernel([np.full((4, 4, 3), (255, 0, 0), dtype=np.uint8)], d, red)
     assert tuple(shifted[0, 0]) == (255, 153, 0), tuple(shifted[0, 0])
@@ -142,9 +140,13 @@ def test_randaugment_operations_match_torchvision(op):
             magnitudes_fn, signed = ra._AUGMENTATION_SPACE[op]
             mags = magnitudes_fn(bins, h, w)
             magnitude = float(mags[m]) * (sign if signed else 1.0) if mags is not None else 0.0
-            want = ra._apply_image_or_video_transform(
-                torch.from_numpy(img).permute(2, 0, 1), op, magnitude, interpolation=ra.interpolation, fill=ra._fill
-            ).permute(1, 2, 0).numpy()
+            want = (
+                ra._apply_image_or_video_transform(
+                    torch.from_numpy(img).permute(2, 0, 1), op, magnitude, interpolation=ra.interpolation, fill=ra._fill
+                )
+                .permute(1, 2, 0)
+                .numpy()
+            )
             diff = np.abs(got.astype(int) - want.astype(int))
             assert got.shape == img.shape and got.dtype == np.uint8
             if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):

@@ -43,8 +43,21 @@ def free_port() -> int:
 
 
 def launcher(script, args, *, machines: int = 1, machine_rank: int = 0, port: int | None = None):
-    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or free_port())]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        str(machines),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port or free_port()),
+    ]
     if machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     return cmd + [str(script), "--config", "demo", *args]
@@ -174,8 +187,22 @@ def test_errors_under_accelerate_launch_are_one_line(tmp_path, id_dataset):
 
 def test_a_launch_that_yields_one_process_says_so(tmp_path, id_dataset):
     # Without --multi_gpu, accelerate's plain launcher starts one process however many were asked for.
-    cmd = ["accelerate", "launch", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(TRAIN), "--config", "demo", f"output_dir={tmp_path / 'run'}", "data.root=/nonexistent/dataset", *TINY]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(TRAIN),
+        "--config",
+        "demo",
+        f"output_dir={tmp_path / 'run'}",
+        "data.root=/nonexistent/dataset",
+        *TINY,
+    ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert "warning: accelerate launch was asked for several processes but started only this one" in proc.stderr
     # accelerate's plain launcher (without --quiet) repeats the child's stderr in its own traceback

@@ -94,8 +94,19 @@ def test_knn_command_agrees_with_the_monitor(trained_run, capsys):
 
 
 def test_linear_precomputed_command(trained_run, capsys):
-    argv = ["linear", "--run", str(trained_run), "--precomputed", "--epochs", "40", "--batch-size", "16",
-            "--lr", "1.0", "--quiet"]
+    argv = [
+        "linear",
+        "--run",
+        str(trained_run),
+        "--precomputed",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1.0",
+        "--quiet",
+    ]
     assert evaluate.main(argv) == 0
     printed = last_json(capsys)
     assert printed["mode"] == "precomputed" and printed["samples"] == 24 and printed["epochs"] == 40
@@ -127,8 +138,9 @@ def write_run(run_dir, tiny_dataset, backbone="resnet18", config_backbone=None):
     cfg.model.pred_hidden = 8
     cfg.data.root, cfg.data.image_size = str(tiny_dataset), 16
     model = build_model(backbone, True, 2, "per_view", 16, 16, 8)
-    save_checkpoint(run_dir, {"step": 1, "epoch": 0, "batch_in_epoch": 1, "config": cfg.to_dict(),
-                              "model": model.state_dict()})
+    save_checkpoint(
+        run_dir, {"step": 1, "epoch": 0, "batch_in_epoch": 1, "config": cfg.to_dict(), "model": model.state_dict()}
+    )
     return config_from_dict(cfg.to_dict())
 
 

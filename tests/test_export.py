@@ -111,10 +111,18 @@ def test_detectron2_names_follow_moco(tmp_path):
         payload = pickle.load(f)
     assert payload["matching_heuristics"] is True and "__author__" in payload
     names = payload["model"]
-    for expected in ("stem.conv1.weight", "stem.conv1.norm.running_var", "res2.0.conv1.weight",
-                     "res2.0.conv3.norm.bias", "res2.0.shortcut.weight", "res2.0.shortcut.norm.running_mean",
-                     "res3.3.conv2.norm.weight", "res4.5.conv1.weight", "res5.2.conv3.norm.running_mean",
-                     "res5.0.shortcut.norm.weight"):
+    for expected in (
+        "stem.conv1.weight",
+        "stem.conv1.norm.running_var",
+        "res2.0.conv1.weight",
+        "res2.0.conv3.norm.bias",
+        "res2.0.shortcut.weight",
+        "res2.0.shortcut.norm.running_mean",
+        "res3.3.conv2.norm.weight",
+        "res4.5.conv1.weight",
+        "res5.2.conv3.norm.running_mean",
+        "res5.0.shortcut.norm.weight",
+    ):
         assert expected in names, expected
     assert not any(k.startswith("layer") or ".bn" in k or "downsample" in k or "num_batches" in k for k in names)
     source = {k: v for k, v in model.backbone.state_dict().items() if not k.endswith("num_batches_tracked")}

@@ -26,10 +26,8 @@ def np_cos(a, b):
 
 
 # K=2 views, B=2 samples, D=4: small integers so the numbers below can be checked by hand.
-P = np.array([[[1, 0, 0, 0], [1, 1, 0, 0]],
-              [[0, 1, 0, 0], [0, 0, 1, 1]]], dtype=np.float64)
-Z = np.array([[[1, 1, 0, 0], [0, 0, 0, 2]],
-              [[1, -1, 0, 0], [2, 0, 0, 0]]], dtype=np.float64)
+P = np.array([[[1, 0, 0, 0], [1, 1, 0, 0]], [[0, 1, 0, 0], [0, 0, 1, 1]]], dtype=np.float64)
+Z = np.array([[[1, 1, 0, 0], [0, 0, 0, 2]], [[1, -1, 0, 0], [2, 0, 0, 0]]], dtype=np.float64)
 
 
 def t(a):
@@ -54,8 +52,10 @@ def test_simsiam_kaug_k2_by_hand_equals_official_formula():
     # view1 vs z0: [0,1,0,0].[1,1,0,0] = 1/sqrt2; [0,0,1,1].[0,0,0,2] = 1/sqrt2
     assert simsiam_kaug_loss(t(P), t(Z)).item() == pytest.approx(-1 / math.sqrt(2))
     p1, p2, z1, z2 = t(P[0]), t(P[1]), t(Z[0]), t(Z[1])
-    official = -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean()
-                 + F.cosine_similarity(p2, z1.detach(), dim=-1).mean()) * 0.5
+    official = (
+        -(F.cosine_similarity(p1, z2.detach(), dim=-1).mean() + F.cosine_similarity(p2, z1.detach(), dim=-1).mean())
+        * 0.5
+    )
     assert torch.allclose(simsiam_kaug_loss(t(P), t(Z)), official)
     assert torch.allclose(simsiam_loss(t(P), t(Z)), official)
 
@@ -126,9 +126,10 @@ def test_one_sgd_step_matches_reference():
     ref.load_state_dict(lin.state_dict())
     x = torch.randn(3, 4, 6)
     z = torch.randn(3, 4, 5)
-    for model, loss_of in [(lin, lambda q: ensiam_loss(q, z)),
-                           (ref, lambda q: sum(-F.cosine_similarity(q[i], z.mean(0), dim=-1).mean()
-                                               for i in range(3)) / 3)]:
+    for model, loss_of in [
+        (lin, lambda q: ensiam_loss(q, z)),
+        (ref, lambda q: sum(-F.cosine_similarity(q[i], z.mean(0), dim=-1).mean() for i in range(3)) / 3),
+    ]:
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
         loss_of(model(x)).backward()
         opt.step()

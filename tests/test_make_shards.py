@@ -286,9 +286,7 @@ def read_dali(root: Path, split: str) -> tuple[list[np.ndarray], list[int | None
     p.build()
     out = p.run()
     images = [np.array(out[0].at(i)) for i in range(info.num_samples)]
-    labels = [
-        int(bytes(np.array(out[1].at(i))).decode()) if info.labeled else None for i in range(info.num_samples)
-    ]
+    labels = [int(bytes(np.array(out[1].at(i))).decode()) if info.labeled else None for i in range(info.num_samples)]
     return images, labels
 
 
@@ -409,10 +407,7 @@ def test_imagefolder_strict_fails_on_corrupt_file(sources, tmp_path, capsys):
 
 def test_imagefolder_resize_shorter_side(sources, tmp_path):
     out = tmp_path / "o"
-    assert (
-        run("--dataset", "imagefolder", "--src", sources["imagefolder"][0], "--out", out, "--resize", "12")
-        == 0
-    )
+    assert run("--dataset", "imagefolder", "--src", sources["imagefolder"][0], "--out", out, "--resize", "12") == 0
     _, images, _ = read_webdataset(out, "val")
     assert sorted({im.shape[:2] for im in images}) == [(12, 12), (12, 14)]  # 24x24 and 20x24 sources
 
@@ -532,16 +527,12 @@ def test_interrupted_conversion_resumes_to_the_same_result(sources, converted, t
     (out / "train-000002.tar.tmp").write_bytes(b"partial")
     with open(out / convert.PROGRESS, "a") as f:
         f.write('{"split": "train", "sha')
-    assert (
-        run("--dataset", "cifar10", "--src", src, "--out", out, "--format", "png", "--shard-size", "4") == 0
-    )
+    assert run("--dataset", "cifar10", "--src", src, "--out", out, "--format", "png", "--shard-size", "4") == 0
     assert not list(out.glob("*.tmp"))
     clean = converted["cifar10"]
     for tar in sorted(clean.glob("*.tar")):
         assert (out / tar.name).read_bytes() == tar.read_bytes()
-    assert json.loads((out / "manifest.json").read_text()) == json.loads(
-        (clean / "manifest.json").read_text()
-    )
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
     assert verify_dataset(out).ok
 
 

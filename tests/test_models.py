@@ -209,8 +209,15 @@ def _synced_worker(rank, world, port, x, upstream, out_queue):
     y = layer(local)
     y.backward(_rank_slice(upstream, rank, world))
     # numpy, not tensors: torch's queue shares tensors through the sender's memory, gone once it exits
-    out_queue.put((rank, *(t.detach().numpy().copy() for t in (y, local.grad, layer.weight.grad,
-                                                               layer.running_mean, layer.running_var))))
+    out_queue.put(
+        (
+            rank,
+            *(
+                t.detach().numpy().copy()
+                for t in (y, local.grad, layer.weight.grad, layer.running_mean, layer.running_var)
+            ),
+        )
+    )
     dist.destroy_process_group()
 
 

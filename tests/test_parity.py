@@ -198,13 +198,17 @@ def view_residuals(views: torch.Tensor, labels: torch.Tensor, originals: torch.T
 @pytest.mark.parametrize("name", PRESETS)
 def test_dali_view_colour_statistics_match_reference(indexed_dataset, name):
     # the originals: evaluation views at the native size are the decoded images, in label order
-    originals = torch.cat([x[0] for x, _ in build_reference_loader(
-        indexed_dataset, "train", batch_size=48, views=1, preset="eval", train=False, num_threads=0)])
+    originals = torch.cat(
+        [
+            x[0]
+            for x, _ in build_reference_loader(
+                indexed_dataset, "train", batch_size=48, views=1, preset="eval", train=False, num_threads=0
+            )
+        ]
+    )
     # 48 images x 12 views = 576 views per backend, in one epoch (one DALI pipeline build)
-    dali = view_residuals(*collect_labelled_views("dali", indexed_dataset, name, epochs=1, views=12, seed=1),
-                          originals)
-    ref = view_residuals(*collect_labelled_views("torch", indexed_dataset, name, epochs=1, views=12, seed=2),
-                         originals)
+    dali = view_residuals(*collect_labelled_views("dali", indexed_dataset, name, epochs=1, views=12, seed=1), originals)
+    ref = view_residuals(*collect_labelled_views("torch", indexed_dataset, name, epochs=1, views=12, seed=2), originals)
     preset = get_preset(name)
     # Both backends make exact grey views, which no later op (RandAugment, jigsaw) colours again,
     # so the grey fraction counts grayscale_p for every preset.

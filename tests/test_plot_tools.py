@@ -21,24 +21,54 @@ import results_table  # noqa: E402
 import runlog  # noqa: E402
 
 
-def fabricate_run(path: Path, method: str, views: int, *, steps_per_epoch: int, epochs: int, log_every: int,
-                  speed: float, data_root: str = "/nonexistent/shards/cifar10") -> Path:
+def fabricate_run(
+    path: Path,
+    method: str,
+    views: int,
+    *,
+    steps_per_epoch: int,
+    epochs: int,
+    log_every: int,
+    speed: float,
+    data_root: str = "/nonexistent/shards/cifar10",
+) -> Path:
     """A run directory as the trainer writes it: training lines every ``log_every`` steps and at each
     epoch's last batch (epoch = the epoch in progress), kNN lines at the start and at each epoch end."""
     path.mkdir(parents=True)
-    config = {"method": method, "views": views, "batch_size": 64, "epochs": epochs,
-              "data": {"root": data_root, "split": "train"}}
+    config = {
+        "method": method,
+        "views": views,
+        "batch_size": 64,
+        "epochs": epochs,
+        "data": {"root": data_root, "split": "train"},
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     lines = [{"step": 0, "epoch": 0, "knn_top1": 10.0, "knn_top5": 50.0, "knn_samples": 100}]
     total = steps_per_epoch * epochs
     for step in range(1, total + 1):
         epoch, in_epoch = divmod(step - 1, steps_per_epoch)
         if step % log_every == 0 or in_epoch + 1 == steps_per_epoch:
-            lines.append({"step": step, "epoch": epoch, "loss": -0.9 * step / total, "lr": 0.05 * (1 - step / total),
-                          "images_per_s": speed + step % 3, "data_wait": 0.1, "collapse_std": 0.02})
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": -0.9 * step / total,
+                    "lr": 0.05 * (1 - step / total),
+                    "images_per_s": speed + step % 3,
+                    "data_wait": 0.1,
+                    "collapse_std": 0.02,
+                }
+            )
         if in_epoch + 1 == steps_per_epoch:
-            lines.append({"step": step, "epoch": epoch + 1, "knn_top1": 10.0 + 20 * (epoch + 1),
-                          "knn_top5": 60.0, "knn_samples": 100})
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": epoch + 1,
+                    "knn_top1": 10.0 + 20 * (epoch + 1),
+                    "knn_top5": 60.0,
+                    "knn_samples": 100,
+                }
+            )
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return path
 
@@ -62,8 +92,9 @@ def test_steps_per_epoch_comes_from_an_epoch_end_line(two_runs):
 
 def test_steps_per_epoch_falls_back_to_the_manifest(tmp_path, tiny_dataset):
     # 3 steps of an epoch of 48 // 16 = 3 steps... but the run stopped before the epoch ended
-    run_dir = fabricate_run(tmp_path / "short", "ensiam", 4, steps_per_epoch=3, epochs=1, log_every=1, speed=10,
-                            data_root=str(tiny_dataset))
+    run_dir = fabricate_run(
+        tmp_path / "short", "ensiam", 4, steps_per_epoch=3, epochs=1, log_every=1, speed=10, data_root=str(tiny_dataset)
+    )
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kept = [r for r in lines if r["step"] <= 2 and r.get("epoch", 0) == 0]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))

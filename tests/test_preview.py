@@ -35,8 +35,24 @@ def test_preview_writes_a_png_of_the_expected_size(tiny_dataset, tmp_path, backe
         pytest.skip("ensiam_fast.data (the DALI loader) or DALI itself is not available")
     tool = load_tool()
     out = tmp_path / "grid.png"
-    result = tool.main(["--data", str(tiny_dataset), "--preset", preset, "--views", "3", "--images", "2",
-                        "--out", str(out), "--cell", "40", "--backend", backend])
+    result = tool.main(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--preset",
+            preset,
+            "--views",
+            "3",
+            "--images",
+            "2",
+            "--out",
+            str(out),
+            "--cell",
+            "40",
+            "--backend",
+            backend,
+        ]
+    )
     with Image.open(out) as img:
         assert img.format == "PNG"
         assert img.size == tool.grid_size(2, 3, 40) == (4 + 4 * 44, 20 + 2 * 44 + 4)

@@ -78,8 +78,11 @@ def test_iter_from_matches_the_full_epoch(tiny_dataset):
 
 def test_train_ranks_are_disjoint_and_equal_length(tiny_dataset):
     # eval views are deterministic pixels, so use them to identify samples seen by each rank in train mode
-    ident = {tuple(x[0, j].flatten()[:64].tolist()) for x, _ in build(tiny_dataset, train=False, views=1)
-             for j in range(x.shape[1])}
+    ident = {
+        tuple(x[0, j].flatten()[:64].tolist())
+        for x, _ in build(tiny_dataset, train=False, views=1)
+        for j in range(x.shape[1])
+    }
     assert len(ident) == NUM_TRAIN
     loaders = [build(tiny_dataset, batch_size=4, shard_id=r, num_shards=3, seed=1) for r in range(3)]
     assert len({len(ld) for ld in loaders}) == 1 and len(loaders[0]) == NUM_TRAIN // 3 // 4
@@ -92,8 +95,9 @@ def test_train_ranks_are_disjoint_and_equal_length(tiny_dataset):
 def test_eval_gives_every_sample_exactly_once_across_shards(tiny_dataset):
     whole = run(build(tiny_dataset, "test", train=False, batch_size=5, views=1))
     assert [x.shape[1] for x, _ in whole] == [5, 5, 5, 5, 4]  # last batch smaller, nothing dropped
-    parts = [run(build(tiny_dataset, "test", train=False, batch_size=5, views=1, shard_id=r, num_shards=3))
-             for r in range(3)]
+    parts = [
+        run(build(tiny_dataset, "test", train=False, batch_size=5, views=1, shard_id=r, num_shards=3)) for r in range(3)
+    ]
     x_all = torch.cat([x for x, _ in whole], dim=1)
     x_parts = torch.cat([x for part in parts for x, _ in part], dim=1)
     assert torch.equal(x_all, x_parts)
@@ -152,14 +156,16 @@ def test_jigsaw_keeps_the_tiles_and_moves_them():
     out = jigsaw(img, 4, torch.Generator().manual_seed(0))
 
     def tiles(t):
-        return sorted(tuple(t[:, i : i + 2, j : j + 2].flatten().tolist()) for i in range(0, 8, 2)
-                      for j in range(0, 8, 2))
+        return sorted(
+            tuple(t[:, i : i + 2, j : j + 2].flatten().tolist()) for i in range(0, 8, 2) for j in range(0, 8, 2)
+        )
 
     assert tiles(out) == tiles(img)
     assert not torch.equal(out, img)
     # a tile moves as a whole, all channels together
-    assert out[:, :2, :2].flatten().tolist() in [img[:, i : i + 2, j : j + 2].flatten().tolist()
-                                                   for i in range(0, 8, 2) for j in range(0, 8, 2)]
+    assert out[:, :2, :2].flatten().tolist() in [
+        img[:, i : i + 2, j : j + 2].flatten().tolist() for i in range(0, 8, 2) for j in range(0, 8, 2)
+    ]
 
 
 def test_jigsaw_moves_tiles_uniformly_and_leaves_the_remainder():

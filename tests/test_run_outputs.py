@@ -35,7 +35,8 @@ def test_finished_run_rerun_says_complete_and_adds_nothing(tmp_path, tiny_datase
     summary = json.loads(lines[-1])
     assert lines[-2] == f"run directory {out}: {', '.join(summary['files'])}"
     assert {"config.yaml", "metrics.jsonl", "curves.png", "checkpoints/", "checkpoints/step-00000002.pt"} <= set(
-        summary["files"])
+        summary["files"]
+    )
     image = mpimg.imread(out / "curves.png")
     assert image.shape[0] > 300 and image.shape[1] > 300
     before = (out / "metrics.jsonl").read_bytes()

@@ -86,8 +86,10 @@ def test_threads_from_the_environment(monkeypatch):
     governed.governor.stop()
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 4 or not os.path.exists("/proc/stat"),
-                    reason="needs /proc and a small machine to load fully")
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) > 4 or not os.path.exists("/proc/stat"),
+    reason="needs /proc and a small machine to load fully",
+)
 def test_governor_sees_other_processes_load():
     # Busy loops that are NOT our descendants (orphaned through a shell) must count as others' load.
     share = len(os.sched_getaffinity(0))

@@ -13,8 +13,9 @@ from ensiam_fast.stems import check_backbone, create_backbone
 SMALL = dict(proj_hidden=32, proj_dim=32, pred_hidden=8)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet26d", "regnety_002", "efficientnet_b0", "convnext_atto",
-                                  "mobilenetv3_small_100"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet26d", "regnety_002", "efficientnet_b0", "convnext_atto", "mobilenetv3_small_100"]
+)
 def test_cifar_stem_keeps_the_resolution_the_standard_stem_drops(name):
     """At 32x32 the CIFAR stem leaves 4x (ResNet, ConvNeXt: stride 2 conv + max-pool or stride-4 patchify)
     or 2x (one stride-2 conv) the standard stem's feature-map side."""
@@ -60,12 +61,19 @@ def test_pretrained_tag_names_are_accepted_without_weights():
         check_backbone("resnt18", cifar_stem=False)
 
 
-@pytest.mark.parametrize("backbone,needle", [("vit_tiny_patch16_224", "VisionTransformer"),
-                                             ("resnt18", "unknown backbone")])
+@pytest.mark.parametrize(
+    "backbone,needle", [("vit_tiny_patch16_224", "VisionTransformer"), ("resnt18", "unknown backbone")]
+)
 def test_bad_backbone_is_reported_before_the_data(tmp_path, capsys, backbone, needle):
     """The data root does not exist: the error is about the backbone, so it came first."""
-    argv = ["--config", "demo", f"data.root={tmp_path / 'no-data'}", f"output_dir={tmp_path / 'run'}",
-            f"model.backbone={backbone}", "model.cifar_stem=true"]
+    argv = [
+        "--config",
+        "demo",
+        f"data.root={tmp_path / 'no-data'}",
+        f"output_dir={tmp_path / 'run'}",
+        f"model.backbone={backbone}",
+        "model.cifar_stem=true",
+    ]
     assert train.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: model.backbone=") and needle in err and "no-data" not in err

@@ -29,9 +29,7 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(
-    "method, views", [("ensiam", 4), ("simsiam_kaug", 4), ("simsiam", 2), ("fastsiam", 3)]
-)
+@pytest.mark.parametrize("method, views", [("ensiam", 4), ("simsiam_kaug", 4), ("simsiam", 2), ("fastsiam", 3)])
 def test_smoke_run_each_method(tmp_path, tiny_dataset, method, views, capsys):
     rc, out = run_main(tmp_path, tiny_dataset, f"method={method}", f"views={views}", "max_steps=3")
     assert rc == 0

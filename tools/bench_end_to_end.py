@@ -83,8 +83,15 @@ def flops_per_image(argv: list[str]) -> float:
 
     cfg = load_config(argv[1], argv[2:])
     m = cfg.model
-    model = build_model(m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers, bn_mode="joint",
-                        proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden).to("meta")
+    model = build_model(
+        m.backbone,
+        cifar_stem=m.cifar_stem,
+        proj_layers=m.proj_layers,
+        bn_mode="joint",
+        proj_hidden=m.proj_hidden,
+        proj_dim=m.proj_dim,
+        pred_hidden=m.pred_hidden,
+    ).to("meta")
     size = cfg.data.image_size or 32
     x = torch.randn(cfg.views, 2, 3, size, size, device="meta")
     with FlopCounterMode(display=False) as counter:
@@ -141,13 +148,28 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--cifar-batch", type=int, default=64, help="global batch of the cifar10 run")
     p.add_argument("--imagenet-batch", type=int, default=64, help="global batch of the imagenet run")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for every run (repeatable), e.g. --set model.compile=true")
-    p.add_argument("--background-load", type=int, default=0, metavar="N",
-                   help="also measure each run with N busy background processes (idle and loaded alternate)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run (repeatable), e.g. --set model.compile=true",
+    )
+    p.add_argument(
+        "--background-load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure each run with N busy background processes (idle and loaded alternate)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="measurements per run (and per load)")
-    p.add_argument("--baseline-threads", type=int, default=0, metavar="T",
-                   help="also measure with torch threads fixed at T (the governor off), interleaved")
+    p.add_argument(
+        "--baseline-threads",
+        type=int,
+        default=0,
+        metavar="T",
+        help="also measure with torch threads fixed at T (the governor off), interleaved",
+    )
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="for the MFU figure")
     p.add_argument("--digits", default=str(ROOT / "shards" / "digits"), help="the converted digits dataset")
     return p.parse_args(argv)
@@ -163,8 +185,10 @@ def plan_runs(args, work: Path) -> dict[str, list[str]]:
             if backend != "synthetic" and not (Path(args.digits) / "manifest.json").is_file():
                 raise SystemExit(f"{args.digits} is not converted: run python tools/make_shards.py --dataset digits")
             plans[f"demo/{backend}"] = ["--config", "demo", f"data.root={args.digits}", *data]
-        for run, preset, batch, size in (("cifar10", "cifar10", args.cifar_batch, 32),
-                                         ("imagenet", "imagenet", args.imagenet_batch, 224)):
+        for run, preset, batch, size in (
+            ("cifar10", "cifar10", args.cifar_batch, 32),
+            ("imagenet", "imagenet", args.imagenet_batch, 224),
+        ):
             if run not in runs:
                 continue
             if backend == "synthetic":
@@ -173,8 +197,14 @@ def plan_runs(args, work: Path) -> dict[str, list[str]]:
                 from bench_pipeline import write_bench_dataset
 
                 root = write_bench_dataset(work / f"{run}_like", size, max(256, 4 * batch))
-            plans[f"{run}/{backend}"] = ["--config", preset, f"data.root={root}", f"batch_size={batch}",
-                                         f"data.synthetic_samples={max(batch, 50_000)}", *data]
+            plans[f"{run}/{backend}"] = [
+                "--config",
+                preset,
+                f"data.root={root}",
+                f"batch_size={batch}",
+                f"data.synthetic_samples={max(batch, 50_000)}",
+                *data,
+            ]
     # every run's argv ends with the shared overrides, so --set wins over the plan's own values
     return {name: [*argv, *common] for name, argv in plans.items()}
 
@@ -196,8 +226,11 @@ def main(argv=None) -> dict:
                     fixed = str(args.baseline_threads) if mode == "baseline" else "auto"
                     with background_load(load), fixed_threads(fixed):
                         samples[load, mode].append(run_one(name, run_argv, out, args))
-                    print(f"{name} load={load} {mode} rep={rep}: {samples[load, mode][-1]['images_per_s']:.1f} img/s, "
-                          f"data_wait {samples[load, mode][-1]['data_wait']:.2f}", flush=True)
+                    print(
+                        f"{name} load={load} {mode} rep={rep}: {samples[load, mode][-1]['images_per_s']:.1f} img/s, "
+                        f"data_wait {samples[load, mode][-1]['data_wait']:.2f}",
+                        flush=True,
+                    )
             entry = {}
             for (load, mode), runs in samples.items():
                 key = ("idle" if load == 0 else f"load_{load}") + ("" if mode == "governed" else "_baseline")
@@ -209,8 +242,10 @@ def main(argv=None) -> dict:
                 }
             for suffix in ("", "_baseline") if args.baseline_threads else ("",):
                 if args.background_load:
-                    entry[f"loaded_over_idle{suffix}"] = (entry[f"load_{args.background_load}{suffix}"]["images_per_s"]
-                                                          / entry[f"idle{suffix}"]["images_per_s"])
+                    entry[f"loaded_over_idle{suffix}"] = (
+                        entry[f"load_{args.background_load}{suffix}"]["images_per_s"]
+                        / entry[f"idle{suffix}"]["images_per_s"]
+                    )
             if args.baseline_threads:
                 for key in [k for k in entry if k.endswith("_baseline") and isinstance(entry[k], dict)]:
                     mine = entry[key[: -len("_baseline")]]["images_per_s"]
@@ -223,7 +258,8 @@ def main(argv=None) -> dict:
         for run in ("demo", "cifar10", "imagenet"):
             if f"{run}/dali" in results and f"{run}/torch" in results:
                 results[f"{run}/dali_over_torch_images_per_s"] = (
-                    results[f"{run}/dali"]["idle"]["images_per_s"] / results[f"{run}/torch"]["idle"]["images_per_s"])
+                    results[f"{run}/dali"]["idle"]["images_per_s"] / results[f"{run}/torch"]["idle"]["images_per_s"]
+                )
     cores = len(os.sched_getaffinity(0))
     record = {
         "benchmark": "end_to_end",

@@ -62,9 +62,7 @@ def write_cifar_like(root: Path, n: int, rng: np.random.Generator) -> Path:
             b"labels": rng.integers(0, 10, per).tolist(),
         }
         (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(
-        pickle.dumps({b"label_names": [str(i).encode() for i in range(10)]})
-    )
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [str(i).encode() for i in range(10)]}))
     return folder
 
 
@@ -207,8 +205,7 @@ def against(ref: str, args: argparse.Namespace) -> dict:
 
 def report(name: str, r: dict) -> None:
     print(
-        f"{name:24s}: {r['images_per_s']:6d} images/s "
-        f"({r['images_per_cpu_s']:6d} per CPU-s)  runs {r['runs']}",
+        f"{name:24s}: {r['images_per_s']:6d} images/s ({r['images_per_cpu_s']:6d} per CPU-s)  runs {r['runs']}",
         flush=True,
     )
 
@@ -265,13 +262,11 @@ def main() -> None:
         "per_cpu_second": {k: v["images_per_cpu_s"] for k, v in results.items()},
         "ratios": {
             "32x32_jpg_w1_over_naive_per_cpu_s": round(
-                results["32x32_jpg_w1"]["images_per_cpu_s"]
-                / results["32x32_jpg_naive_baseline"]["images_per_cpu_s"],
+                results["32x32_jpg_w1"]["images_per_cpu_s"] / results["32x32_jpg_naive_baseline"]["images_per_cpu_s"],
                 2,
             ),
             "32x32_png_w1_over_naive_per_cpu_s": round(
-                results["32x32_png_w1"]["images_per_cpu_s"]
-                / results["32x32_png_naive_baseline"]["images_per_cpu_s"],
+                results["32x32_png_w1"]["images_per_cpu_s"] / results["32x32_png_naive_baseline"]["images_per_cpu_s"],
                 2,
             ),
             "32x32_jpg_2w_over_1w": round(
@@ -281,8 +276,7 @@ def main() -> None:
                 results["32x32_png_w2"]["images_per_s"] / results["32x32_jpg_w2"]["images_per_s"], 2
             ),
             "500x375_keep_over_reencode_2w": round(
-                results["500x375_keep_jpeg_w2"]["images_per_s"]
-                / results["500x375_reencode_w2"]["images_per_s"],
+                results["500x375_keep_jpeg_w2"]["images_per_s"] / results["500x375_reencode_w2"]["images_per_s"],
                 2,
             ),
         },

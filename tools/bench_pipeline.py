@@ -69,15 +69,29 @@ def write_bench_dataset(root: Path, size: int, num_images: int, shard_size: int 
         names.append(rec.name)
         sizes.append(rec.num_samples)
     same_size = [height, width] if (width, height) == (size, size) else None
-    write_manifest(root, Manifest(dataset=f"bench{size}", classes=[str(c) for c in range(100)],
-                                  splits={"train": SplitInfo(num_images, names, True, sizes)},
-                                  image_size=same_size))
+    write_manifest(
+        root,
+        Manifest(
+            dataset=f"bench{size}",
+            classes=[str(c) for c in range(100)],
+            splits={"train": SplitInfo(num_images, names, True, sizes)},
+            image_size=same_size,
+        ),
+    )
     return root
 
 
 def build(backend: str, root: Path, *, size: int, preset: str, views: int, batch: int, threads: int, device: str):
-    kw = dict(batch_size=batch, views=views, preset=preset, device=device, seed=0, train=True,
-              image_size=size, num_threads=threads)
+    kw = dict(
+        batch_size=batch,
+        views=views,
+        preset=preset,
+        device=device,
+        seed=0,
+        train=True,
+        image_size=size,
+        num_threads=threads,
+    )
     if backend == "torch":
         return build_reference_loader(root, "train", **kw)
     from ensiam_fast.data import build_loader
@@ -107,8 +121,9 @@ def bench_config(roots, backends, *, size, preset, views, batch, threads, device
     for b in backends:
         dev = device if b == "dali" else ("cuda" if device == "gpu" else "cpu")
         try:
-            loaders[b] = build(b, roots[size], size=size, preset=preset, views=views, batch=batch,
-                               threads=threads, device=dev)
+            loaders[b] = build(
+                b, roots[size], size=size, preset=preset, views=views, batch=batch, threads=threads, device=dev
+            )
         except Exception as e:  # a missing backend is reported in the JSON, not fatal for the other one
             errors[b] = f"{type(e).__name__}: {e}"
     rates: dict[str, list[float]] = {b: [] for b in loaders}
@@ -147,12 +162,18 @@ def check_targets(rows: list[dict], device: str) -> dict:
             continue
         if device == "cpu" and "ratio_dali_over_torch" in r:
             target = CPU_RATIO_TARGET[r["size"]]
-            out[f"cpu_ratio_{r['size']}"] = {"target": target, "got": r["ratio_dali_over_torch"],
-                                             "met": r["ratio_dali_over_torch"] >= target}
+            out[f"cpu_ratio_{r['size']}"] = {
+                "target": target,
+                "got": r["ratio_dali_over_torch"],
+                "met": r["ratio_dali_over_torch"] >= target,
+            }
         if device == "gpu" and "dali_views_s" in r:
             target = GPU_VIEWS_TARGET[r["size"]]
-            out[f"gpu_views_s_{r['size']}"] = {"target": target, "got": r["dali_views_s"],
-                                               "met": r["dali_views_s"] >= target}
+            out[f"gpu_views_s_{r['size']}"] = {
+                "target": target,
+                "got": r["dali_views_s"],
+                "met": r["dali_views_s"] >= target,
+            }
     return out
 
 
@@ -192,15 +213,27 @@ def main(argv=None) -> dict:
         for s in sizes:
             for preset in args.presets.split(","):
                 for k in (int(v) for v in args.views.split(",")):
-                    row = bench_config(roots, backends, size=s, preset=preset, views=k, batch=batch[s],
-                                       threads=args.threads, device=args.device, repeats=args.repeats)
+                    row = bench_config(
+                        roots,
+                        backends,
+                        size=s,
+                        preset=preset,
+                        views=k,
+                        batch=batch[s],
+                        threads=args.threads,
+                        device=args.device,
+                        repeats=args.repeats,
+                    )
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     result = {
         "tool": "bench_pipeline",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
         "device": args.device,
         "threads": args.threads,
         "repeats": args.repeats,

@@ -136,13 +136,17 @@ def measure(cfg: Config, base: SiameseNet, args, device: torch.device) -> dict:
             times[r.impl].append(synced_time(lambda r=r: r.step(x), device))
             if device.type == "cuda":
                 peaks[r.impl] = max(peaks[r.impl], torch.cuda.max_memory_allocated(device))
-    out = {"views": cfg.views, "precision": cfg.precision, "channels_last": cfg.channels_last,
-           "compile": cfg.compile}
+    out = {"views": cfg.views, "precision": cfg.precision, "channels_last": cfg.channels_last, "compile": cfg.compile}
     for impl, ts in times.items():
         med = statistics.median(ts)
-        out[impl] = {"step_s_median": med, "step_s_all": ts, "steps_per_s": 1 / med,
-                     "images_per_s": args.batch / med, "views_per_s": cfg.views * args.batch / med,
-                     "first_step_s": compile_s[impl]}
+        out[impl] = {
+            "step_s_median": med,
+            "step_s_all": ts,
+            "steps_per_s": 1 / med,
+            "images_per_s": args.batch / med,
+            "views_per_s": cfg.views * args.batch / med,
+            "first_step_s": compile_s[impl],
+        }
         if device.type == "cuda":
             out[impl]["peak_mem_mib"] = peaks[impl] / 2**20
     if "fused" in times and "loop" in times:
@@ -154,8 +158,14 @@ def measure(cfg: Config, base: SiameseNet, args, device: torch.device) -> dict:
 
 def bn_per_view_cat(x, k, layer):
     """The previous PerViewBatchNorm: K native kernels on dim-0 slices, outputs concatenated."""
-    return torch.cat([torch.nn.functional.batch_norm(view, layer.running_mean, layer.running_var, layer.weight,
-                                                     layer.bias, True, 0.1, layer.eps) for view in x.chunk(k)])
+    return torch.cat(
+        [
+            torch.nn.functional.batch_norm(
+                view, layer.running_mean, layer.running_var, layer.weight, layer.bias, True, 0.1, layer.eps
+            )
+            for view in x.chunk(k)
+        ]
+    )
 
 
 def bench_bn_layer(args, device: torch.device) -> list[dict]:
@@ -181,8 +191,12 @@ def bench_bn_layer(args, device: torch.device) -> list[dict]:
                 "per_view_cat": lambda x, layer=layer: bn_per_view_cat(x, k, layer),
             }
             if args.compile:
-                variants.update({f"{n}_compiled": torch.compile(copy.deepcopy(v) if isinstance(v, torch.nn.Module)
-                                                                else v) for n, v in list(variants.items())})
+                variants.update(
+                    {
+                        f"{n}_compiled": torch.compile(copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v)
+                        for n, v in list(variants.items())
+                    }
+                )
             grad = torch.randn_like(x0)
 
             def run(fn, x0=x0, grad=grad):
@@ -192,16 +206,25 @@ def bench_bn_layer(args, device: torch.device) -> list[dict]:
             times = {name: [] for name in variants}
             first = {name: synced_time(lambda fn=fn: run(fn), device) for name, fn in variants.items()}
             for i in range(args.steps * 2):
-                for name, fn in (list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]):
+                for name, fn in list(variants.items()) if i % 2 == 0 else list(variants.items())[::-1]:
                     times[name].append(synced_time(lambda fn=fn: run(fn), device))
             med = {name: statistics.median(ts) for name, ts in times.items()}
-            print(f"BN layer {fmt} {prec} fwd+bwd ms: " + ", ".join(f"{n} {1e3 * t:.3f}" for n, t in med.items()),
-                  flush=True)
-            results.append({"shape": list(x0.shape), "views": k, "format": fmt, "precision": prec,
-                            "median_ms": {n: 1e3 * t for n, t in med.items()},
-                            "first_call_s": first,
-                            "over_joint": {n: t / med["joint"] for n, t in med.items()},
-                            "per_view_over_cat": med["per_view_cat"] / med["per_view"]})
+            print(
+                f"BN layer {fmt} {prec} fwd+bwd ms: " + ", ".join(f"{n} {1e3 * t:.3f}" for n, t in med.items()),
+                flush=True,
+            )
+            results.append(
+                {
+                    "shape": list(x0.shape),
+                    "views": k,
+                    "format": fmt,
+                    "precision": prec,
+                    "median_ms": {n: 1e3 * t for n, t in med.items()},
+                    "first_call_s": first,
+                    "over_joint": {n: t / med["joint"] for n, t in med.items()},
+                    "per_view_over_cat": med["per_view_cat"] / med["per_view"],
+                }
+            )
     return results
 
 
@@ -211,23 +234,40 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32, help="B, images per view")
     ap.add_argument("--size", type=int, default=32, help="image side S (ResNet-18 with the CIFAR stem)")
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=["fused", "loop"])
-    ap.add_argument("--heads", choices=sorted(HEADS), default="paper",
-                    help="projector/predictor widths: the paper's (2048/2048/512) or tiny ones (smoke runs)")
+    ap.add_argument(
+        "--heads",
+        choices=sorted(HEADS),
+        default="paper",
+        help="projector/predictor widths: the paper's (2048/2048/512) or tiny ones (smoke runs)",
+    )
     ap.add_argument("--views", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--precisions", nargs="+", choices=sorted(DTYPES), default=None,
-                    help="default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA")
+    ap.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: fp32 bf16 on CPU, fp32 bf16 fp16 on CUDA",
+    )
     ap.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"])
     ap.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first one")
-    ap.add_argument("--compile", action="store_true",
-                    help="add torch.compile for K=--compile-views, the first precision and format")
+    ap.add_argument(
+        "--compile", action="store_true", help="add torch.compile for K=--compile-views, the first precision and format"
+    )
     ap.add_argument("--compile-views", type=int, default=None, help="K of the compiled configuration (default: min)")
-    ap.add_argument("--peak-tflops", type=float, default=989.0,
-                    help="the card's peak for the MFU figure (default: H100 SXM dense bf16)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="the card's peak for the MFU figure (default: H100 SXM dense bf16)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bn-layer", action="store_true",
-                    help="also time one BatchNorm layer: per-view (shipped), per-view with cat (previous), joint")
+    ap.add_argument(
+        "--bn-layer",
+        action="store_true",
+        help="also time one BatchNorm layer: per-view (shipped), per-view with cat (previous), joint",
+    )
     ap.add_argument("--bn-layer-only", action="store_true", help="only the BatchNorm-layer comparison")
     return ap.parse_args(argv)
 
@@ -238,17 +278,32 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = args.precisions or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
-    configs = [Config(k, prec, fmt == "channels_last", False)
-               for k in args.views for prec in precisions for fmt in args.formats]
+    configs = [
+        Config(k, prec, fmt == "channels_last", False)
+        for k in args.views
+        for prec in precisions
+        for fmt in args.formats
+    ]
     if args.compile:
-        configs.append(Config(args.compile_views or min(args.views), precisions[0],
-                              args.formats[0] == "channels_last", True))
+        configs.append(
+            Config(args.compile_views or min(args.views), precisions[0], args.formats[0] == "channels_last", True)
+        )
     torch.manual_seed(args.seed)
     bn_layer = bench_bn_layer(args, device) if args.bn_layer or args.bn_layer_only else None
     if args.bn_layer_only:
-        print(json.dumps({"bench": "train_step_bn_layer", "device": str(device), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
-                          "bn_layer": bn_layer}))
+        print(
+            json.dumps(
+                {
+                    "bench": "train_step_bn_layer",
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "batch": args.batch,
+                    "size": args.size,
+                    "bn_layer": bn_layer,
+                }
+            )
+        )
         return {"bn_layer": bn_layer}
     base = build_model(**HEADS[args.heads])  # resnet18, CIFAR stem, per-view BN
     flops = {k: count_step_flops(base, k, args.batch, args.size, device) for k in {c.views for c in configs}}
@@ -260,18 +315,31 @@ def main(argv=None) -> dict:
             for impl in args.impls:
                 res[impl]["mfu"] = flops[cfg.views] * res[impl]["steps_per_s"] / (args.peak_tflops * 1e12)
         results.append(res)
-        print(f"{cfg.label():32s} " + "  ".join(f"{i} {res[i]['images_per_s']:9.1f} img/s" for i in args.impls)
-              + "".join(f"  {r} {res[r]:.3f}" for r in ("fused_over_loop_speed", "per_view_over_joint_speed")
-                        if r in res), flush=True)
+        print(
+            f"{cfg.label():32s} "
+            + "  ".join(f"{i} {res[i]['images_per_s']:9.1f} img/s" for i in args.impls)
+            + "".join(
+                f"  {r} {res[r]:.3f}" for r in ("fused_over_loop_speed", "per_view_over_joint_speed") if r in res
+            ),
+            flush=True,
+        )
     summary = {
-        "bench": "train_step", "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch, "size": args.size,
+        "bench": "train_step",
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "size": args.size,
         "impls": args.impls,
-        "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
         "process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "results": results, "bn_layer": bn_layer,
+        "results": results,
+        "bn_layer": bn_layer,
     }
     for ratio in ("fused_over_loop_speed", "per_view_over_joint_speed"):
         values = [r[ratio] for r in results if ratio in r]

@@ -63,15 +63,44 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
              "--steps", "10", "--warmup", "3"]  # fmt: skip
     e2e_gpu = ["--backends", "synthetic"]
     plan = [
-        ("tests", [PY, *tests, "tests/test_batchnorm.py", "tests/test_models.py", "tests/test_losses.py",
-                   "tests/test_synthetic.py"], 100),  # fmt: skip
+        (
+            "tests",
+            [
+                PY,
+                *tests,
+                "tests/test_batchnorm.py",
+                "tests/test_models.py",
+                "tests/test_losses.py",
+                "tests/test_synthetic.py",
+            ],
+            100,
+        ),  # fmt: skip
         ("e2e_r18_b256", [PY, e2e, "--runs", "cifar10", "--cifar-batch", "256", "--steps", "120", *e2e_gpu], 60),
         ("e2e_r18_b1024", [PY, e2e, "--runs", "cifar10", "--cifar-batch", "1024", "--steps", "60", *e2e_gpu], 60),
         ("e2e_r50_224", [PY, e2e, "--runs", "imagenet", "--imagenet-batch", "256", "--steps", "30", *e2e_gpu], 75),
-        ("train_step_eager", [*train, "--views", "2", "4", "8", "--precisions", "fp32", "bf16",
-                              "--formats", "nchw", "channels_last", "--bn-layer"], 75),  # fmt: skip
-        ("train_step_compiled", [*train, "--views", "4", "--precisions", "bf16", "--formats", "channels_last",
-                                 "--compile", "--bn-layer"], 120),  # fmt: skip
+        (
+            "train_step_eager",
+            [
+                *train,
+                "--views",
+                "2",
+                "4",
+                "8",
+                "--precisions",
+                "fp32",
+                "bf16",
+                "--formats",
+                "nchw",
+                "channels_last",
+                "--bn-layer",
+            ],
+            75,
+        ),  # fmt: skip
+        (
+            "train_step_compiled",
+            [*train, "--views", "4", "--precisions", "bf16", "--formats", "channels_last", "--compile", "--bn-layer"],
+            120,
+        ),  # fmt: skip
     ]
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         plan.append(("dali_gpu", [PY, str(ROOT / "tools" / "bench_pipeline.py"), "--device", "gpu", "--quick"], 60))
@@ -118,24 +147,35 @@ def headline(report: dict) -> dict:
         res = (report["steps"].get(name) or {}).get("result") or {}
         for run, entry in (res.get("results") or {}).items():
             if isinstance(entry, dict) and "idle" in entry:
-                head[name] = {"run": run, "images_per_s": entry["idle"]["images_per_s"],
-                              "data_wait": entry["idle"]["data_wait"],
-                              "peak_mem_mib": entry["idle"].get("peak_mem_mib"), "mfu": entry.get("mfu")}
+                head[name] = {
+                    "run": run,
+                    "images_per_s": entry["idle"]["images_per_s"],
+                    "data_wait": entry["idle"]["data_wait"],
+                    "peak_mem_mib": entry["idle"].get("peak_mem_mib"),
+                    "mfu": entry.get("mfu"),
+                }
     for name in ("train_step_eager", "train_step_compiled"):
         res = (report["steps"].get(name) or {}).get("result") or {}
         rows = []
         for r in res.get("results") or []:
-            rows.append({"K": r["views"], "precision": r["precision"], "channels_last": r["channels_last"],
-                         "compile": r["compile"],
-                         **{f"{impl}_images_per_s": r[impl]["images_per_s"] for impl in res.get("impls", [])},
-                         "fused_over_loop": r.get("fused_over_loop_speed"),
-                         "per_view_over_joint": r.get("per_view_over_joint_speed")})
+            rows.append(
+                {
+                    "K": r["views"],
+                    "precision": r["precision"],
+                    "channels_last": r["channels_last"],
+                    "compile": r["compile"],
+                    **{f"{impl}_images_per_s": r[impl]["images_per_s"] for impl in res.get("impls", [])},
+                    "fused_over_loop": r.get("fused_over_loop_speed"),
+                    "per_view_over_joint": r.get("per_view_over_joint_speed"),
+                }
+            )
         if rows:
             head[name] = rows
         layers = res.get("bn_layer") or []
         if layers:
-            head[f"{name}_bn_layer_ms"] = [{"format": b["format"], "precision": b["precision"], **b["median_ms"]}
-                                           for b in layers]
+            head[f"{name}_bn_layer_ms"] = [
+                {"format": b["format"], "precision": b["precision"], **b["median_ms"]} for b in layers
+            ]
     head["status"] = {name: step["status"] for name, step in report["steps"].items()}
     return head
 
@@ -145,8 +185,10 @@ def markdown(head: dict) -> str:
     lines += ["| step | status |", "|---|---|"] + [f"| {k} | {v} |" for k, v in head["status"].items()] + [""]
     e2e = [n for n in ("e2e_r18_b256", "e2e_r18_b1024", "e2e_r50_224") if n in head]
     if e2e:
-        lines += ["| trainer (synthetic data) | images/s | data-wait | peak memory MiB | MFU |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "| trainer (synthetic data) | images/s | data-wait | peak memory MiB | MFU |",
+            "|---|---|---|---|---|",
+        ]
         for n in e2e:
             h = head[n]
             mem = f"{h['peak_mem_mib']:.0f}" if h.get("peak_mem_mib") is not None else "-"
@@ -156,19 +198,28 @@ def markdown(head: dict) -> str:
     for n in ("train_step_eager", "train_step_compiled"):
         if n not in head:
             continue
-        lines += [f"| {n}: K | precision | channels_last | compile | fused img/s | loop img/s | joint img/s "
-                  "| fused/loop | per-view/joint |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| {n}: K | precision | channels_last | compile | fused img/s | loop img/s | joint img/s "
+            "| fused/loop | per-view/joint |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in head[n]:
+
             def fmt(v, spec=".0f"):
                 return format(v, spec) if isinstance(v, (int, float)) else "-"
-            lines.append(f"| {r['K']} | {r['precision']} | {r['channels_last']} | {r['compile']} "
-                         f"| {fmt(r.get('fused_images_per_s'))} | {fmt(r.get('loop_images_per_s'))} "
-                         f"| {fmt(r.get('joint_images_per_s'))} | {fmt(r['fused_over_loop'], '.3f')} "
-                         f"| {fmt(r['per_view_over_joint'], '.3f')} |")
+
+            lines.append(
+                f"| {r['K']} | {r['precision']} | {r['channels_last']} | {r['compile']} "
+                f"| {fmt(r.get('fused_images_per_s'))} | {fmt(r.get('loop_images_per_s'))} "
+                f"| {fmt(r.get('joint_images_per_s'))} | {fmt(r['fused_over_loop'], '.3f')} "
+                f"| {fmt(r['per_view_over_joint'], '.3f')} |"
+            )
         lines.append("")
         for b in head.get(f"{n}_bn_layer_ms", []):
-            lines.append(f"BatchNorm layer {b['format']} {b['precision']} (ms fwd+bwd): "
-                         + ", ".join(f"{k} {v:.3f}" for k, v in b.items() if isinstance(v, float)))
+            lines.append(
+                f"BatchNorm layer {b['format']} {b['precision']} (ms fwd+bwd): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in b.items() if isinstance(v, float))
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -189,8 +240,13 @@ def main(argv=None) -> int:
         print("error: no CUDA device visible to torch; use --dry-run on a CPU machine", file=sys.stderr)
         return 2
     device = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name()
-    report: dict = {"suite": "gpu_suite", "device": device, "dry_run": args.dry_run, "torch": torch.__version__,
-                    "steps": {}}
+    report: dict = {
+        "suite": "gpu_suite",
+        "device": device,
+        "dry_run": args.dry_run,
+        "torch": torch.__version__,
+        "steps": {},
+    }
     deadline = time.perf_counter() + (1e9 if args.dry_run else args.budget)
     for name, cmd, limit in steps(args.dry_run):
         if args.only and name not in args.only:

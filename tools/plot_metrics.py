@@ -70,8 +70,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = plot_runs(runs, Path(args.out), args.title)
-    print(json.dumps({"out": str(out), "runs": [str(r.path) for r in runs],
-                      "steps_per_epoch": [r.steps_per_epoch for r in runs]}))
+    print(
+        json.dumps(
+            {"out": str(out), "runs": [str(r.path) for r in runs], "steps_per_epoch": [r.steps_per_epoch for r in runs]}
+        )
+    )
     return 0
 
 

@@ -62,8 +62,7 @@ def write_preview_dataset(tmp: Path, samples: list[tuple[str, bytes]], size: int
     rec = write_shard(tmp / "preview-000000.tar", items)
     info = SplitInfo(num_samples=len(items), shards=[rec.name], labeled=True, shard_sizes=[rec.num_samples])
     classes = [str(i) for i in range(len(items))]
-    write_manifest(tmp, Manifest(dataset="preview", classes=classes, splits={"preview": info},
-                                 image_size=[size, size]))
+    write_manifest(tmp, Manifest(dataset="preview", classes=classes, splits={"preview": info}, image_size=[size, size]))
     return tmp
 
 
@@ -143,9 +142,16 @@ def main(argv=None) -> dict:
     sheet = draw_grid(originals, views, args.cell, title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out)
-    result = {"out": str(args.out), "width": sheet.width, "height": sheet.height, "preset": preset.name,
-              "views": args.views, "images": args.images, "backend": args.backend,
-              "mean_view_pixel": float(np.asarray(views, dtype=np.float64).mean())}
+    result = {
+        "out": str(args.out),
+        "width": sheet.width,
+        "height": sheet.height,
+        "preset": preset.name,
+        "views": args.views,
+        "images": args.images,
+        "backend": args.backend,
+        "mean_view_pixel": float(np.asarray(views, dtype=np.float64).mean()),
+    }
     print(json.dumps(result))
     return result
 

@@ -52,9 +52,17 @@ def linear_cell(run: Run) -> str:
 
 def row(run: Run) -> list[str]:
     speed = run.median("images_per_s")
-    return [run.path.name, run.dataset(), str(run.config.get("method", "?")), str(run.config.get("views", "?")),
-            str(run.config.get("batch_size", "?")), epochs_cell(run), _pct(knn_top1(run)), linear_cell(run),
-            MISSING if speed is None else f"{speed:.0f}"]
+    return [
+        run.path.name,
+        run.dataset(),
+        str(run.config.get("method", "?")),
+        str(run.config.get("views", "?")),
+        str(run.config.get("batch_size", "?")),
+        epochs_cell(run),
+        _pct(knn_top1(run)),
+        linear_cell(run),
+        MISSING if speed is None else f"{speed:.0f}",
+    ]
 
 
 def markdown_table(runs: list[Run]) -> str:

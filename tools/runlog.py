@@ -132,8 +132,14 @@ def read_run(path: str | Path) -> Run:
     except yaml.YAMLError as e:
         raise RunError(f"{config_path} is not valid YAML ({e})") from e
     records = read_metrics(metrics_path)
-    return Run(path, config, records, _read_json(path / "linear.json"), _read_json(path / "knn.json"),
-               steps_per_epoch(records, config))
+    return Run(
+        path,
+        config,
+        records,
+        _read_json(path / "linear.json"),
+        _read_json(path / "knn.json"),
+        steps_per_epoch(records, config),
+    )
 
 
 def unique_labels(runs: list[Run]) -> list[str]:

@@ -56,7 +56,6 @@ def parse_labels(raw: np.ndarray) -> np.ndarray:
     return values
 
 
-
 # ----------------------------------------------------------------------------- shard indices
 
 

@@ -36,7 +36,6 @@ def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last
     return torch.addcmul(shift.view(3, 1, 1), x, scale.view(3, 1, 1), out=out)
 
 
-
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401

@@ -15,7 +15,6 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-
 def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.device]:
     """'cpu' | 'gpu' | 'cuda' | 'cuda:N' | 'gpu:N' -> (DALI kind, device_id, torch device)."""
     text = str(device)
@@ -28,7 +27,6 @@ def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.d
         device_id = int(index) if index else torch.cuda.current_device()
         return "gpu", device_id, torch.device("cuda", device_id)
     raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {text!r}")
-
 
 
 def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:

@@ -22,8 +22,9 @@ DEFAULT_SAMPLES = 50_000  # images per synthetic epoch unless asked otherwise (C
 POOL = 2  # distinct batches held on the device
 
 
-def check_synthetic(*, image_size: int | None, num_samples: int, batch_size: int, num_processes: int,
-                    knn_every: int) -> dict:
+def check_synthetic(
+    *, image_size: int | None, num_samples: int, batch_size: int, num_processes: int, knn_every: int
+) -> dict:
     """The settings a synthetic run needs, checked before anything is built; ``ValueError`` names the key."""
     if image_size is None:
         raise ValueError("data.backend=synthetic draws views of data.image_size pixels: set data.image_size")
@@ -42,8 +43,18 @@ class SyntheticLoader:
     """Random uint8 views ``(K, B, 3, H, W)`` already on ``device``; ``num_samples // (B * num_shards)``
     batches per epoch (every process the same number, as the sharded loaders)."""
 
-    def __init__(self, *, batch_size: int, views: int, image_size: int, device: str | torch.device = "cpu",
-                 seed: int = 0, shard_id: int = 0, num_shards: int = 1, num_samples: int = DEFAULT_SAMPLES):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        views: int,
+        image_size: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        num_samples: int = DEFAULT_SAMPLES,
+    ):
         if image_size is None or image_size < 1:
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         _, _, self.device = resolve_device(device)

@@ -235,8 +235,16 @@ class _KViewStream(IterableDataset):
 class ReferenceLoader:
     """K-view loader over a torch DataLoader; ``for x, y in loader`` runs one epoch."""
 
-    def __init__(self, stream: _KViewStream, *, plan_args: dict, num_workers: int, device: torch.device,
-                 num_classes: int, num_samples: int):
+    def __init__(
+        self,
+        stream: _KViewStream,
+        *,
+        plan_args: dict,
+        num_workers: int,
+        device: torch.device,
+        num_classes: int,
+        num_samples: int,
+    ):
         self._stream = stream
         self._plan_args = plan_args
         self._num_workers = num_workers
@@ -330,9 +338,7 @@ def build_reference_loader(
         raise ValueError(f"shard_id must be in 0..{num_shards - 1}, got {shard_id}")
     if image_size is None:
         if not manifest.image_size:
-            raise ValueError(
-                f"{root}: the manifest has no image_size (images differ in size); pass image_size"
-            )
+            raise ValueError(f"{root}: the manifest has no image_size (images differ in size); pass image_size")
         image_size = int(manifest.image_size[0])
     sizes = list(info.shard_sizes) or [index_count(p) for p in idxs]
     if len(sizes) != len(tars) or sum(sizes) != info.num_samples:

@@ -38,14 +38,14 @@ def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
 
     # the trainer's precision rule (the run's mixed_precision; auto: Accelerate's setting, else the device's);
     # one job over gloo on a CPU host too, with the run's collective deadline (ensiam_fast/distributed.py)
-    accelerator = build_accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                                    timeout_s=cfg.dist_timeout_s)
+    accelerator = build_accelerator(
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision), timeout_s=cfg.dist_timeout_s
+    )
     if accelerator.device.type == "cuda":
         torch.cuda.set_device(accelerator.device)  # DALI's GPU pipeline uses the current device
     # the trainer's device rule, except that a run trained with data.device=gpu evaluates on a CPU-only host
     data_device = resolve_data_device("cpu" if cfg.data.device == "cpu" else "auto", accelerator)
-    return Runtime(accelerator, data_device, backend or cfg.data.backend,
-                   cfg.model.channels_last, cfg.data.num_threads)
+    return Runtime(accelerator, data_device, backend or cfg.data.backend, cfg.model.channels_last, cfg.data.num_threads)
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
@@ -58,33 +58,72 @@ def write_json_atomic(path: Path, record: dict) -> None:
 def run_command(args: argparse.Namespace) -> dict:
     path, state = resolve_checkpoint(args.run, args.checkpoint)
     backbone, cfg = load_backbone(state, path)
-    data = resolve_eval_data(cfg, root=args.data, train_split=args.train_split, test_split=args.test_split,
-                             image_size=args.image_size)
+    data = resolve_eval_data(
+        cfg, root=args.data, train_split=args.train_split, test_split=args.test_split, image_size=args.image_size
+    )
     rt = make_runtime(cfg, args.backend)
     backbone = backbone.to(rt.accelerator.device)
     if rt.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     eval_batch = max(1, (args.eval_batch_size or cfg.eval_batch_size) // rt.world)
     source = source_info(path, state, cfg)
-    info = {"checkpoint": str(path), "step": source["step"], "epoch": source["epoch"], "method": cfg.method,
-            "data": data.root, "train_split": data.train_split, "test_split": data.test_split}
+    info = {
+        "checkpoint": str(path),
+        "step": source["step"],
+        "epoch": source["epoch"],
+        "method": cfg.method,
+        "data": data.root,
+        "train_split": data.train_split,
+        "test_split": data.test_split,
+    }
     if args.command == "knn":
         k, t = args.k or cfg.knn_k, args.t or cfg.knn_t
-        result = knn_evaluate(rt.features_fn(backbone), root=data.root, train_split=data.train_split,
-                              test_split=data.test_split, image_size=data.image_size, batch_size=eval_batch,
-                              device=rt.data_device, accelerator=rt.accelerator, k=k, t=t,
-                              resize_ratio=cfg.data.eval_resize_ratio, backend=rt.backend,
-                              channels_last=rt.channels_last, autocast=rt.accelerator.autocast,
-                              num_threads=rt.num_threads)
-        record = {"top1": result["knn_top1"], "top5": result["knn_top5"], "samples": result["knn_samples"],
-                  "k": k, "t": t, **info}
+        result = knn_evaluate(
+            rt.features_fn(backbone),
+            root=data.root,
+            train_split=data.train_split,
+            test_split=data.test_split,
+            image_size=data.image_size,
+            batch_size=eval_batch,
+            device=rt.data_device,
+            accelerator=rt.accelerator,
+            k=k,
+            t=t,
+            resize_ratio=cfg.data.eval_resize_ratio,
+            backend=rt.backend,
+            channels_last=rt.channels_last,
+            autocast=rt.accelerator.autocast,
+            num_threads=rt.num_threads,
+        )
+        record = {
+            "top1": result["knn_top1"],
+            "top5": result["knn_top5"],
+            "samples": result["knn_samples"],
+            "k": k,
+            "t": t,
+            **info,
+        }
     else:
-        settings = LinearSettings(epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, lr=args.lr,
-                                  momentum=args.momentum, weight_decay=args.weight_decay,
-                                  feature_norm=args.feature_norm, seed=args.seed)
-        result = linear_evaluate(backbone, data, settings, rt, precomputed=args.precomputed,
-                                 eval_batch_size=eval_batch, resize_ratio=cfg.data.eval_resize_ratio,
-                                 progress=rt.accelerator.is_main_process and not args.quiet)
+        settings = LinearSettings(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            base_lr=args.base_lr,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            feature_norm=args.feature_norm,
+            seed=args.seed,
+        )
+        result = linear_evaluate(
+            backbone,
+            data,
+            settings,
+            rt,
+            precomputed=args.precomputed,
+            eval_batch_size=eval_batch,
+            resize_ratio=cfg.data.eval_resize_ratio,
+            progress=rt.accelerator.is_main_process and not args.quiet,
+        )
         record = {**result, **info}
     if rt.accelerator.is_main_process:
         out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
@@ -93,12 +132,15 @@ def run_command(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ensiam_fast.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ensiam_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = LinearSettings()
-    for name, help_text in (("linear", "linear evaluation (frozen backbone, trained linear classifier)"),
-                            ("knn", "weighted kNN accuracy, the training monitor's protocol")):
+    for name, help_text in (
+        ("linear", "linear evaluation (frozen backbone, trained linear classifier)"),
+        ("knn", "weighted kNN accuracy, the training monitor's protocol"),
+    ):
         p = commands.add_parser(name, help=help_text)
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--run", help="run directory: its newest complete checkpoint is evaluated")
@@ -121,10 +163,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--lr", type=float, help="absolute peak lr (overrides --base-lr)")
             p.add_argument("--momentum", type=float, default=defaults.momentum)
             p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-            p.add_argument("--feature-norm", choices=FEATURE_NORMS, default=defaults.feature_norm,
-                           help="bn: a BatchNorm1d without affine parameters before the linear layer")
-            p.add_argument("--precomputed", action="store_true",
-                           help="train on cached features of un-augmented images (fast; no crop augmentation)")
+            p.add_argument(
+                "--feature-norm",
+                choices=FEATURE_NORMS,
+                default=defaults.feature_norm,
+                help="bn: a BatchNorm1d without affine parameters before the linear layer",
+            )
+            p.add_argument(
+                "--precomputed",
+                action="store_true",
+                help="train on cached features of un-augmented images (fast; no crop augmentation)",
+            )
             p.add_argument("--seed", type=int, default=defaults.seed)
     return parser.parse_args(argv)
 

@@ -25,8 +25,9 @@ def gather_uneven(accelerator, tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone_features, loader, *, channels_last: bool = False, autocast=None,
-                     l2_normalize: bool = True):
+def extract_features(
+    backbone_features, loader, *, channels_last: bool = False, autocast=None, l2_normalize: bool = True
+):
     """Run ``backbone_features`` ((N,3,H,W) -> (N,D)) over one evaluation pass of ``loader``.
 
     Returns float32 features (N, D), l2-normalised unless ``l2_normalize=False``, and labels (N,)
@@ -109,18 +110,14 @@ def knn_evaluate(
         backend=backend,
         num_threads=num_threads,
     )
-    bank_loader = build_loader(root, train_split, batch_size=batch_size,
-                               **common)
-    test_loader = build_loader(root, test_split, batch_size=batch_size,
-                               **common)
+    bank_loader = build_loader(root, train_split, batch_size=batch_size, **common)
+    test_loader = build_loader(root, test_split, batch_size=batch_size, **common)
     for loader, split in ((bank_loader, train_split), (test_loader, test_split)):
         if not loader.labeled:
             raise ValueError(f"kNN needs labels, but split {split!r} of {root} is unlabelled")
-    bank, bank_labels = extract_features(backbone_features, bank_loader, channels_last=channels_last,
-                                         autocast=autocast)
+    bank, bank_labels = extract_features(backbone_features, bank_loader, channels_last=channels_last, autocast=autocast)
     bank, bank_labels = gather_uneven(accelerator, bank), gather_uneven(accelerator, bank_labels)
-    feats, labels = extract_features(backbone_features, test_loader, channels_last=channels_last,
-                                     autocast=autocast)
+    feats, labels = extract_features(backbone_features, test_loader, channels_last=channels_last, autocast=autocast)
     scores = knn_predict(feats, bank, bank_labels, bank_loader.num_classes, k=k, t=t)
     correct = topk_correct(scores, labels)
     counts = torch.tensor([correct[1], correct[5], labels.shape[0]], device=feats.device, dtype=torch.float64)

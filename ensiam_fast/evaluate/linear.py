@@ -66,14 +66,16 @@ class LinearSettings:
         if self.epochs < 1 or self.batch_size < 1:
             raise EvaluationError(f"epochs={self.epochs} and batch_size={self.batch_size} must be at least 1")
         if self.peak_lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
-            raise EvaluationError(f"lr={self.peak_lr} must be > 0, momentum={self.momentum} and "
-                                  f"weight_decay={self.weight_decay} >= 0")
+            raise EvaluationError(
+                f"lr={self.peak_lr} must be > 0, momentum={self.momentum} and weight_decay={self.weight_decay} >= 0"
+            )
         if self.feature_norm not in FEATURE_NORMS:
             raise EvaluationError(f"feature_norm={self.feature_norm!r} is not one of {FEATURE_NORMS}")
 
 
-def linear_classifier(feature_dim: int, num_classes: int, feature_norm: str = "none",
-                      generator: torch.Generator | None = None) -> nn.Sequential:
+def linear_classifier(
+    feature_dim: int, num_classes: int, feature_norm: str = "none", generator: torch.Generator | None = None
+) -> nn.Sequential:
     """[BatchNorm1d(affine=False)] + Linear, the weight drawn from N(0, 0.01) and a zero bias."""
     fc = nn.Linear(feature_dim, num_classes)
     nn.init.normal_(fc.weight, std=0.01, generator=generator)
@@ -88,8 +90,9 @@ def cosine_lr(step: int, total_steps: int, peak_lr: float) -> float:
 
 
 def linear_optimizer(head: nn.Module, settings: LinearSettings) -> torch.optim.SGD:
-    return torch.optim.SGD(head.parameters(), lr=settings.peak_lr, momentum=settings.momentum,
-                           weight_decay=settings.weight_decay)
+    return torch.optim.SGD(
+        head.parameters(), lr=settings.peak_lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -97,8 +100,9 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: LinearSettings,
-                 *, progress: bool = False) -> nn.Module:
+def train_linear(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: LinearSettings, *, progress: bool = False
+) -> nn.Module:
     """Train the classifier on fixed features (N, D): reshuffled every epoch, last partial batch
     dropped (as the training loader does), cosine lr per step. Deterministic given ``settings.seed``."""
     settings.check()
@@ -128,8 +132,9 @@ def train_linear(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 
 @torch.no_grad()
-def classifier_correct(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
-                       chunk: int = 4096) -> dict[int, int]:
+def classifier_correct(
+    head: nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk: int = 4096
+) -> dict[int, int]:
     """Top-1 and top-5 hits of ``head`` (in eval mode) on features (N, D)."""
     head.eval()
     hits = {1: 0, 5: 0}
@@ -153,8 +158,14 @@ class EvalData:
     train_samples: int = 0  # in the training split, for the batch-size check
 
 
-def resolve_eval_data(cfg: TrainConfig, *, root: str | None = None, train_split: str | None = None,
-                      test_split: str | None = None, image_size: int | None = None) -> EvalData:
+def resolve_eval_data(
+    cfg: TrainConfig,
+    *,
+    root: str | None = None,
+    train_split: str | None = None,
+    test_split: str | None = None,
+    image_size: int | None = None,
+) -> EvalData:
     """Dataset and splits from the run's config, with overrides; both splits must be labelled."""
     root = resolve_data_root(root or cfg.data.root)  # the trainer's path rule, for --data and older runs
     train_split = train_split or cfg.data.knn_train_split
@@ -172,15 +183,17 @@ def resolve_eval_data(cfg: TrainConfig, *, root: str | None = None, train_split:
         raise EvaluationError(str(e)) from e
     size = image_size or cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
     if size is None:
-        raise EvaluationError(f"{root} has images of several sizes and the config sets no data.image_size; "
-                              "pass --image-size")
+        raise EvaluationError(
+            f"{root} has images of several sizes and the config sets no data.image_size; pass --image-size"
+        )
     for split in (train_split, test_split):
         if manifest.split(split).num_samples == 0:
             raise EvaluationError(f"split {split!r} of {root} holds no samples")
     if manifest.num_classes < 2:
         raise EvaluationError(f"{root}/manifest.json lists {manifest.num_classes} classes; evaluation needs 2+")
-    return EvalData(root, train_split, test_split, int(size), manifest.num_classes,
-                    manifest.split(train_split).num_samples)
+    return EvalData(
+        root, train_split, test_split, int(size), manifest.num_classes, manifest.split(train_split).num_samples
+    )
 
 
 @dataclass
@@ -202,10 +215,21 @@ class Runtime:
         return self.accelerator.num_processes
 
     def loader(self, data: EvalData, split: str, *, batch_size: int, train: bool, preset, seed: int = 0):
-        return build_loader(data.root, split, batch_size=batch_size, views=1, preset=preset,
-                            device=self.data_device, shard_id=self.rank, num_shards=self.world, seed=seed,
-                            train=train, image_size=data.image_size, num_threads=self.num_threads,
-                            backend=self.backend)
+        return build_loader(
+            data.root,
+            split,
+            batch_size=batch_size,
+            views=1,
+            preset=preset,
+            device=self.data_device,
+            shard_id=self.rank,
+            num_shards=self.world,
+            seed=seed,
+            train=train,
+            image_size=data.image_size,
+            num_threads=self.num_threads,
+            backend=self.backend,
+        )
 
     def features_fn(self, backbone: nn.Module):
         device = self.accelerator.device
@@ -213,13 +237,26 @@ class Runtime:
 
     def extract(self, backbone, loader) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (not normalised) features and labels of this process's share of ``loader``."""
-        feats, labels = extract_features(self.features_fn(backbone), loader, channels_last=self.channels_last,
-                                         autocast=self.accelerator.autocast, l2_normalize=False)
+        feats, labels = extract_features(
+            self.features_fn(backbone),
+            loader,
+            channels_last=self.channels_last,
+            autocast=self.accelerator.autocast,
+            l2_normalize=False,
+        )
         return feats, labels.to(feats.device)
 
 
-def fit_precomputed(backbone, data: EvalData, settings: LinearSettings, rt: Runtime, *, eval_batch_size: int,
-                    resize_ratio: float, progress: bool) -> tuple[nn.Module, int]:
+def fit_precomputed(
+    backbone,
+    data: EvalData,
+    settings: LinearSettings,
+    rt: Runtime,
+    *,
+    eval_batch_size: int,
+    resize_ratio: float,
+    progress: bool,
+) -> tuple[nn.Module, int]:
     """Extract un-augmented training features once, then train the classifier on the tensors.
 
     Every process gathers all features and trains the same classifier (same seed, same data)."""
@@ -230,17 +267,26 @@ def fit_precomputed(backbone, data: EvalData, settings: LinearSettings, rt: Runt
     return train_linear(feats, labels, data.num_classes, settings, progress=progress), int(feats.shape[0])
 
 
-def fit_augmented(backbone, data: EvalData, settings: LinearSettings, rt: Runtime, *,
-                  progress: bool) -> tuple[nn.Module, int]:
+def fit_augmented(
+    backbone, data: EvalData, settings: LinearSettings, rt: Runtime, *, progress: bool
+) -> tuple[nn.Module, int]:
     """The protocol: every step a fresh random-resized-crop + flip batch through the frozen backbone."""
     settings.check()
     if settings.batch_size % rt.world:
         raise EvaluationError(f"batch_size={settings.batch_size} does not split evenly over {rt.world} processes")
     if data.train_samples and settings.batch_size > data.train_samples:
-        raise EvaluationError(f"--batch-size {settings.batch_size} is larger than split {data.train_split!r} of "
-                              f"{data.root} ({data.train_samples} samples); lower --batch-size")
-    loader = rt.loader(data, data.train_split, batch_size=settings.batch_size // rt.world, train=True,
-                       preset="linear", seed=settings.seed)
+        raise EvaluationError(
+            f"--batch-size {settings.batch_size} is larger than split {data.train_split!r} of "
+            f"{data.root} ({data.train_samples} samples); lower --batch-size"
+        )
+    loader = rt.loader(
+        data,
+        data.train_split,
+        batch_size=settings.batch_size // rt.world,
+        train=True,
+        preset="linear",
+        seed=settings.seed,
+    )
     gen = torch.Generator().manual_seed(settings.seed)
     head = linear_classifier(backbone.num_features, data.num_classes, settings.feature_norm, gen)
     head = head.to(rt.accelerator.device)
@@ -269,15 +315,24 @@ def fit_augmented(backbone, data: EvalData, settings: LinearSettings, rt: Runtim
     return rt.accelerator.unwrap_model(head).eval(), len(loader) * settings.batch_size
 
 
-def linear_evaluate(backbone: nn.Module, data: EvalData, settings: LinearSettings, rt: Runtime, *,
-                    precomputed: bool = False, eval_batch_size: int = 256, resize_ratio: float = 1.0,
-                    progress: bool = True) -> dict:
+def linear_evaluate(
+    backbone: nn.Module,
+    data: EvalData,
+    settings: LinearSettings,
+    rt: Runtime,
+    *,
+    precomputed: bool = False,
+    eval_batch_size: int = 256,
+    resize_ratio: float = 1.0,
+    progress: bool = True,
+) -> dict:
     """Train the linear classifier and score the test split: top-1/top-5 in percent."""
     settings.check()
     start = time.perf_counter()
     if precomputed:
-        head, seen = fit_precomputed(backbone, data, settings, rt, eval_batch_size=eval_batch_size,
-                                     resize_ratio=resize_ratio, progress=progress)
+        head, seen = fit_precomputed(
+            backbone, data, settings, rt, eval_batch_size=eval_batch_size, resize_ratio=resize_ratio, progress=progress
+        )
     else:
         head, seen = fit_augmented(backbone, data, settings, rt, progress=progress)
     preset = get_preset("eval", resize_ratio=resize_ratio)
@@ -288,6 +343,13 @@ def linear_evaluate(backbone: nn.Module, data: EvalData, settings: LinearSetting
     if rt.world > 1:
         counts = rt.accelerator.reduce(counts, reduction="sum")
     top1, top5, n = counts.tolist()
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "samples": int(n),
-            "mode": "precomputed" if precomputed else "augmented", "train_samples_per_epoch": seen,
-            "peak_lr": settings.peak_lr, **asdict(settings), "seconds": round(time.perf_counter() - start, 2)}
+    return {
+        "top1": 100.0 * top1 / n,
+        "top5": 100.0 * top5 / n,
+        "samples": int(n),
+        "mode": "precomputed" if precomputed else "augmented",
+        "train_samples_per_epoch": seen,
+        "peak_lr": settings.peak_lr,
+        **asdict(settings),
+        "seconds": round(time.perf_counter() - start, 2),
+    }

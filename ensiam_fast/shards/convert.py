@@ -354,17 +354,13 @@ def _run_tasks(
         return
     # fork shares the source arrays with the workers without pickling them.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with ctx.Pool(
-        min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict)
-    ) as pool:
+    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict)) as pool:
         yield from pool.imap_unordered(convert_shard, tasks)
         pool.close()  # let the workers exit on their own (and be reaped) rather than be terminated
         pool.join()
 
 
-def build_manifest(
-    source: Source, plan: dict, records: dict[tuple[str, int], dict], opts: EncodeOptions
-) -> Manifest:
+def build_manifest(source: Source, plan: dict, records: dict[tuple[str, int], dict], opts: EncodeOptions) -> Manifest:
     splits = {}
     sizes = set()
     for name, sp in plan["splits"].items():

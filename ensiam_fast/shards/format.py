@@ -186,9 +186,7 @@ def read_index(idx_path: str | os.PathLike) -> list[list[IndexEntry]]:
                 [IndexEntry(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)]
             )
         except ValueError:
-            raise ShardFormatError(
-                f"{idx_path} line {n}: offsets and sizes must be integers, found {line!r}"
-            ) from None
+            raise ShardFormatError(f"{idx_path} line {n}: offsets and sizes must be integers, found {line!r}") from None
     if int(head[1]) != len(samples):
         raise ShardFormatError(f"{idx_path}: header says {head[1]} samples but {len(samples)} lines follow")
     return samples
@@ -321,8 +319,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         except KeyError as e:
             raise ShardFormatError(f"{path}: split {name!r} lacks the key {e.args[0]!r}") from e
         except (TypeError, ValueError, AttributeError) as e:
-            raise ShardFormatError(f"{path}: split {name!r} has a field of the wrong type ({e}); "
-                                   "re-run tools/make_shards.py") from e
+            raise ShardFormatError(
+                f"{path}: split {name!r} has a field of the wrong type ({e}); re-run tools/make_shards.py"
+            ) from e
     return Manifest(
         dataset=raw["dataset"],
         classes=list(raw["classes"]),

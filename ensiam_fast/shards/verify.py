@@ -80,9 +80,7 @@ def _check_sample(
         cls = parts.get("cls")
         text = cls.decode("ascii", "replace").strip() if cls is not None else None
         if text is None or not text.isdigit() or int(text) >= num_classes:
-            problems.append(
-                f"{name}: sample {key!r} has label {text!r}, expected an integer in 0..{num_classes - 1}"
-            )
+            problems.append(f"{name}: sample {key!r} has label {text!r}, expected an integer in 0..{num_classes - 1}")
     elif "cls" in parts:
         problems.append(f"{name}: sample {key!r} has a .cls but its split is unlabelled")
     if decode:
@@ -127,9 +125,7 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
                 )
     unlisted = [name for name in by_name if name not in listed]
     if unlisted:
-        check.problems.append(
-            f"{idx.name} does not list {len(unlisted)} member(s) of {tar.name}, e.g. {unlisted[0]!r}"
-        )
+        check.problems.append(f"{idx.name} does not list {len(unlisted)} member(s) of {tar.name}, e.g. {unlisted[0]!r}")
     samples: dict[str, dict[str, bytes]] = {}
     with open(tar, "rb") as f:
         for name, off, sz in members:
@@ -167,9 +163,7 @@ def expected_classes(class_counts: list[int], draws: int) -> float:
 
     base = log_choose(total, draws)
     return sum(
-        1.0 - (math.exp(log_choose(total - c, draws) - base) if total - c >= draws else 0.0)
-        for c in class_counts
-        if c
+        1.0 - (math.exp(log_choose(total - c, draws) - base) if total - c >= draws else 0.0) for c in class_counts if c
     )
 
 
@@ -208,9 +202,7 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> str:
-        splits = ", ".join(
-            f"{s} {n} samples in {k} shard{'s' * (k != 1)}" for s, (n, k) in self.counts.items()
-        )
+        splits = ", ".join(f"{s} {n} samples in {k} shard{'s' * (k != 1)}" for s, (n, k) in self.counts.items())
         verdict = "OK" if self.ok else f"FAILED with {len(self.problems)} problem(s)"
         return f"verify {self.root}: dataset {self.dataset}, {splits or 'no splits'}: {verdict}"
 
@@ -252,8 +244,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
         shard_labels = []
         if info.shard_sizes and len(info.shard_sizes) != len(info.shards):
             report.problems.append(
-                f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but "
-                f"{len(info.shard_sizes)} shard_sizes"
+                f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but {len(info.shard_sizes)} shard_sizes"
             )
         for i, name in enumerate(info.shards):
             check = next(results)
@@ -263,9 +254,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
             shard_labels.append(check.labels)
             expected = info.shard_sizes[i] if i < len(info.shard_sizes) else None
             if expected is not None and check.num_samples != expected and not check.problems:
-                report.problems.append(
-                    f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}"
-                )
+                report.problems.append(f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}")
         if found != info.num_samples:
             report.problems.append(
                 f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}"
@@ -281,9 +270,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
                     "shards: --dataset webdataset --src DIR --out NEW)"
                 )
         if info.skipped:
-            report.warnings.append(
-                f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion"
-            )
+            report.warnings.append(f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion")
     listed = {name for info in manifest.splits.values() for name in info.shards}
     stray = sorted(p.name for p in root.glob("*.tar") if p.name not in listed)
     if stray:

@@ -48,8 +48,6 @@ def grey_floor(src):
     return out
 
 
-
-
 @jit
 def grey_to(dst, src):
     """torchvision's rgb_to_grayscale(num_output_channels=3) on uint8: the truncated grey in R, G, B."""

@@ -271,5 +271,6 @@ def stage(images, preset):
     arithmetic (nearest interpolation, black fill)."""
     if preset.randaugment_n <= 0:
         return images
-    return run_kernel(numba_op("randaugment", _entry), images, RA_DRAWS_PER_OP * preset.randaugment_n,
-                      randaugment_constants(preset))
+    return run_kernel(
+        numba_op("randaugment", _entry), images, RA_DRAWS_PER_OP * preset.randaugment_n, randaugment_constants(preset)
+    )

@@ -43,8 +43,6 @@ def open_source(dataset: str, src: str | os.PathLike | None) -> Source:
     return OPENERS[dataset](None if src is None else Path(src))
 
 
-
-
 __all__ = [
     "DATASETS",
     "OPENERS",

@@ -31,6 +31,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
+
 class SourceLayoutError(ShardFormatError):
     """The source folder is missing or does not have the layout the dataset needs."""
 

@@ -61,12 +61,10 @@ def _cifar_arrays(path: Path, label_key: str, dataset: str) -> tuple[np.ndarray,
     labels = np.asarray(batch[label_key], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise SourceLayoutError(
-            f"{dataset}: {path}: 'data' should be (N, 3072) with N labels, found {data.shape} "
-            f"and {len(labels)} labels"
+            f"{dataset}: {path}: 'data' should be (N, 3072) with N labels, found {data.shape} and {len(labels)} labels"
         )
     # Rows hold the red, green, blue 32x32 planes one after another.
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)), labels
-
 
 
 def open_cifar10(src: Path | None) -> Source:

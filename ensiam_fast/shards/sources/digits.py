@@ -21,9 +21,7 @@ def digits_arrays(side: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(big[..., None], 3, axis=3), digits.target.astype(np.int64)
 
 
-def stratified_split(
-    labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per class, a seeded shuffle puts ``round(test_fraction * n)`` samples in test; indices sorted."""
     rng = np.random.default_rng(seed)
     train, test = [], []

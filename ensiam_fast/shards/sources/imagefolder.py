@@ -25,8 +25,7 @@ def open_imagefolder(src: Path | None) -> Source:
     split_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not split_dirs:
         raise SourceLayoutError(
-            f"imagefolder: expected split folders such as {root / 'train'} "
-            "(layout ROOT/<split>/<class>/<image>)"
+            f"imagefolder: expected split folders such as {root / 'train'} (layout ROOT/<split>/<class>/<image>)"
         )
     per_split: dict[str, dict[str, list[Path]]] = {}
     for split_dir in split_dirs:
@@ -40,8 +39,7 @@ def open_imagefolder(src: Path | None) -> Source:
                 else ""
             )
             raise SourceLayoutError(
-                f"imagefolder: expected class folders in {split_dir} "
-                f"(layout ROOT/<split>/<class>/<image>){hint}"
+                f"imagefolder: expected class folders in {split_dir} (layout ROOT/<split>/<class>/<image>){hint}"
             )
         if not SPLIT_NAME.fullmatch(split_dir.name):
             raise SourceLayoutError(

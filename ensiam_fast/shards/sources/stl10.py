@@ -41,7 +41,6 @@ class Stl10Split:
             yield Sample(i, label, f"{self.x_path.name}#{i}", pixels=block[j])
 
 
-
 def open_stl10(src: Path | None) -> Source:
     root = _locate(src, "stl10", "stl10_binary", "train_X.bin")
     image_bytes = 3 * STL10_SIDE * STL10_SIDE

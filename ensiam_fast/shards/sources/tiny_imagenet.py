@@ -36,8 +36,7 @@ def open_tiny_imagenet(src: Path | None) -> Source:
             continue
         if len(fields) < 2 or fields[1] not in index:
             raise SourceLayoutError(
-                f"tiny-imagenet: {ann} line {n}: expected 'FILE<TAB>WNID...' with a wnid from wnids.txt, "
-                f"found {line!r}"
+                f"tiny-imagenet: {ann} line {n}: expected 'FILE<TAB>WNID...' with a wnid from wnids.txt, found {line!r}"
             )
         _need(val_dir / fields[0], f"the validation image listed on line {n} of {ann.name}", "tiny-imagenet")
         val_paths.append(Path("val") / "images" / fields[0])
