@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 import ensiam_fast.shards.convert as convert
+from ensiam_fast.shards.encode import encode_png
 from ensiam_fast.shards.format import read_manifest, shard_paths
 from ensiam_fast.shards.sources import digits_arrays, stratified_split
 from ensiam_fast.shards.verify import verify_dataset
@@ -653,7 +654,7 @@ def test_encode_png_is_lossless(shape):
     import io
 
     px = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    data = convert.encode_png(px)
+    data = encode_png(px)
     with Image.open(io.BytesIO(data)) as img:
         assert img.format == "PNG" and img.mode == "RGB"
         assert np.array_equal(np.asarray(img), px)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ensiam_fast.shards.convert import encode_png  # noqa: E402
+from ensiam_fast.shards.encode import encode_png  # noqa: E402
 from ensiam_fast.shards.sources import digits_arrays  # noqa: E402
 
 

@@ -2,7 +2,8 @@
 
 * ``format``: names, the tar and index writers, ``manifest.json`` (the contract: ``shards/README.md``)
 * ``verify``: checking converted shards
-* ``convert``: the engine behind ``tools/make_shards.py``
+* ``convert``: the engine behind ``tools/make_shards.py`` and its command line; ``plan`` (what to
+  write, resuming) and ``encode`` (one sample's bytes) are its parts
 * ``sources``: one reader per source layout
 
 The names most code needs are re-exported here (``from ensiam_fast.shards import read_manifest``).
