@@ -33,6 +33,10 @@ from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels import randaugment as k_randaugment
 from pipelines.presets import MAX_VIEWS, AugPreset
 
+# The image members a sample may have (one of them); ensiam_fast.shards.format.IMAGE_EXTS, which this
+# package may not import, lists the same (tests/test_adopt.py checks that they agree).
+IMAGE_EXTS = "jpg;jpeg;png;webp"
+
 
 def decoder_backend(device: str) -> str:
     """DALI backend of the image decoder: 'mixed' (CPU bytes in, GPU pixels out) or 'cpu'."""
@@ -58,7 +62,7 @@ def read_shards(
     The reader splits the concatenation of ``tars`` (in the order given) into ``num_shards``
     contiguous blocks of samples; callers permute ``tars`` per epoch for shard-order shuffling.
     """
-    ext = ["jpg;png", "cls"] if labeled else ["jpg;png"]
+    ext = [IMAGE_EXTS, "cls"] if labeled else [IMAGE_EXTS]
     outputs = fn.readers.webdataset(
         paths=tars,
         index_paths=idxs,
@@ -77,7 +81,7 @@ def read_shards(
 
 
 def decode(encoded, device: str):
-    """Decode JPEG/PNG bytes to uint8 RGB HWC, on the GPU (nvJPEG) when device == 'gpu'."""
+    """Decode JPEG/PNG/WebP bytes to uint8 RGB HWC, on the GPU (nvJPEG) when device == 'gpu'."""
     return fn.decoders.image(encoded, device=decoder_backend(device), output_type=types.RGB)
 
 

@@ -16,7 +16,7 @@ import io
 import os
 from pathlib import Path
 
-from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, IndexEntry, ShardFormatError, read_index
+from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, IndexEntry, ShardFormatError, read_index, split_member
 
 CONTENT_CHECK_BYTES = 512 << 20
 FIX = "`python tools/make_shards.py --verify {root} --drop-corrupt` removes corrupt samples"
@@ -91,7 +91,7 @@ def check_content(
                         data = f.read(m.size)
                         problem = _image_problem(data) if m.ext in IMAGE_EXTS else _label_problem(data, num_classes)
                         if problem:
-                            sample_key = m.member.rsplit("/", 1)[-1].partition(".")[0]
+                            sample_key = split_member(m.member)[0]
                             raise _fail(root, f"shard {tar}, sample {sample_key!r}: {problem}")
         _checked.add(key)
 

@@ -115,7 +115,7 @@ def batch_seed(seed: int, epoch: int, shard_id: int, batch: int) -> int:
 
 
 def decode_rgb(data: bytes, where: str) -> torch.Tensor:
-    """JPEG/PNG bytes -> uint8 (3, H, W) with libjpeg-turbo (a little faster than PIL here)."""
+    """JPEG/PNG/WebP bytes -> uint8 (3, H, W) with libjpeg-turbo (a little faster than PIL here)."""
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here).
@@ -125,8 +125,14 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
         raise ShardFormatError(f"{where}: cannot decode the image ({e}); re-make the shard") from e
 
 
+def member(sample: dict, ext: str):
+    """A webdataset sample's ``ext`` member; ``key..ext`` members (a ``".ext"`` field given to
+    ``ShardWriter``) come with the extension ``.ext`` and count as the same."""
+    return sample.get(ext, sample.get("." + ext))
+
+
 def parse_label(sample: dict, where: str) -> int:
-    raw = sample.get("cls")
+    raw = member(sample, "cls")
     if raw is None:
         raise ShardFormatError(f"{where}: labelled split but the sample has no .cls member")
     try:
@@ -137,10 +143,12 @@ def parse_label(sample: dict, where: str) -> int:
 
 def image_bytes(sample: dict, where: str) -> bytes:
     for ext in IMAGE_EXTS:
-        if ext in sample:
-            return sample[ext]
+        data = member(sample, ext)
+        if data is not None:
+            return data
     members = sorted(k for k in sample if not k.startswith("__"))
-    raise ShardFormatError(f"{where}: no image member (.jpg/.png); the sample has {members}")
+    wanted = ", ".join("." + e for e in IMAGE_EXTS)
+    raise ShardFormatError(f"{where}: no image member ({wanted}); the sample has {members}")
 
 
 class _KViewStream(IterableDataset):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ensiam_fast.paths import DEFAULT_SHARDS
+from ensiam_fast.shards.adopt import adopt
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
 from ensiam_fast.shards.format import (
     MANIFEST,
@@ -36,6 +37,7 @@ from ensiam_fast.shards.format import (
 )
 from ensiam_fast.shards.plan import PROGRESS, ConversionError, make_plan, prepare_output, split_order
 from ensiam_fast.shards.sources import DATASETS, Sample, Source, open_source
+from ensiam_fast.shards.sources.webdataset import open_webdataset, parse_split_globs
 from ensiam_fast.shards.verify import verify_dataset
 
 
@@ -207,7 +209,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--dataset", choices=DATASETS, help="source layout to read")
     p.add_argument("--src", type=Path, help="source folder (not needed for digits)")
-    p.add_argument("--out", type=Path, help="output folder (default for digits: shards/digits)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default for digits: shards/digits; webdataset without --out: adopt --src in place)",
+    )
+    p.add_argument(
+        "--split",
+        action="append",
+        metavar="NAME=GLOB",
+        help="webdataset: the tars of split NAME (repeatable; default: tars named with train, val or test)",
+    )
+    p.add_argument("--classes", type=Path, metavar="FILE", help="webdataset: class names, one per line in label order")
     p.add_argument("--verify", type=Path, metavar="DIR", help="check a converted dataset and exit")
     p.add_argument(
         "--drop-corrupt",
@@ -239,7 +252,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.verify is None and args.dataset is None:
         p.error("give --dataset NAME (with --src and --out) to convert, or --verify DIR to check")
-    if args.verify is None and args.out is None:
+    if args.dataset != "webdataset" and (args.split or args.classes):
+        p.error("--split and --classes are for --dataset webdataset")
+    if args.verify is None and args.out is None and args.dataset != "webdataset":
         if args.dataset != "digits":
             p.error(f"--out is required for --dataset {args.dataset}")
         args.out = DEFAULT_SHARDS / "digits"  # where a relative data.root=shards/digits finds it (paths.py)
@@ -275,14 +290,33 @@ def run_verify(root: Path, workers: int, drop: bool = False) -> int:
     return 0 if report.ok else 1
 
 
+def run_adopt(args: argparse.Namespace) -> int:
+    """``--dataset webdataset`` without ``--out``: index the tars in place, then verify them."""
+    try:
+        manifest, notes = adopt(args.src, parse_split_globs(args.split), args.classes, args.workers)
+    except ShardFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    counts = ", ".join(f"{name} {s.num_samples} in {len(s.shards)} tar(s)" for name, s in manifest.splits.items())
+    print(f"adopted {args.src} in place ({counts}, {manifest.num_classes} classes): manifest and indices written")
+    return run_verify(args.src, args.workers)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verify is not None:
         return run_verify(args.verify, args.workers, args.drop_corrupt)
+    if args.dataset == "webdataset" and args.out is None:
+        return run_adopt(args)
     opts = EncodeOptions(args.format, args.quality, args.shard_size, args.resize, args.reencode, args.seed)
     started = time.perf_counter()
     try:
-        source = open_source(args.dataset, args.src)
+        if args.dataset == "webdataset":
+            source = open_webdataset(args.src, parse_split_globs(args.split), args.classes, args.workers)
+        else:
+            source = open_source(args.dataset, args.src)
         for note in source.notes:
             print(f"note: {note}", file=sys.stderr)
         manifest, worked = convert(

@@ -10,7 +10,6 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -95,8 +94,7 @@ def _encode_pixels(px: np.ndarray, opts: EncodeOptions) -> tuple[str, bytes, tup
     return "jpg", _encode_jpeg(pil_from_pixels(px), opts.quality), px.shape[:2]
 
 
-def _encode_file(path: Path, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
-    data = path.read_bytes()
+def _encode_file(data: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
     img = Image.open(io.BytesIO(data))
     w, h = img.size
     scale = 1.0 if opts.resize is None else min(1.0, opts.resize / min(w, h))
@@ -121,4 +119,4 @@ def encode_sample(sample: Sample, opts: EncodeOptions) -> tuple[str, bytes, tupl
     """Return (extension, encoded bytes, (H, W)) for one sample; raises when it cannot be read."""
     if sample.pixels is not None:
         return _encode_pixels(sample.pixels, opts)
-    return _encode_file(sample.path, opts)
+    return _encode_file(sample.path.read_bytes() if sample.data is None else sample.data, opts)

@@ -19,7 +19,10 @@ FORMAT = "ensiam_fast-shards/1"
 INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects
 TMP_SUFFIX = ".tmp"
 TAR_BLOCK = 512
-IMAGE_EXTS = ("jpg", "jpeg", "png")  # the image members a sample may have, one of them
+# The image members a sample may have, one of them (every one decodes on both loaders' backends);
+# ``pipelines/dali.py`` (which imports nothing from here) lists the same in its reader.
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+LABEL_EXT = "cls"  # the class index as ASCII decimal, the WebDataset convention
 
 
 class ShardFormatError(ValueError):
@@ -201,23 +204,41 @@ def index_count(idx_path: str | os.PathLike) -> int:
     return int(head[1])
 
 
-def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
-    """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically
-    through a fresh temporary file (see :func:`write_atomic`)."""
-    samples: dict[str, list[str]] = {}
+def split_member(name: str) -> tuple[str, str]:
+    """(sample key, extension) of a tar member, by WebDataset's rule: the key runs to the first dot of
+    the file name (folders kept), the rest is the extension. Leading dots of the extension are
+    dropped, so ``key..cls`` (what ``ShardWriter`` makes of a ``".cls"`` field) is a ``cls`` member."""
+    folder, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), ext.lstrip(".")
+
+
+def scan_tar(tar_path: str | os.PathLike) -> list[list[IndexEntry]]:
+    """The samples of a tar, one list of members per sample in tar order (what its index lists)."""
+    samples: dict[str, list[IndexEntry]] = {}
     with tarfile.open(tar_path, mode="r:") as tf:
         for member in tf:
             base = member.name.rsplit("/", 1)[-1]
             if not member.isfile() or base.startswith("."):
                 continue
             check_member_name(member.name, tar_path)
-            key, _, ext = member.name.partition(".")
-            samples.setdefault(key, []).append(f"{ext} {member.offset_data} {member.size} {member.name}")
+            key, ext = split_member(member.name)
+            samples.setdefault(key, []).append(IndexEntry(ext, member.offset_data, member.size, member.name))
+    return list(samples.values())
+
+
+def format_index(samples: list[list[IndexEntry]]) -> str:
+    lines = (" ".join(f"{m.ext} {m.offset} {m.size} {m.member}" for m in sample) for sample in samples)
+    return f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(lines) + "\n"
+
+
+def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
+    """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically
+    through a fresh temporary file (see :func:`write_atomic`)."""
+    samples = scan_tar(tar_path)
     if not samples:
         raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
-    write_atomic(
-        Path(idx_path), f"{INDEX_VERSION} {len(samples)}\n" + "\n".join(" ".join(v) for v in samples.values()) + "\n"
-    )
+    write_atomic(Path(idx_path), format_index(samples))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from ensiam_fast.shards.format import (
     read_index,
     read_manifest,
     resolve_inside,
+    split_member,
     write_manifest,
     write_shard,
 )
@@ -28,7 +29,7 @@ def _kept_samples(tar: Path, bad: dict[str, list[str]]) -> list[tuple[str, dict[
     samples = []
     with open(tar, "rb") as f:
         for entry in read_index(tar.with_name(index_name(tar.name))):
-            key = entry[0].member.rsplit("/", 1)[-1].partition(".")[0]
+            key = split_member(entry[0].member)[0]
             if key in bad:
                 continue
             parts = {}

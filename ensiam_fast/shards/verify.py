@@ -19,7 +19,12 @@ from ensiam_fast.shards.format import (
     read_index,
     read_manifest,
     resolve_inside,
+    split_member,
 )
+
+# Pillow modes both loaders decode to RGB (DALI's decoder on CPU, torchvision's with ImageReadMode.RGB);
+# our conversions write RGB only, adopted WebDataset shards may hold the others (tests/test_adopt.py).
+DECODED_MODES = ("RGB", "L", "CMYK", "P", "RGBA")
 
 
 @dataclass
@@ -75,7 +80,8 @@ def _check_sample(
     problems = []
     images = [e for e in parts if e in IMAGE_EXTS]
     if len(images) != 1:
-        return [f"{name}: sample {key!r} should have one image (.jpg or .png), has {sorted(parts)}"]
+        wanted = ", ".join("." + e for e in IMAGE_EXTS)
+        return [f"{name}: sample {key!r} should have one image ({wanted}), has {sorted(parts)}"]
     if labeled:
         cls = parts.get("cls")
         text = cls.decode("ascii", "replace").strip() if cls is not None else None
@@ -87,8 +93,11 @@ def _check_sample(
         try:
             with Image.open(io.BytesIO(parts[images[0]])) as img:
                 img.load()
-                if img.mode != "RGB":
-                    problems.append(f"{name}: sample {key!r} image is {img.mode}, not 8-bit RGB")
+                if img.mode not in DECODED_MODES:
+                    problems.append(
+                        f"{name}: sample {key!r} image is {img.mode}, not one of the 8-bit modes the loaders "
+                        f"read as RGB ({', '.join(DECODED_MODES)})"
+                    )
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken image
             problems.append(f"{name}: sample {key!r} image does not decode ({type(e).__name__}: {e})")
     return problems
@@ -129,8 +138,7 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
     samples: dict[str, dict[str, bytes]] = {}
     with open(tar, "rb") as f:
         for name, off, sz in members:
-            base = name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
+            key, ext = split_member(name)
             f.seek(off)
             samples.setdefault(key, {})[ext] = f.read(sz)
     for key, parts in samples.items():

@@ -23,8 +23,9 @@ from ensiam_fast.shards.sources.digits import digits_arrays, open_digits, strati
 from ensiam_fast.shards.sources.imagefolder import open_imagefolder
 from ensiam_fast.shards.sources.stl10 import Stl10Split, open_stl10
 from ensiam_fast.shards.sources.tiny_imagenet import open_tiny_imagenet
+from ensiam_fast.shards.sources.webdataset import open_webdataset
 
-DATASETS = ("cifar10", "cifar100", "stl10", "tiny-imagenet", "imagefolder", "digits")
+DATASETS = ("cifar10", "cifar100", "stl10", "tiny-imagenet", "imagefolder", "digits", "webdataset")
 
 OPENERS = {
     "cifar10": open_cifar10,
@@ -33,6 +34,7 @@ OPENERS = {
     "tiny-imagenet": open_tiny_imagenet,
     "imagefolder": open_imagefolder,
     "digits": open_digits,
+    "webdataset": open_webdataset,  # --split/--classes: make_shards.py calls it with them
 }
 
 

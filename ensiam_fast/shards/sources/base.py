@@ -25,6 +25,7 @@ from ensiam_fast.shards.format import ShardFormatError
 
 if TYPE_CHECKING:
     from ensiam_fast.shards.sources.stl10 import Stl10Split
+    from ensiam_fast.shards.sources.webdataset import TarSplit
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -38,13 +39,14 @@ class SourceLayoutError(ShardFormatError):
 
 @dataclass
 class Sample:
-    """One source image: ``pixels`` (H, W, 3) uint8 RGB, or ``path`` to an image file."""
+    """One source image: ``pixels`` (H, W, 3) uint8 RGB, ``path`` to an image file, or the file's ``data``."""
 
     index: int
     label: int | None
     source: str  # what the manifest's ``skipped`` list names
     pixels: np.ndarray | None = None
     path: Path | None = None
+    data: bytes | None = None
 
 
 class ArraySplit:
@@ -93,7 +95,7 @@ class Source:
 
     dataset: str
     classes: list[str]
-    splits: dict[str, ArraySplit | Stl10Split | FileSplit]
+    splits: dict[str, ArraySplit | Stl10Split | FileSplit | TarSplit]
     fingerprint: str  # changes when the source files change; resume checks it
     extra: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
