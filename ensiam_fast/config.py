@@ -40,8 +40,8 @@ class DataConfig:
     # the dataset folder (manifest.json + shards); relative: from the working directory when it is there,
     # else from the project folder, where tools/make_shards.py writes by default (ensiam_fast/paths.py)
     root: str = "shards/digits"
-    split: str = "train"  # pretraining split (STL-10 pretrains on 'unlabeled')
-    knn_train_split: str = "train"  # labelled bank for the kNN monitor
+    split: str = "train"  # pretraining split; several joined with '+' (STL-10 pretrains on 'train+unlabeled')
+    knn_train_split: str = "train"  # labelled bank for the kNN monitor (also 'a+b')
     knn_test_split: str = "test"  # labelled split the kNN monitor scores
     preset: str = "default"  # default | strong | very_strong (pipelines/presets.py)
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {blur_p: 1.0}

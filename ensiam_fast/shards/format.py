@@ -265,11 +265,28 @@ class Manifest:
         return len(self.classes)
 
     def split(self, name: str) -> SplitInfo:
-        if name not in self.splits:
-            raise ShardFormatError(
-                f"dataset {self.dataset!r} has no split {name!r}; it has: {', '.join(sorted(self.splits))}"
-            )
-        return self.splits[name]
+        """One split, or several joined with ``+`` (``train+unlabeled``): their shards in that order, the
+        samples of all of them, labelled when every part is (else the loaders yield no labels)."""
+        parts = name.split("+")
+        for part in parts:
+            if part not in self.splits:
+                raise ShardFormatError(
+                    f"dataset {self.dataset!r} has no split {part!r}; it has: {', '.join(sorted(self.splits))}"
+                    + (" (join several with '+', e.g. train+unlabeled)" if len(self.splits) > 1 else "")
+                )
+        if len(parts) == 1:
+            return self.splits[name]
+        if len(set(parts)) < len(parts):
+            raise ShardFormatError(f"split {name!r} names a split twice; each part may appear once")
+        infos = [self.splits[p] for p in parts]
+        return SplitInfo(
+            num_samples=sum(s.num_samples for s in infos),
+            shards=[shard for s in infos for shard in s.shards],
+            labeled=all(s.labeled for s in infos),
+            # only when every part lists them (an older manifest may not): the loaders count them otherwise
+            shard_sizes=[n for s in infos for n in s.shard_sizes] if all(s.shard_sizes for s in infos) else [],
+            skipped=[x for s in infos for x in s.skipped],
+        )
 
     def to_json(self) -> dict:
         return {
