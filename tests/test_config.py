@@ -22,7 +22,7 @@ def test_presets_load_and_carry_paper_settings(name):
     else:
         assert (cfg.model.backbone, cfg.model.cifar_stem, cfg.model.proj_layers) == ("resnet18", True, 2)
     if name == "stl10":
-        assert cfg.data.split == "unlabeled"
+        assert cfg.data.split == "train+unlabeled"  # 105k images, the common practice (issue 10)
 
 
 def test_overrides_nested_and_typed():
