@@ -173,3 +173,21 @@ def test_randaugment_magnitude_conventions():
         assert (np.abs(out.astype(int) - want).max(axis=2) > 0).mean() < 0.01, bins
     with pytest.raises(ValueError, match="randaugment_m=11 must be a bin in 0..10"):
         get_preset("very_strong", randaugment_m=11, randaugment_bins=11)
+
+
+def test_a_kernel_first_made_with_dali_tracing_off_runs_with_it_on():
+    """The operator objects are shared process-wide; the first one may be made while a pipeline is
+    defined with DALI's origin tracing off (the trainer's loader does that). A later definition with
+    tracing on (DALI's default: evaluation, a preview, a user's own pipeline) must still run it."""
+    from nvidia.dali._utils import dali_trace
+
+    from pipelines.dali import origin_traces_off
+
+    assert dali_trace.is_tracing_enabled()
+    with origin_traces_off():
+        op = kernels.numba_op("colour-made-with-tracing-off", KC._entry)
+    assert dali_trace.is_tracing_enabled()
+    images = [np.full((6, 6, 3), 200, dtype=np.uint8)] * 2
+    draws = np.float32([[0.99] * KC.N_DRAWS] * 2)  # neither jitter nor grey: views come back unchanged
+    out = run_kernel(images, draws, get_preset("default"), op=op)
+    assert all((o == i).all() for o, i in zip(out, images))

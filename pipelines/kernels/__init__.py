@@ -79,6 +79,13 @@ def numba_op(name: str, run_fn):
                 out_types=[types.UINT8],
                 outs_ndim=[3],
             )
+            # DALI records an operator's defining stack frame only when its (process-wide) origin
+            # tracing is on at construction, but reads it whenever tracing is on at a call. This
+            # object is shared by every later pipeline: built while a definition had tracing off
+            # (``pipelines.dali.origin_traces_off``), a later definition with tracing on would fail
+            # with AttributeError. None is what DALI itself stores when tracing is on.
+            if not hasattr(_OPS[name], "_definition_frame_end"):
+                _OPS[name]._definition_frame_end = None
         op = _OPS[name]
 
     def call(*inputs):
