@@ -11,11 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +24,6 @@ from tqdm.auto import tqdm
 
 from ensiam_fast import distributed
 from ensiam_fast.checkpoint import (
-    CheckpointError,
     check_compatible,
     latest_checkpoint,
     remove_stale_tmp,
@@ -35,72 +31,19 @@ from ensiam_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ensiam_fast.config import ConfigError, TrainConfig, check_jigsaw, describe_keys, load_config, save_config
+from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.data.synthetic import check_synthetic
+from ensiam_fast.errors import USER_ERRORS, TrainingError, agreed, report
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
+from ensiam_fast.metrics import MetricsLog, Window, flatten, run_files
 from ensiam_fast.models import convert_sync_batchnorm
-from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
+from ensiam_fast.placement import resolve_mixed_precision
+from ensiam_fast.run_checks import check_data, data_device
 from ensiam_fast.runtime import configure_runtime
-from ensiam_fast.shards import ShardFormatError, read_manifest
+from ensiam_fast.stopping import Interrupted, StopRequest
 from pipelines.presets import get_preset
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or cannot go on; the message says why and what to do."""
-
-
-USER_ERRORS = (ConfigError, TrainingError, CheckpointError, ShardFormatError, distributed.DistributedError)
-
-
-def agreed(accelerator, check, *args, also: tuple = ()):
-    """``check(*args)`` on every process; a user error on any of them stops all, with one message."""
-    try:
-        result, error = check(*args), None
-    except USER_ERRORS + also as e:
-        result, error = None, str(e)
-    distributed.raise_if_any(accelerator, error)
-    return result
-
-
-class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT arrived: a checkpoint was written at the next step boundary."""
-
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
-        self.signum, self.step = signum, step
-
-
-class StopRequest:
-    """Turns SIGTERM/SIGINT (a cluster's pre-emption, Ctrl-C) into a flag the loop checks between
-    steps, so the run ends with a checkpoint instead of losing the work since the last one."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def agreed(self, accelerator) -> bool:
-        """True on every process once any of them was signalled (a collective: call it on all)."""
-        flag = torch.tensor([float(self.signum or 0)], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
 
 # ---------------------------------------------------------------------------------------------
 # set-up
@@ -115,60 +58,6 @@ def build_accelerator(cfg: TrainConfig):
         timeout_s=cfg.dist_timeout_s, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=None if cfg.log_with == "none" else cfg.log_with, project_config=project,
     )  # fmt: skip
-
-
-def check_data(cfg: TrainConfig, num_processes: int) -> dict:
-    """Every data problem that would stop the run, found before anything is built."""
-    if cfg.data.backend == "synthetic":  # no shards: random views on the device (ensiam_fast.data.synthetic)
-        try:
-            return check_synthetic(
-                image_size=cfg.data.image_size,
-                num_samples=cfg.data.synthetic_samples,
-                batch_size=cfg.batch_size,
-                num_processes=num_processes,
-                knn_every=cfg.knn_every,
-            )
-        except ValueError as e:
-            raise TrainingError(str(e)) from e
-    try:
-        manifest = read_manifest(cfg.data.root)
-        train = manifest.split(cfg.data.split)
-        needed = [cfg.data.knn_train_split, cfg.data.knn_test_split] if cfg.knn_every else []
-        for name in needed:
-            if not manifest.split(name).labeled:
-                raise TrainingError(
-                    f"the kNN monitor needs labels, but split {name!r} of {cfg.data.root} is unlabelled; "
-                    f"set data.knn_train_split/data.knn_test_split to labelled splits or knn_every=0"
-                )
-    except ShardFormatError as e:
-        raise TrainingError(str(e)) from e
-    if train.num_samples == 0:
-        raise TrainingError(f"split {cfg.data.split!r} of {cfg.data.root} holds no samples")
-    if cfg.batch_size % (num_processes * cfg.gradient_accumulation_steps):
-        raise TrainingError(
-            f"batch_size={cfg.batch_size} (global) does not split evenly over {num_processes} processes x "
-            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
-        )
-    if cfg.batch_size > train.num_samples:
-        raise TrainingError(
-            f"batch_size={cfg.batch_size} is larger than split {cfg.data.split!r} of {cfg.data.root} "
-            f"({train.num_samples} samples); lower batch_size"
-        )
-    size = cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
-    if size is None:
-        raise TrainingError(f"{cfg.data.root} has images of several sizes: set data.image_size")
-    try:
-        check_jigsaw(size, get_preset(cfg.data.preset, **cfg.data.preset_overrides).jigsaw_grid)
-    except ValueError as e:
-        raise TrainingError(f"the images of {cfg.data.root} are {size}x{size}, set data.image_size: {e}") from e
-    return {"image_size": size, "num_samples": train.num_samples, "dataset": manifest.dataset}
-
-
-def data_device(cfg: TrainConfig, accelerator) -> str:
-    try:
-        return resolve_data_device(cfg.data.device, accelerator)
-    except ValueError as e:
-        raise TrainingError(str(e)) from e
 
 
 def build_optimizer(method, cfg: TrainConfig, peak_lr: float) -> torch.optim.Optimizer:
@@ -193,35 +82,6 @@ class Position:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-
-
-class MetricsLog:
-    """``metrics.jsonl``, one JSON object per line, written by the main process only.
-
-    On start the file is cut back to what the checkpoint we resume from covers (nothing when there
-    is none), so a crash at any moment never leaves a step logged twice: a training line at the
-    resumed step stays, everything later (and a kNN line at that step, which runs again) goes, and
-    so does a last line cut short by the crash."""
-
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
-        self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write
-                if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record):
-                    kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, path)
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 class Trainer:
@@ -461,80 +321,11 @@ class Trainer:
         return self.finish(summary)
 
 
-def run_files(out: Path) -> list[str]:
-    """The run directory's entries (folders with a trailing /) and its newest checkpoint."""
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.endswith(".tmp"))
-    newest = sorted((out / "checkpoints").glob("step-*.pt"))
-    return files + [f"checkpoints/{newest[-1].name}"] if newest else files
-
-
 def run(cfg: TrainConfig) -> dict | None:
     """Train; the summary on the main process, None on the others (so it is printed once)."""
     trainer = Trainer(cfg)
     summary = trainer.fit()
     return summary if trainer.accelerator.is_main_process else None
-
-
-class Window:
-    """Throughput and data-wait accounting over the steps since the last log line.
-
-    ``data_wait`` is the fraction of wall time spent waiting for the next batch. Losses are summed
-    on the device and read once per log line, so logging adds one sync per window, not per step."""
-
-    def __init__(self):
-        self.epoch_sum, self.epoch_n = 0.0, 0
-        self._reset()
-        self.restart()
-
-    def _reset(self):
-        self.wait = 0.0
-        self.images = 0
-        self.steps = 0
-        self.sums: dict[str, torch.Tensor] = {}
-        self.start = time.perf_counter()
-
-    def restart(self):
-        self.mark = time.perf_counter()
-
-    def data_ready(self):
-        now = time.perf_counter()
-        self.wait += now - self.mark
-        self.mark = now
-
-    def step_done(self, outputs: dict, images: int):
-        self.images += images
-        self.steps += 1
-        for k, v in outputs.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.mark = time.perf_counter()
-
-    def flush(self, accelerator) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        names = sorted(self.sums)
-        means = accelerator.reduce(torch.stack([self.sums[k] for k in names]), reduction="mean") / self.steps
-        record = {k: float(v) for k, v in zip(names, means.tolist())}
-        record["images_per_s"] = self.images / elapsed
-        record["data_wait"] = min(1.0, self.wait / elapsed)
-        self.epoch_sum += record["loss"] * self.steps
-        self.epoch_n += self.steps
-        self._reset()
-        return record
-
-    def epoch_loss(self) -> float:
-        value = self.epoch_sum / max(1, self.epoch_n)
-        self.epoch_sum, self.epoch_n = 0.0, 0
-        return value
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return flat
 
 
 def parse_args(argv=None):
@@ -547,16 +338,6 @@ def parse_args(argv=None):
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     return parser.parse_args(argv)
-
-
-def report(message: str, shared: bool) -> None:
-    """One line on stderr: by the first process for an error every process shares, else by each
-    process that hit it (naming its rank when there are several)."""
-    rank, world = distributed.global_rank(), distributed.requested_world_size()
-    if shared and rank != 0:
-        return
-    prefix = f"rank {rank}: " if world > 1 and not shared else ""
-    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,109 @@
+"""What a training run records: ``metrics.jsonl`` (``MetricsLog``), the per-window loss, throughput
+and data-wait figures (``Window``), the flat config the trackers get, and the run directory listing."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one JSON object per line, written by the main process only.
+
+    On start the file is cut back to what the checkpoint we resume from covers (nothing when there
+    is none), so a crash at any moment never leaves a step logged twice: a training line at the
+    resumed step stays, everything later (and a kNN line at that step, which runs again) goes, and
+    so does a last line cut short by the crash."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill mid-write
+                if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record):
+                    kept.append(line)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Window:
+    """Throughput and data-wait accounting over the steps since the last log line.
+
+    ``data_wait`` is the fraction of wall time spent waiting for the next batch. Losses are summed
+    on the device and read once per log line, so logging adds one sync per window, not per step."""
+
+    def __init__(self):
+        self.epoch_sum, self.epoch_n = 0.0, 0
+        self._reset()
+        self.restart()
+
+    def _reset(self):
+        self.wait = 0.0
+        self.images = 0
+        self.steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.start = time.perf_counter()
+
+    def restart(self):
+        self.mark = time.perf_counter()
+
+    def data_ready(self):
+        now = time.perf_counter()
+        self.wait += now - self.mark
+        self.mark = now
+
+    def step_done(self, outputs: dict, images: int):
+        self.images += images
+        self.steps += 1
+        for k, v in outputs.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.mark = time.perf_counter()
+
+    def flush(self, accelerator) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        names = sorted(self.sums)
+        means = accelerator.reduce(torch.stack([self.sums[k] for k in names]), reduction="mean") / self.steps
+        record = {k: float(v) for k, v in zip(names, means.tolist())}
+        record["images_per_s"] = self.images / elapsed
+        record["data_wait"] = min(1.0, self.wait / elapsed)
+        self.epoch_sum += record["loss"] * self.steps
+        self.epoch_n += self.steps
+        self._reset()
+        return record
+
+    def epoch_loss(self) -> float:
+        value = self.epoch_sum / max(1, self.epoch_n)
+        self.epoch_sum, self.epoch_n = 0.0, 0
+        return value
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return flat
+
+
+def run_files(out: Path) -> list[str]:
+    """The run directory's entries (folders with a trailing /) and its newest checkpoint."""
+    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.endswith(".tmp"))
+    newest = sorted((out / "checkpoints").glob("step-*.pt"))
+    return files + [f"checkpoints/{newest[-1].name}"] if newest else files

@@ -1,0 +1,65 @@
+"""The start checks of a training run that need the data: every problem that would stop the run,
+found (on every process) before anything is built."""
+
+from __future__ import annotations
+
+from ensiam_fast.config import TrainConfig, check_jigsaw
+from ensiam_fast.data.synthetic import check_synthetic
+from ensiam_fast.errors import TrainingError
+from ensiam_fast.placement import resolve_data_device
+from ensiam_fast.shards import ShardFormatError, read_manifest
+from pipelines.presets import get_preset
+
+
+def check_data(cfg: TrainConfig, num_processes: int) -> dict:
+    """Every data problem that would stop the run, found before anything is built."""
+    if cfg.data.backend == "synthetic":  # no shards: random views on the device (ensiam_fast.data.synthetic)
+        try:
+            return check_synthetic(
+                image_size=cfg.data.image_size,
+                num_samples=cfg.data.synthetic_samples,
+                batch_size=cfg.batch_size,
+                num_processes=num_processes,
+                knn_every=cfg.knn_every,
+            )
+        except ValueError as e:
+            raise TrainingError(str(e)) from e
+    try:
+        manifest = read_manifest(cfg.data.root)
+        train = manifest.split(cfg.data.split)
+        needed = [cfg.data.knn_train_split, cfg.data.knn_test_split] if cfg.knn_every else []
+        for name in needed:
+            if not manifest.split(name).labeled:
+                raise TrainingError(
+                    f"the kNN monitor needs labels, but split {name!r} of {cfg.data.root} is unlabelled; "
+                    f"set data.knn_train_split/data.knn_test_split to labelled splits or knn_every=0"
+                )
+    except ShardFormatError as e:
+        raise TrainingError(str(e)) from e
+    if train.num_samples == 0:
+        raise TrainingError(f"split {cfg.data.split!r} of {cfg.data.root} holds no samples")
+    if cfg.batch_size % (num_processes * cfg.gradient_accumulation_steps):
+        raise TrainingError(
+            f"batch_size={cfg.batch_size} (global) does not split evenly over {num_processes} processes x "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}"
+        )
+    if cfg.batch_size > train.num_samples:
+        raise TrainingError(
+            f"batch_size={cfg.batch_size} is larger than split {cfg.data.split!r} of {cfg.data.root} "
+            f"({train.num_samples} samples); lower batch_size"
+        )
+    size = cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
+    if size is None:
+        raise TrainingError(f"{cfg.data.root} has images of several sizes: set data.image_size")
+    try:
+        check_jigsaw(size, get_preset(cfg.data.preset, **cfg.data.preset_overrides).jigsaw_grid)
+    except ValueError as e:
+        raise TrainingError(f"the images of {cfg.data.root} are {size}x{size}, set data.image_size: {e}") from e
+    return {"image_size": size, "num_samples": train.num_samples, "dataset": manifest.dataset}
+
+
+def data_device(cfg: TrainConfig, accelerator) -> str:
+    try:
+        return resolve_data_device(cfg.data.device, accelerator)
+    except ValueError as e:
+        raise TrainingError(str(e)) from e
