@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.command import command_name
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict
 from ensiam_fast.models import apply_cifar_stem, create_backbone
 
@@ -352,7 +353,9 @@ def load_torchvision_backbone(path: str | os.PathLike) -> nn.Module:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ensiam_fast.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("python -m ensiam_fast.export"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory: its newest complete checkpoint is exported")

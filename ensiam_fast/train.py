@@ -31,10 +31,11 @@ from ensiam_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from ensiam_fast.command import command_name
 from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.errors import USER_ERRORS, TrainingError, agreed, report
+from ensiam_fast.errors import USER_ERRORS, TrainingError, agreed, report, report_first
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.metrics import MetricsLog, Window, flatten, run_files
@@ -148,7 +149,7 @@ class Trainer:
             pretrained=m.pretrained,
         )  # fmt: skip
         optimizer = build_optimizer(method, cfg, self.peak_lr)
-        self.resumed = latest_checkpoint(self.out)
+        self.resumed = agreed(acc, latest_checkpoint, self.out)  # unreadable files stop the run, not restart it
         distributed.agree_on(
             acc,
             "the checkpoint step to resume from",
@@ -331,7 +332,10 @@ def run(cfg: TrainConfig) -> dict | None:
 def parse_args(argv=None):
     epilog = "config keys (key=default, then what it sets):\n" + "\n".join(describe_keys())
     parser = argparse.ArgumentParser(
-        description=__doc__, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("python -m ensiam_fast.train"),
+        description=__doc__,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config", default=None, help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)"
@@ -344,9 +348,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:  # every process parses the same command line: one line per machine
-        if distributed.local_rank() == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+    except ConfigError as e:  # every process parses the same command line: the first one says it
+        report_first(str(e))
         return 2
     try:
         summary = run(cfg)

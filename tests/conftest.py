@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,13 @@ import pytest
 from PIL import Image
 
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:

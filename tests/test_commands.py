@@ -17,8 +17,30 @@ _TABLE = re.search(r"^\[project\.scripts\]\n(.*?)(?=^\[)", (REPO / "pyproject.to
 SCRIPTS = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"', _TABLE.group(1), re.M))
 
 
-def test_the_four_console_commands_are_declared():
-    assert set(SCRIPTS) == {"ensiam-train", "ensiam-make-shards", "ensiam-evaluate", "ensiam-export"}
+def test_the_console_commands_are_declared():
+    assert set(SCRIPTS) == {"ensiam-train", "ensiam-make-shards", "ensiam-evaluate", "ensiam-export", "ensiam-launch"}
+
+
+# what pip writes as a console command's script (its argv[0] is the command's path)
+PIP_WRAPPER = """import re, sys
+from {module} import {func}
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit({func}())
+"""
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_usage_names_the_console_command(name, tmp_path):
+    module, _, func = SCRIPTS[name].partition(":")
+    script = tmp_path / "bin" / name
+    script.parent.mkdir()
+    script.write_text(PIP_WRAPPER.format(module=module, func=func))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith(f"usage: {name} "), out.stdout[:300]
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -56,4 +78,13 @@ def test_python_dash_m_runs_main(module):
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "usage:" in out.stdout
+    assert out.stdout.startswith(f"usage: {Path(sys.executable).name} -m {module} "), out.stdout[:300]
+
+
+def test_a_script_path_is_named_as_typed(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for script in ("tools/make_shards.py", "ensiam_fast/train.py"):  # the second: as accelerate launch runs it
+        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=120)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.startswith(f"usage: {script} "), out.stdout[:300]

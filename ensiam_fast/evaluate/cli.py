@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.command import command_name
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.distributed import DistributedError
+from ensiam_fast.errors import report_first
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
     FEATURE_NORMS,
@@ -55,7 +57,8 @@ def write_json_atomic(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_command(args: argparse.Namespace) -> dict:
+def run_command(args: argparse.Namespace) -> dict | None:
+    """The result record on the main process (which also writes it), None on the others."""
     path, state = resolve_checkpoint(args.run, args.checkpoint)
     backbone, cfg = load_backbone(state, path)
     data = resolve_eval_data(
@@ -125,15 +128,18 @@ def run_command(args: argparse.Namespace) -> dict:
             progress=rt.accelerator.is_main_process and not args.quiet,
         )
         record = {**result, **info}
-    if rt.accelerator.is_main_process:
-        out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
-        write_json_atomic(out, record)
+    if not rt.accelerator.is_main_process:
+        return None
+    out = Path(args.out) if args.out else Path(source["run"]) / f"{args.command}.json"
+    write_json_atomic(out, record)
     return record
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m ensiam_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("python -m ensiam_fast.evaluate"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = LinearSettings()
@@ -184,9 +190,10 @@ def main(argv=None) -> int:
         record = run_command(args)
     except (CheckpointError, ExportError, EvaluationError, DistributedError, ValueError) as e:
         # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
-        print(f"error: {e}", file=sys.stderr)
+        report_first(str(e))
         return 2
-    print(json.dumps(record))
+    if record is not None:  # the main process only: one result line however many processes ran
+        print(json.dumps(record))
     return 0
 
 

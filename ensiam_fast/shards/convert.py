@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ensiam_fast.command import command_name
 from ensiam_fast.paths import DEFAULT_SHARDS
 from ensiam_fast.shards.adopt import adopt
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
@@ -203,7 +204,7 @@ def convert(
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="make_shards.py",
+        prog=command_name("python tools/make_shards.py"),
         description="Convert a dataset to WebDataset shards with DALI indices, or verify converted shards.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
