@@ -7,7 +7,8 @@ SiameseNet state dict, unwrapped from DDP and ``torch.compile``), ``optimizer``,
 a planted file cannot run code. A file is written under a temporary name and renamed when
 complete, so a crash mid-save leaves the previous checkpoint as the newest complete one (the
 half-written ``.tmp`` is removed by the next save). Discovery opens files newest first and stops
-at the first that loads; pruning keeps the newest files that load. ``check_compatible`` decides
+at the first that loads (when none does, that is an error); pruning keeps the newest files that load.
+Format /1 files (the RNG states as numpy arrays) load too, upgraded in memory. ``check_compatible`` decides
 whether a checkpoint can be resumed under a config."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 FORMAT = "ensiam_fast-ckpt/2"  # /2: everything stored as tensors and plain types (loads with weights_only)
+# /1 (before 2026-12): the same keys, but the numpy and Python RNG states as numpy arrays and tuples
+FORMAT_1 = "ensiam_fast-ckpt/1"
 REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "config", "model")
 NAME = re.compile(r"step-(\d{8,})\.pt")
 
@@ -92,17 +95,42 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (format /1's numpy RNG state), under numpy 1's and 2's
+    module names: building an array from its bytes, its dtype, nothing that runs other code."""
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    return [np.ndarray, np.dtype, reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
+            (reconstruct, "numpy._core.multiarray._reconstruct"), type(np.dtype(np.uint32))]  # fmt: skip
+
+
+def upgrade_format_1(state: dict[str, Any]) -> dict[str, Any]:
+    """A format /1 state as /2 holds it (the RNG states as tensors and plain types); nothing else differs."""
+    rng = dict(state.get("rng") or {})
+    if "python" in rng:
+        version, words, gauss = rng["python"]
+        rng["python"] = [version, list(words), gauss]
+    if "numpy" in rng:
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        rng["numpy"] = [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                        float(cached)]  # fmt: skip
+    return {**state, "rng": rng, "format": FORMAT}
+
+
 def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str, Any]:
     """Load one checkpoint on the CPU and check that it is one of ours.
 
-    ``weights_only=True``: the file can hold only tensors and plain containers, so a planted or
-    tampered file cannot run code when it is opened. ``mmap=True`` maps the tensors instead of
-    reading them (a cheap validity check)."""
+    ``weights_only=True``: the file can hold only tensors, plain containers and plain numpy arrays,
+    so a planted or tampered file cannot run code when it is opened. ``mmap=True`` maps the tensors
+    instead of reading them (a cheap validity check). Format /1 files are read and upgraded."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, forbidden global, I/O error: all mean "unusable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from e
+    if isinstance(state, dict) and state.get("format") == FORMAT_1:
+        state = upgrade_format_1(state)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not an ensiam_fast checkpoint of format {FORMAT!r} (found {found!r})")
@@ -117,12 +145,26 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint that loads: files are opened newest first, one at a time, until one
-    does; the ones that do not are skipped with a warning."""
-    for path in reversed(list_checkpoints(run_dir)):
+    does; the ones that do not are skipped with a warning. None when there is no checkpoint file.
+
+    When there are files but none loads, that is an error, not "no checkpoint": a trainer would
+    otherwise start again at step 0 and its first save would prune the files away."""
+    paths, skipped = list_checkpoints(run_dir), []
+    for path in reversed(paths):
         try:
-            return path, read_checkpoint(path)
+            state = read_checkpoint(path)
         except CheckpointError as e:
+            skipped.append(e)
+            continue
+        for e in skipped:
             warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+        return path, state
+    if paths:
+        raise CheckpointError(
+            f"none of the {len(paths)} checkpoint file(s) in {checkpoint_dir(run_dir)} can be read (the newest: "
+            f"{skipped[0]}); nothing was changed. To start again from step 0, move that folder away or use a "
+            "new output_dir; to resume, restore a readable checkpoint there"
+        )
     return None
 
 

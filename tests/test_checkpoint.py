@@ -149,3 +149,38 @@ def test_rng_state_is_plain_data(tmp_path):
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(state)
     assert a == (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+
+def write_format_1(path: Path, state: dict) -> Path:
+    """A checkpoint as ensiam_fast wrote it before format /2: the numpy RNG state a numpy array in a
+    tuple, the Python one a tuple, no ``num_processes``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = {k: v for k, v in state.items() if k != "num_processes"}
+    old.update(format="ensiam_fast-ckpt/1", rng={"python": random.getstate(), "numpy": np.random.get_state(),
+                                                "torch": torch.get_rng_state()})  # fmt: skip
+    torch.save(old, path)
+    return path
+
+
+def test_format_1_checkpoints_load_and_restore_every_generator(tmp_path):
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    write_format_1(checkpoint_dir(tmp_path) / "step-00000004.pt", _state(4))
+    expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3))
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "step-00000004.pt" and state["format"] == "ensiam_fast-ckpt/2" and state["step"] == 4
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    set_rng_state(state["rng"])
+    assert (random.random(), np.random.rand(3).tolist()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+
+
+def test_unreadable_checkpoints_are_an_error_not_a_fresh_start(tmp_path):
+    folder = checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for step in (3, 6):
+        (folder / f"step-{step:08d}.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        latest_checkpoint(tmp_path)
+    message = str(info.value)
+    assert "none of the 2 checkpoint file(s)" in message and "step-00000006.pt" in message
+    assert "move that folder away or use a new output_dir" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000003.pt", "step-00000006.pt"]  # nothing removed

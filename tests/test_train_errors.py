@@ -101,3 +101,15 @@ def test_python_m_prints_one_line(tmp_path, tiny_dataset, overrides):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_checkpoints_stop_the_run_instead_of_restarting(tmp_path, tiny_dataset, earlier_run, capsys):
+    # Resuming over checkpoints none of which loads would train from step 0 and prune them away.
+    checkpoint = next((earlier_run / "checkpoints").glob("step-*.pt"))
+    checkpoint.write_bytes(b"damaged")
+    before = snapshot(earlier_run)
+    assert train.main(["--config", str(earlier_run / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: none of the 1 checkpoint file(s)"), err
+    assert str(checkpoint) in err and "move that folder away or use a new output_dir" in err
+    assert snapshot(earlier_run) == before
