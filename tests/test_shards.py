@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import numpy as np
+import pytest
 import webdataset as wds
 
-from ensiam_fast.shards import read_manifest, shard_paths
+from ensiam_fast.shards import ShardFormatError, read_manifest, shard_paths
 
 
 def test_tiny_dataset_round_trips_through_webdataset(tiny_dataset):
@@ -56,3 +58,44 @@ def test_write_shard_matches_tarfile_byte_for_byte(tmp_path):
     # The index agrees with the tar member for member (images absent, so only the image check fails).
     problems = check_shard(tmp_path / "x-000000.tar", labeled=True, num_classes=10, decode=False).problems
     assert problems and all("should have one image" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    "key, value, kind",
+    [
+        ("labeled", "false", "true or false"),  # a string: Python would read it as true
+        ("labeled", 0, "true or false"),
+        ("num_samples", "48", "an integer >= 0"),
+        ("num_samples", -1, "an integer >= 0"),
+        ("num_samples", True, "an integer >= 0"),
+        ("shards", "train-000000.tar", "a list of file names"),
+        ("shard_sizes", [16, "16", 16], "a list of integers"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path, tiny_dataset, key, value, kind):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["train"][key] = value
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError) as info:
+        read_manifest(root)
+    message = str(info.value)
+    assert message.startswith(f"{root / 'manifest.json'}: split 'train' has a field of the wrong type: ")
+    assert f"{key}={value!r} must be {kind}" in message
+
+
+def test_an_unlabelled_split_marked_with_a_string_is_refused_by_the_trainer(tmp_path, tiny_dataset, capsys):
+    """End to end: `"labeled": "false"` must not let the kNN monitor read labels that are not there."""
+    from ensiam_fast import train
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["test"]["labeled"] = "false"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    assert train.main(["--config", "demo", f"data.root={root}", f"output_dir={out}", "data.image_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "labeled='false' must be true or false" in err
+    assert not out.exists()

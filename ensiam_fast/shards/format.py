@@ -318,6 +318,42 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
+def _is_int(v) -> bool:
+    return type(v) is int  # not bool, not "48": a manifest field of another type is refused, never coerced
+
+
+# each split field: (is it of the right type, what it must be)
+_SPLIT_FIELDS = {
+    "num_samples": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "shards": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of file names"),
+    "labeled": (lambda v: type(v) is bool, "true or false (JSON booleans, not strings)"),
+    "shard_sizes": (lambda v: isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v), "a list of integers"),
+    "skipped": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v), "a list of objects"),
+}
+_OPTIONAL = {"shard_sizes": [], "skipped": []}
+
+
+def _read_split(path: Path, name: str, fields) -> SplitInfo:
+    """One split of the manifest, every field of its exact JSON type (``"labeled": "false"`` would be
+    true in Python: a wrong type is an error naming the field, not a guess)."""
+    if not isinstance(fields, dict):
+        raise ShardFormatError(f"{path}: split {name!r} must be an object; re-run tools/make_shards.py")
+    values = {}
+    for key, (ok, kind) in _SPLIT_FIELDS.items():
+        if key not in fields and key in _OPTIONAL:
+            values[key] = list(_OPTIONAL[key])
+            continue
+        if key not in fields:
+            raise ShardFormatError(f"{path}: split {name!r} lacks the key {key!r}")
+        if not ok(fields[key]):
+            raise ShardFormatError(
+                f"{path}: split {name!r} has a field of the wrong type: {key}={fields[key]!r} must be {kind}; "
+                "fix the file or re-run tools/make_shards.py"
+            )
+        values[key] = fields[key]
+    return SplitInfo(**values)
+
+
 def read_manifest(root: str | os.PathLike) -> Manifest:
     """Read and check ``root/manifest.json``; errors name the file and say what to do."""
     root = Path(root)
@@ -344,22 +380,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     size = raw.get("image_size")
     if size is not None and not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)):
         raise ShardFormatError(f"{path}: image_size={size!r} must be [height, width] (integers) or null")
-    splits = {}
-    for name, s in raw["splits"].items():
-        try:
-            splits[name] = SplitInfo(
-                num_samples=int(s["num_samples"]),
-                shards=list(s["shards"]),
-                labeled=bool(s["labeled"]),
-                shard_sizes=list(s.get("shard_sizes", [])),
-                skipped=list(s.get("skipped", [])),
-            )
-        except KeyError as e:
-            raise ShardFormatError(f"{path}: split {name!r} lacks the key {e.args[0]!r}") from e
-        except (TypeError, ValueError, AttributeError) as e:
-            raise ShardFormatError(
-                f"{path}: split {name!r} has a field of the wrong type ({e}); re-run tools/make_shards.py"
-            ) from e
+    splits = {name: _read_split(path, name, fields) for name, fields in raw["splits"].items()}
     return Manifest(
         dataset=raw["dataset"],
         classes=list(raw["classes"]),
