@@ -101,6 +101,30 @@ def test_log_with_none_writes_no_events_and_accumulation_counts_optimizer_steps(
     assert events(out) == []
 
 
+@pytest.mark.slow
+def test_log_with_wandb_offline_writes_a_run(tmp_path, tiny_dataset):
+    """`log_with=wandb` with WANDB_MODE=offline (no account, no network): one offline run in the run
+    directory holding the flattened config and every logged value."""
+    pytest.importorskip("wandb")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"data.root={tiny_dataset}",
+           f"output_dir={out}", "max_steps=2", "log_with=wandb", "mixed_precision=no", *TINY]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").iterdir())
+    (record_file,) = runs[0].glob("run-*.wandb")
+    stored = record_file.read_bytes()  # wandb's record log: protobuf records whose values are JSON text
+    assert b"optim.base_lr" in stored  # the config, flattened
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2]
+    for record in logged:
+        for key in ("loss", "collapse_std", "lr"):
+            assert json.dumps(record[key]).encode() in stored, (key, record[key])
+    assert events(out) == []  # wandb instead of TensorBoard, not both
+
+
 def test_log_with_unknown_value_is_a_config_error(tmp_path, capsys):
     assert train.main(["--config", "demo", "log_with=mlflow", f"output_dir={tmp_path / 'r'}"]) == 2
     assert "log_with='mlflow'" in capsys.readouterr().err
