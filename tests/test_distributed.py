@@ -6,15 +6,15 @@ end-to-end tests, bounded by small max_steps and a short dist_timeout_s."""
 import json
 import os
 import signal
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import make_tiny_dataset
+from conftest import free_port, make_tiny_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -36,13 +36,14 @@ def id_dataset(tmp_path_factory):
     return make_tiny_dataset(root, {"train": (48, True), "test": (24, True)}, num_classes=48)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(script, args, *, machines: int = 1, machine_rank: int = 0, port: int | None = None):
+    return launch_options(machines=machines, machine_rank=machine_rank, port=port) + [
+        str(script), "--config", "demo", *args
+    ]  # fmt: skip
+
+
+def launch_options(*, machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
+    """``accelerate launch`` for two processes over gloo, every setting given."""
     cmd = [
         "accelerate",
         "launch",
@@ -60,7 +61,7 @@ def launcher(script, args, *, machines: int = 1, machine_rank: int = 0, port: in
     ]
     if machines > 1:
         cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
-    return cmd + [str(script), "--config", "demo", *args]
+    return cmd
 
 
 def env(**extra):
@@ -83,20 +84,85 @@ def check_ranks_agree(dump_dir: Path, out: Path, num_samples: int | None):
         assert set(seen0) | set(seen1) == set(range(num_samples))
 
 
-def test_two_processes_form_one_job(tmp_path, id_dataset):
-    out, dumps = tmp_path / "run", tmp_path / "dumps"
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, id_dataset):
+    """One epoch of a two-process job through accelerate launch: (the launcher's result, run dir, dumps)."""
+    tmp = tmp_path_factory.mktemp("two")
+    out, dumps = tmp / "run", tmp / "dumps"
     dumps.mkdir()
     args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "max_steps=6"]  # 6 steps = one epoch
     proc = subprocess.run(launcher(WORKER, args), env=env(DUMP_DIR=str(dumps)), capture_output=True, text=True,
                           timeout=600)  # fmt: skip
+    return proc, out, dumps
+
+
+def test_two_processes_form_one_job(two_process_run):
+    proc, out, dumps = two_process_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["num_processes"] == 2 and summary["mixed_precision"] == "no"
     assert summary["device"].startswith("cpu") and summary["final_step"] == 6
-    assert sum(line.startswith("{") for line in proc.stdout.splitlines()) == 1  # printed by one process
     check_ranks_agree(dumps, out, 48)
     knn = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "knn_top1" in line]
     assert knn and all(r["knn_samples"] == 24 for r in knn)  # each test sample scored exactly once
+
+
+def test_the_summary_is_printed_once(two_process_run):
+    proc, out, _ = two_process_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    # the JSON summary, the kNN start/end line and the run-directory line: each by the main process only
+    assert sum(line.startswith("{") for line in lines) == 1, proc.stdout[-3000:]
+    assert sum(line.startswith("kNN top-1: ") for line in lines) == 1, proc.stdout[-3000:]
+    assert sum(line.startswith(f"run directory {out}") for line in lines) == 1, proc.stdout[-3000:]
+    said = proc.stdout + proc.stderr  # tqdm.write lines go to stdout; the progress bar to stderr
+    assert said.count("kNN top-1 at step 0") == 1, said[-3000:]
+
+
+def test_evaluate_knn_with_two_processes(tmp_path, two_process_run):
+    """`evaluate knn` as one two-process job: every test sample scored exactly once, the result the
+    same as the trainer's own monitor on the same weights, printed and written once."""
+    proc, out, _ = two_process_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    knn_end = json.loads(proc.stdout.strip().splitlines()[-1])["knn_end"]
+    result = tmp_path / "knn.json"
+    cmd = [*launch_options(), "-m", "ensiam_fast.evaluate", "knn", "--run", str(out), "--quiet", "--out", str(result)]
+    ev = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    printed = [json.loads(line) for line in ev.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, ev.stdout[-3000:]  # one result line, from the main process
+    record = json.loads(result.read_text())
+    assert record == printed[0]
+    assert record["samples"] == 24 and record["step"] == 6  # the 24 test samples, each once
+    # the monitor's last kNN ran on these weights (buffers synced, then checkpointed): same protocol, same figure
+    assert record["top1"] == pytest.approx(knn_end, abs=1e-6)
+
+
+def test_a_resume_step_disagreement_stops_at_once(tmp_path, id_dataset):
+    """A rank that sees no checkpoint where the others resume (storage not shared as it should be): every
+    rank stops at start with one line naming the problem, long before the collective deadline."""
+    from ensiam_fast.checkpoint import save_checkpoint
+    from ensiam_fast.config import load_config
+
+    out = tmp_path / "run"
+    cfg = load_config("demo", [f"output_dir={out}", f"data.root={id_dataset}", *TINY])
+    save_checkpoint(out, {"step": 2, "epoch": 0, "batch_in_epoch": 2, "num_processes": 2,
+                          "config": cfg.to_dict(), "model": {}})  # fmt: skip
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "dist_timeout_s=900"]
+    start = time.time()
+    cmd = [sys.executable, "-m", "ensiam_fast.launch", *launcher(WORKER, args)[2:]]  # ensiam-launch: keeps exit 2
+    proc = subprocess.run(cmd, env=env(HIDE_CHECKPOINTS_ON_RANK="1"), capture_output=True, text=True, timeout=600)
+    elapsed = time.time() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0] == (
+        "error: the processes disagree on the checkpoint step to resume from (rank 0: 2, rank 1: None); "
+        "every process must see the same checkpoints (one shared output_dir)"
+    )
+    assert elapsed < 600  # not the 900 s deadline: the disagreement is found, not waited out
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing written (no config.yaml)
 
 
 def test_two_loopback_machines_with_sync_bn(tmp_path, id_dataset):
