@@ -16,7 +16,15 @@ import ensiam_fast.data.dali as data
 import ensiam_fast.data.loader as loader_module
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.dali import parse_labels
-from ensiam_fast.shards import Manifest, ShardFormatError, SplitInfo, shard_name, write_manifest, write_shard
+from ensiam_fast.shards import (
+    Manifest,
+    ShardFormatError,
+    SplitInfo,
+    read_manifest,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from pipelines.presets import MEAN, STD, get_preset
 
 # No pixel randomness (crop=False, resize_ratio 1 on 32x32 images): a view is the decoded image, so
@@ -26,7 +34,7 @@ IDENTITY = get_preset("eval").replace(name="identity")
 
 def source_samples(root: Path, split: str) -> tuple[dict[bytes, int], list[int]]:
     """PIL-decoded images of a split (HWC bytes -> position in manifest order) and their labels."""
-    manifest = data.read_manifest(root)
+    manifest = read_manifest(root)
     by_pixels, labels = {}, []
     for name in manifest.split(split).shards:
         with tarfile.open(root / name) as tf:
@@ -281,13 +289,13 @@ def test_torch_backend_dispatch_and_fallback(tiny_dataset, monkeypatch):
     import ensiam_fast.data.torch as torch_loader
 
     calls = []
-    monkeypatch.setattr(torch_loader, "build_reference_loader", lambda root, split, **kw: calls.append((split, kw)))
+    monkeypatch.setattr(torch_loader, "reference_loader", lambda spec, **kw: calls.append(spec))
     build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="strong", seed=4, backend="torch")
-    assert calls[-1][0] == "train" and calls[-1][1]["seed"] == 4 and calls[-1][1]["views"] == 2
+    assert calls[-1].split.name == "train" and calls[-1].seed == 4 and calls[-1].views == 2
     monkeypatch.setattr(loader_module, "dali_available", lambda: False)
     with pytest.warns(UserWarning, match="DALI is not importable"):
         build_loader(tiny_dataset, "test", batch_size=8, views=1, preset="eval", train=False)
-    assert calls[-1][0] == "test" and calls[-1][1]["train"] is False
+    assert calls[-1].split.name == "test" and calls[-1].train is False
 
 
 def test_next_epoch_built_ahead_is_identical_to_one_built_on_the_spot(tiny_dataset):

@@ -14,11 +14,12 @@ RandAugment graph DALI traces through AutoGraph; so a training loader builds epo
 pipeline in a background thread as soon as epoch e starts, and ``set_epoch(e + 1)`` only picks it
 up (``loader.last_build_s`` is the time ``set_epoch`` spent, ``loader.last_built_ahead`` says
 whether the pipeline came from the background). Any other epoch is built on the spot.
-``backend="torch"`` (or a host without DALI) uses ``ensiam_fast.data.torch.build_reference_loader``
-with the same arguments and contract.
+``backend="torch"`` (or a host without DALI) uses ``ensiam_fast.data.torch.reference_loader``
+with the same contract.
 
-Modules: ``spec`` (arguments resolved from the manifest), ``dali`` (the DALI loader), ``torch``
-(the torchvision/webdataset loader).
+Modules: ``spec`` (the manifest read once and every argument checked into a ``LoaderSpec``, which
+both loaders take), ``dali`` (the DALI loader), ``torch`` (the torchvision/webdataset loader),
+``preflight`` (checks before DALI reads a split), ``synthetic`` (random views, no shards).
 """
 
 # The package's names; ``ensiam_fast.data.torch`` is a submodule, so nothing here may be called torch.

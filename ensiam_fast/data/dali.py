@@ -19,17 +19,8 @@ import numpy as np
 import torch
 
 from ensiam_fast.data.preflight import preflight
-from ensiam_fast.data.spec import check_not_empty, derive_seed, resolve_device, resolve_image_size, resolve_preset
-from ensiam_fast.shards.format import (
-    IMAGE_EXTS,
-    ShardFormatError,
-    read_index,
-    read_manifest,
-    shard_bounds,
-    shard_paths,
-    write_index,
-)
-from pipelines.presets import AugPreset
+from ensiam_fast.data.spec import LoaderSpec, derive_seed, resolve_device
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, read_index, write_index
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
 SHUFFLE_BUFFER = 2048  # encoded samples held for in-shard shuffling (~220 MB of ImageNet JPEGs)
@@ -120,70 +111,26 @@ class DaliLoader:
     # Training loaders build the next epoch's pipeline in the background once an epoch starts.
     build_ahead = True
 
-    def __init__(
-        self,
-        root: str | os.PathLike,
-        split: str,
-        *,
-        batch_size: int,
-        views: int,
-        preset: str | AugPreset,
-        device: str | torch.device = "cpu",
-        shard_id: int = 0,
-        num_shards: int = 1,
-        seed: int = 0,
-        train: bool = True,
-        image_size: int | None = None,
-        num_threads: int | None = None,
-        cpu_kernels: str = "auto",
-    ):
+    def __init__(self, spec: LoaderSpec, *, device: str | torch.device = "cpu", cpu_kernels: str = "auto"):
         from pipelines import dali as dali_pipes
         from pipelines.kernels import backend as cpu_backend
 
         self._pipes = dali_pipes
-        dali_pipes.check_views(views)
         cpu_backend(cpu_kernels)  # a bad name fails here (data.cpu_kernels: auto | numba | dali)
         self.cpu_kernels = cpu_kernels
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
-            raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
-        self.root = Path(root)
-        self.split = split
-        self.train = bool(train)
-        self.preset = resolve_preset(preset, train)
+        split = spec.split
+        self.spec = spec
+        self.root, self.split = split.root, split.name
+        self.train, self.preset, self.size, self.views = spec.train, spec.preset, spec.image_size, spec.views
         self.kind, self.device_id, self.device = resolve_device(device)
-        manifest = read_manifest(self.root)
-        info = manifest.split(split)
-        self.size = resolve_image_size(image_size, manifest.image_size, self.root)
         dali_pipes.check_jigsaw(self.size, self.preset.jigsaw_grid)
-        tars, idxs = shard_paths(self.root, split)
-        self._tars = tars
-        self._idxs = ensure_indices(self.root, tars, idxs)
-        check_not_empty(self.root, split, info.num_samples)
-        preflight(self.root, tars, self._idxs, info.shard_sizes, info.labeled, manifest.num_classes)
-        self.views = views
-        self.batch_size = batch_size
-        self.labeled = info.labeled
-        self.num_classes = manifest.num_classes
-        self.shard_id, self.num_shards = shard_id, num_shards
-        self.seed = int(seed)
-        self.num_threads = num_threads or len(os.sched_getaffinity(0))
-        self._total = info.num_samples
-        start, end = shard_bounds(self._total, shard_id, num_shards)
-        self.num_samples = end - start
-        # Training drops the last partial batch; every rank takes as many steps as the smallest
-        # shard allows (shards differ by at most one sample), so distributed ranks stay in step.
-        available = self._total // num_shards if self.train else self.num_samples
-        if not self.train:
-            # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
-            batch_size = self.batch_size = min(batch_size, max(1, available))
-        if batch_size > available:
-            raise ValueError(
-                f"batch_size {batch_size} is larger than the {available} samples shard {shard_id}/{num_shards} "
-                f"of split {split!r} ({self._total} samples in {self.root}) provides; lower batch_size or num_shards"
-            )
-        self._batches = available // batch_size if self.train else -(-available // batch_size)
+        self._tars = split.tars
+        self._idxs = ensure_indices(self.root, split.tars, split.idxs)
+        preflight(split, self._idxs)
+        self.batch_size, self.labeled, self.num_classes = spec.batch_size, split.labeled, split.num_classes
+        self.shard_id, self.num_shards, self.seed = spec.shard_id, spec.num_shards, spec.seed
+        self.num_threads = spec.num_threads or len(os.sched_getaffinity(0))
+        self._total, self.num_samples, self._batches = split.num_samples, spec.num_samples, spec.num_batches
         self.epoch = 0
         self._pipe = None
         self._pipe_fresh = False

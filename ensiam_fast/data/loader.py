@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from ensiam_fast.data.spec import loader_spec
 from pipelines.presets import MEAN, STD, AugPreset
 
 BACKENDS = ("dali", "torch", "synthetic")
@@ -76,25 +77,16 @@ def build_loader(
         return SyntheticLoader(batch_size=batch_size, views=views, image_size=image_size, device=device,
                                seed=seed, shard_id=shard_id, num_shards=num_shards,
                                num_samples=num_samples or DEFAULT_SAMPLES)  # fmt: skip
-    kwargs = dict(
-        batch_size=batch_size,
-        views=views,
-        preset=preset,
-        device=device,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        seed=seed,
-        train=train,
-        image_size=image_size,
-        num_threads=num_threads,
-    )
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the torchvision loader", stacklevel=2)
         backend = "torch"
+    spec = loader_spec(root, split, batch_size=batch_size, views=views, preset=preset, shard_id=shard_id,
+                       num_shards=num_shards, seed=seed, train=train, image_size=image_size,
+                       num_threads=num_threads)  # fmt: skip
     if backend == "torch":
-        from ensiam_fast.data.torch import build_reference_loader
+        from ensiam_fast.data.torch import reference_loader
 
-        return build_reference_loader(root, split, **kwargs)
+        return reference_loader(spec, device=device)
     from ensiam_fast.data.dali import DaliLoader
 
-    return DaliLoader(root, split, cpu_kernels=cpu_kernels, **kwargs)
+    return DaliLoader(spec, device=device, cpu_kernels=cpu_kernels)

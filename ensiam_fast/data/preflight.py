@@ -16,6 +16,7 @@ import io
 import os
 from pathlib import Path
 
+from ensiam_fast.data.spec import SplitSpec
 from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, IndexEntry, ShardFormatError, read_index, split_member
 
 CONTENT_CHECK_BYTES = 512 << 20
@@ -96,10 +97,10 @@ def check_content(
         _checked.add(key)
 
 
-def preflight(
-    root: Path, tars: list[str], idxs: list[str], shard_sizes: list[int], labeled: bool, num_classes: int
-) -> None:
-    """Run the checks the module docstring describes; raises ``ShardFormatError`` naming the file."""
-    indices = check_structure(root, tars, idxs, shard_sizes)
-    if sum(os.path.getsize(t) for t in tars) <= CONTENT_CHECK_BYTES:
-        check_content(root, tars, indices, labeled, num_classes)
+def preflight(split: SplitSpec, idxs: list[str] | None = None) -> None:
+    """Run the checks the module docstring describes on a split (with ``idxs`` instead of its own
+    indices, e.g. regenerated ones); raises ``ShardFormatError`` naming the file."""
+    idxs = split.idxs if idxs is None else idxs
+    indices = check_structure(split.root, split.tars, idxs, split.shard_sizes)
+    if sum(os.path.getsize(t) for t in split.tars) <= CONTENT_CHECK_BYTES:
+        check_content(split.root, split.tars, indices, split.labeled, split.num_classes)

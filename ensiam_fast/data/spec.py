@@ -1,13 +1,23 @@
-"""Loader arguments resolved against a dataset: device, augmentation preset, image size, seeds."""
+"""What a loader reads, resolved once: the split (manifest read once), the epoch geometry, device, preset.
+
+``loader_spec(root, split, ...)`` reads ``manifest.json`` once into a :class:`SplitSpec` (shard files,
+sizes, labels) and checks and resolves every loader argument into a :class:`LoaderSpec`; the DALI and
+torch loaders both take one, so their checks and their arithmetic (samples per rank, batches per
+epoch) live here only.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipelines.presets import AugPreset, get_preset
+from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, split_files
+from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 
 
 def derive_seed(*parts: int) -> int:
@@ -50,9 +60,95 @@ def resolve_image_size(image_size: int | None, manifest_size: list[int] | None, 
 def check_not_empty(root: Path, split: str, num_samples: int) -> None:
     """An empty split cannot feed a loader: say so, not some batch-size arithmetic later."""
     if num_samples < 1:
-        from ensiam_fast.shards.format import ShardFormatError
-
         raise ShardFormatError(
             f"split {split!r} of {root} holds no samples (manifest.json); choose another split or re-make "
             "the dataset with tools/make_shards.py"
         )
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One split (or several joined with '+') of a dataset, as read from its manifest."""
+
+    root: Path
+    name: str
+    tars: list[str]
+    idxs: list[str]
+    shard_sizes: list[int]  # per tar; empty when an older manifest does not list them
+    num_samples: int
+    labeled: bool
+    num_classes: int
+    image_size: list[int] | None  # (H, W) when every image has it
+
+
+def read_split(root: str | os.PathLike, split: str) -> SplitSpec:
+    """Read ``root/manifest.json`` once and resolve ``split``'s files (checked to exist, inside root)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    info = manifest.split(split)
+    tars, idxs = split_files(root, info)
+    check_not_empty(root, split, info.num_samples)
+    return SplitSpec(root, split, tars, idxs, list(info.shard_sizes), info.num_samples, info.labeled,
+                     manifest.num_classes, manifest.image_size)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """Everything a loader needs, checked: the split, this rank's share of an epoch, the augmentation."""
+
+    split: SplitSpec
+    batch_size: int  # per rank; evaluation lowers it to the samples there are
+    views: int
+    preset: AugPreset  # resolved: evaluation uses 'eval' unless 'linear' is asked for
+    image_size: int
+    shard_id: int
+    num_shards: int
+    seed: int
+    train: bool
+    num_threads: int | None
+    num_samples: int  # this rank's block of the split (evaluation reads exactly these)
+    num_batches: int  # per epoch: training drops the last partial batch, evaluation keeps it
+
+
+def loader_spec(
+    root: str | os.PathLike,
+    split: str,
+    *,
+    batch_size: int,
+    views: int,
+    preset: str | AugPreset,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    train: bool = True,
+    image_size: int | None = None,
+    num_threads: int | None = None,
+) -> LoaderSpec:
+    """Check the loader arguments against ``split`` of the dataset at ``root`` (read once)."""
+    if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
+        raise ValueError(f"views (K) must be an integer in 1..{MAX_VIEWS}, got {views!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):
+        raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
+    if num_threads is not None and num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    resolved = resolve_preset(preset, train)
+    spec = read_split(root, split)
+    size = resolve_image_size(image_size, spec.image_size, spec.root)
+    total = spec.num_samples
+    start, end = shard_bounds(total, shard_id, num_shards)
+    # Training: every rank takes total // num_shards samples (ranks differ by at most one sample in
+    # their block), so all take the same number of steps and no rank waits for a batch never made.
+    available = total // num_shards if train else end - start
+    if not train:
+        # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
+        batch_size = min(batch_size, max(1, available))
+    if batch_size > available:
+        raise ValueError(
+            f"batch_size {batch_size} is larger than the {available} samples shard {shard_id}/{num_shards} "
+            f"of split {split!r} ({total} samples in {spec.root}) provides; lower batch_size or num_shards"
+        )
+    batches = available // batch_size if train else math.ceil(available / batch_size)
+    return LoaderSpec(spec, batch_size, views, resolved, size, shard_id, num_shards, int(seed), bool(train),
+                      num_threads, end - start, batches)  # fmt: skip

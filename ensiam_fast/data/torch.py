@@ -20,7 +20,6 @@ import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,16 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from ensiam_fast.data.preflight import preflight
-from ensiam_fast.data.spec import check_not_empty
-from ensiam_fast.shards.format import (
-    IMAGE_EXTS,
-    ShardFormatError,
-    index_count,
-    read_manifest,
-    shard_bounds,
-    shard_paths,
-)
-from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
+from ensiam_fast.data.spec import LoaderSpec, loader_spec, resolve_device
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, index_count, shard_bounds
 from pipelines.reference import ViewAugment
 
 # Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).
@@ -295,89 +286,26 @@ class ReferenceLoader:
             yield x, y
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "cpu":
-        return torch.device("cpu")
-    device = str(device)
-    kind, _, index = device.partition(":")
-    if kind in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} asked for but CUDA is not available; use device='cpu'")
-        return torch.device("cuda", int(index) if index else torch.cuda.current_device())
-    raise ValueError(f"device must be 'cpu', 'gpu[:N]' or 'cuda[:N]', got {device!r}")
-
-
-def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:
-    preset = get_preset(preset)
-    if not train and preset.name != "linear":
-        return get_preset("eval")
-    return preset
-
-
-def build_reference_loader(
-    root,
-    split: str,
-    *,
-    batch_size: int,
-    views: int,
-    preset: str | AugPreset,
-    device: str = "cpu",
-    shard_id: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    train: bool = True,
-    image_size: int | None = None,
-    num_threads: int | None = None,
-) -> ReferenceLoader:
-    """The torchvision/webdataset loader; ``num_threads`` is the number of DataLoader workers
-    (0 runs in this process; default: the number of CPU cores)."""
-    manifest = read_manifest(root)
-    info = manifest.split(split)
-    tars, idxs = shard_paths(root, split)
-    check_not_empty(Path(root), split, info.num_samples)
-    preflight(Path(root), tars, idxs, info.shard_sizes, info.labeled, manifest.num_classes)
-    if not 1 <= views <= MAX_VIEWS:
-        raise ValueError(f"views must be in 1..{MAX_VIEWS}, got {views}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id must be in 0..{num_shards - 1}, got {shard_id}")
-    if image_size is None:
-        if not manifest.image_size:
-            raise ValueError(f"{root}: the manifest has no image_size (images differ in size); pass image_size")
-        image_size = int(manifest.image_size[0])
-    sizes = list(info.shard_sizes) or [index_count(p) for p in idxs]
-    if len(sizes) != len(tars) or sum(sizes) != info.num_samples:
+def reference_loader(spec: LoaderSpec, *, device: str | torch.device = "cpu") -> ReferenceLoader:
+    """The torchvision/webdataset loader of a checked spec; ``spec.num_threads`` is the number of
+    DataLoader workers (0 runs in this process; default: the number of CPU cores)."""
+    split = spec.split
+    preflight(split)
+    sizes = list(split.shard_sizes) or [index_count(p) for p in split.idxs]
+    if len(sizes) != len(split.tars) or sum(sizes) != split.num_samples:
         raise ShardFormatError(
-            f"{root}/manifest.json: split {split!r} shard_sizes {sizes} do not match its {len(tars)} shards "
-            f"and {info.num_samples} samples; re-run tools/make_shards.py"
+            f"{split.root}/manifest.json: split {split.name!r} shard_sizes {sizes} do not match its "
+            f"{len(split.tars)} shards and {split.num_samples} samples; re-run tools/make_shards.py"
         )
-    start, end = shard_bounds(info.num_samples, shard_id, num_shards)
-    # Training uses total // num_shards samples on every rank (equal len() everywhere).
-    available = info.num_samples // num_shards if train else end - start
-    if not train:
-        # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
-        batch_size = min(batch_size, max(1, available))
-    plan_args = dict(
-        shard_sizes=sizes, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, seed=seed, train=train
-    )
-    if batch_size > available:
-        raise ValueError(
-            f"batch_size {batch_size} is larger than the {available} samples of split {split!r} that shard "
-            f"{shard_id}/{num_shards} gets; lower the batch size"
-        )
-    augment = ViewAugment(resolve_preset(preset, train), image_size)
-    stream = _KViewStream(tars, sizes, info.labeled, views, augment)
-    workers = len(os.sched_getaffinity(0)) if num_threads is None else int(num_threads)
-    if workers < 0:
-        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
-    return ReferenceLoader(
-        stream,
-        plan_args=plan_args,
-        num_workers=workers,
-        device=resolve_device(device),
-        num_classes=manifest.num_classes,
-        num_samples=end - start,
-    )
+    plan_args = dict(shard_sizes=sizes, batch_size=spec.batch_size, shard_id=spec.shard_id,
+                     num_shards=spec.num_shards, seed=spec.seed, train=spec.train)  # fmt: skip
+    stream = _KViewStream(split.tars, sizes, split.labeled, spec.views, ViewAugment(spec.preset, spec.image_size))
+    workers = len(os.sched_getaffinity(0)) if spec.num_threads is None else spec.num_threads
+    return ReferenceLoader(stream, plan_args=plan_args, num_workers=workers, device=resolve_device(device)[2],
+                           num_classes=split.num_classes, num_samples=spec.num_samples)  # fmt: skip
+
+
+def build_reference_loader(root, split: str, *, device: str | torch.device = "cpu", **spec_args) -> ReferenceLoader:
+    """``reference_loader`` of ``loader_spec(root, split, **spec_args)`` (the arguments of
+    ``ensiam_fast.data.build_loader``)."""
+    return reference_loader(loader_spec(root, split, **spec_args), device=device)

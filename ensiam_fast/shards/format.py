@@ -403,10 +403,9 @@ def resolve_inside(root: Path, name: str) -> Path:
     return path
 
 
-def shard_paths(root: str | os.PathLike, split: str) -> tuple[list[str], list[str]]:
-    """Absolute tar and index paths of one split, checked to exist."""
+def split_files(root: str | os.PathLike, info: SplitInfo) -> tuple[list[str], list[str]]:
+    """Absolute tar and index paths of a split, the tars checked to exist inside ``root``."""
     root = Path(root)
-    info = read_manifest(root).split(split)
     tars, idxs = [], []
     for name in info.shards:
         tar = resolve_inside(root, name)
@@ -418,3 +417,8 @@ def shard_paths(root: str | os.PathLike, split: str) -> tuple[list[str], list[st
         tars.append(str(tar))
         idxs.append(str(root / index_name(name)))
     return tars, idxs
+
+
+def shard_paths(root: str | os.PathLike, split: str) -> tuple[list[str], list[str]]:
+    """Absolute tar and index paths of one split, checked to exist."""
+    return split_files(root, read_manifest(root).split(split))
