@@ -10,8 +10,8 @@ import torch
 from ensiam_fast import evaluate, train
 from ensiam_fast.config import load_config
 from ensiam_fast.data import build_loader
+from ensiam_fast.run_checks import check_data
 from ensiam_fast.shards import ShardFormatError, read_manifest
-from ensiam_fast.train import check_data
 
 TINY = [
     "batch_size=8", "epochs=1", "log_every=1", "checkpoint_every=1000", "knn_k=5", "eval_batch_size=16",
