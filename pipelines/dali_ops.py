@@ -8,16 +8,12 @@ DALI draws them) are moved next to the image when needed.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import nvidia.dali.math as dmath
 from nvidia.dali import fn, types
-from nvidia.dali.auto_aug import rand_augment as dali_rand_augment
 
 from pipelines.kernels.colour import factor_ranges, has_colour
 from pipelines.kernels.colour_maths import GREY_WEIGHTS
-from pipelines.kernels.randaugment import MAX_TRANSLATE_REL as RANDAUG_MAX_TRANSLATE_REL
 from pipelines.presets import JIGSAW_LOCAL_K, AugPreset
 
 
@@ -199,21 +195,12 @@ def blur(images, preset: AugPreset, device: str = "cpu"):
 
 
 def rand_augment(images, preset: AugPreset, size: int):
-    """RandAugment(n, m) with torchvision's conventions (black fill, 150/331 max translation)."""
+    """RandAugment(n, m) with torchvision's operations and conventions (``pipelines.dali_randaugment``)."""
     if preset.randaugment_n <= 0:
         return images
-    # DALI's own suite still calls its deprecated fn.experimental aliases (and forces those
-    # warnings on); recording them keeps the log clean, there is nothing for a user to act on.
-    with warnings.catch_warnings(record=True):
-        return dali_rand_augment.rand_augment(
-            images,
-            n=preset.randaugment_n,
-            m=preset.randaugment_m,
-            num_magnitude_bins=preset.randaugment_bins,
-            shape=(size, size),
-            max_translate_rel=RANDAUG_MAX_TRANSLATE_REL,
-            fill_value=0,
-        )
+    from pipelines.dali_randaugment import rand_augment as torchvision_rand_augment  # it uses this module's maths
+
+    return torchvision_rand_augment(images, preset.randaugment_n, preset.randaugment_m, preset.randaugment_bins, size)
 
 
 def check_jigsaw(size: int, grid: int) -> None:

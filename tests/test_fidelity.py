@@ -226,16 +226,18 @@ def candidates(img: np.ndarray, m: int, bins: int) -> dict[tuple[str, float, boo
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 
-def test_randaugment_after_the_flip_is_torchvisions_composition():
-    """Flip then RandAugment(1, 9) through the Numba path: every view is torchvision's operation
+@pytest.mark.parametrize("path", PATHS)
+def test_randaugment_after_the_flip_is_torchvisions_composition(path):
+    """Flip then RandAugment(1, 9) through each path (Numba kernels; DALI operators, the GPU graph):
+    every view is torchvision's operation
     applied to the (possibly flipped) image, for every one of the 14 operations; a view made in
     the other order (the operation, then the flip) would not match for ShearY, whose shear about
     the top-left corner does not commute with the flip."""
-    path_usable("numba")
+    path_usable(path)
     m, bins = 9, 31
     preset = get_preset("eval", flip_p=0.5, randaugment_n=1, randaugment_m=m)
     img = textured(np.random.default_rng(9))
-    views = dali_views([img], preset, "numba", draws=128)
+    views = dali_views([img], preset, path, draws=128)
     cands = candidates(img, m, bins)
     # ShearY: the two orders give different views (else this test could not tell them apart)
     sheared = cands[("ShearY", 1.0, True)]
@@ -253,3 +255,35 @@ def test_randaugment_after_the_flip_is_torchvisions_composition():
         seen.add(best[0])
     # Identity and AutoContrast can give the same view (a full-range image): either may be matched
     assert seen >= set(KR.RA_OPS) - {"Identity", "AutoContrast"}, sorted(set(KR.RA_OPS) - seen)
+
+
+def gpu_graph_randaugment(img: np.ndarray, op_index: int, m: int, bins: int, draws: int = 16) -> list[np.ndarray]:
+    """The GPU pipeline's RandAugment graph (``pipelines.dali_randaugment``), run on the CPU, with
+    one of its 14 operations allowed: ``draws`` views of ``img``."""
+    from pipelines.dali_randaugment import rand_augment
+
+    @pipeline_def(batch_size=draws, num_threads=1, device_id=None, seed=5, enable_conditionals=True)
+    def pipe():
+        x = fn.external_source(source=lambda: [img] * draws, batch=True, layout="HWC")
+        return rand_augment(x, 1, m, bins, SIZE, only=(op_index,))
+
+    p = pipe()
+    p.build()
+    return [np.asarray(t) for t in p.run()[0]]
+
+
+@pytest.mark.parametrize("op", KR.RA_OPS)
+def test_gpu_graph_randaugment_operations_are_torchvisions(op):
+    """Each operation of the DALI-operator RandAugment (the GPU graph) equals torchvision's for both
+    signs: pixel and colour operations exactly, geometric ones up to rounding ties of the grid."""
+    m, bins = 9, 31
+    img = textured(np.random.default_rng(9))
+    views = gpu_graph_randaugment(img, KR.RA_OPS.index(op), m, bins)
+    cands = {key[1]: want for key, want in candidates(img, m, bins).items() if key[0] == op and not key[2]}
+    signs = set()
+    for view in views:
+        off, sign = min(((view != want).any(axis=2).mean(), s) for s, want in cands.items())
+        tolerance = 0.01 if op in GEOMETRIC else 0.0  # rounding ties of the sampling grid
+        assert off <= tolerance, f"{op}: a view differs from torchvision's in {off:.3f} of its pixels"
+        signs.add(sign)
+    assert signs == set(cands), f"{op}: signs seen {signs}"  # both signs drawn and each one exact
