@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test suite, one pytest process per test file.
-# Why: run in one process, the multi-process end-to-end tests (tests/test_distributed.py) and a few
-# after them fail when they follow some earlier test files, while each file passes on its own; the
-# shared in-process state behind that is not found yet. One process per file keeps every assertion
-# and every test, and isolates the files from each other. Extra arguments go to each pytest call.
+# Why: in one process, a test could fail because of state an earlier file left behind. One such
+# cause is found and fixed (a Numba kernel operator is shared process-wide; made while DALI's origin
+# tracing was off, a later pipeline with tracing on failed: tests/test_cpu_kernels.py checks it).
+# One suite process was not run to the end again after that fix, so the files stay isolated: one
+# process per file keeps every assertion and every test. Extra arguments go to each pytest call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 failed=()
