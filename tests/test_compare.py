@@ -103,9 +103,9 @@ def test_a_bad_grid_is_one_error_line_before_anything_runs(tiny_dataset, tmp_pat
         ("blocks: [{methods: [ensiam]\n", "is not valid YAML"),
     ],
 )
-def test_a_bad_grid_file_names_the_file_and_key(tmp_path, capsys, text, needle):
+def test_a_bad_grid_file_names_the_file_and_key(tiny_dataset, tmp_path, capsys, text, needle):
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(text)
+    grid_file.write_text(f"set: [data.root={tiny_dataset}]\n" + text)  # the dataset exists: the file is at fault
     assert compare.main(["--grid", str(grid_file), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"grid file {grid_file}" in err and needle in err, err

@@ -194,7 +194,11 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1) -> dict:
         if not (read_marker(run_dir) or {}).get("complete"):
             resuming = (run_dir / "checkpoints").is_dir()
             say(f"[{i}/{n}] {spec.name}: {'resuming' if resuming else 'training'}")
-        marker, ran = run_one(runner, grid, spec, out)
+        try:
+            marker, ran = run_one(runner, grid, spec, out)
+        except GridError:
+            runner._handler(signal.SIGTERM, None)  # a failed run stops the grid: no further run starts
+            raise
         if ran:
             trained.append(spec.name)
             knn = read_run(out / "runs" / spec.name).last("knn_top1")  # also when training had finished earlier
@@ -216,9 +220,9 @@ def run_grid(grid: Grid, out: Path, jobs: int = 1) -> dict:
                     for future in futures:
                         future.result()
                 except BaseException:
+                    runner._handler(signal.SIGTERM, None)  # the runs still going checkpoint and stop
                     for future in futures:
                         future.cancel()
-                    runner._handler(signal.SIGTERM, None)  # the runs still going checkpoint and stop
                     wait(futures)
                     raise
     return {"trained": trained, "skipped": skipped}
