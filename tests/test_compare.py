@@ -173,7 +173,9 @@ def test_tables_and_plot_from_planted_runs(tmp_path):
     assert "| ensiam | linear | 82.00 ± 2.00 (n=3) | 71.00 ± 1.00 (n=3) |" in section
     assert "| simsiam_kaug | linear | 72.00 ± 2.00 (n=3) | - |" in section
     assert "ensiam-k4-strong-b32-s0" in text and "11.00" in text  # every run is listed
-    assert "| ensiam | 4 | default | 64 | 0,1,2 | 82.00 ± 2.00 (n=3)" in text
+    assert (
+        "| ensiam | 4 | default | 64 | 0,1,2 | 82.00 ± 2.00 (n=3) | 73.00 ± 3.61 (n=3) | 30.00 ± 0.00 (n=3) |" in text
+    )
     assert "101.00 ± 1.00 (n=3)" in text  # images/s: the medians 100, 101, 102 of the three seeds
     assert "unfinished" not in text
     png = out / "figure3.png"

@@ -45,6 +45,7 @@ class Result:
     seed: int
     linear: float
     knn: float | None
+    knn_start: float | None  # the monitor at step 0: the random initialisation's figure
     knn_curve: list[tuple[float, float]]  # (epoch, kNN top-1) of the monitor
     images_per_s: float | None  # median over the training log lines
     epochs: float
@@ -79,6 +80,7 @@ def read_results(out: Path) -> list[Result]:
                 seed=int(axes["seed"]),
                 linear=float(marker["linear"]["top1"]),
                 knn=knn[-1][1] if knn else None,
+                knn_start=next((float(r["knn_top1"]) for r in run.knn_records if r["step"] == 0), None),
                 knn_curve=knn,
                 images_per_s=run.median("images_per_s"),
                 epochs=last_step / run.steps_per_epoch if run.steps_per_epoch else float("nan"),
@@ -149,8 +151,8 @@ def settings_table(results: list[Result]) -> str:
     groups = defaultdict(list)
     for r in results:
         groups[r.setting].append(r)
-    lines = ["| method | K | preset | batch | seeds | linear top-1 | kNN top-1 | images/s | train s |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | K | preset | batch | seeds | linear top-1 | kNN top-1 | kNN at epoch 0 | images/s | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def order(setting):
         m, k, p, b = setting
@@ -163,7 +165,8 @@ def settings_table(results: list[Result]) -> str:
         seeds = ",".join(str(r.seed) for r in sorted(runs, key=lambda r: r.seed))
         lines.append(
             f"| {setting[0]} | {setting[1]} | {setting[2]} | {setting[3]} | {seeds} | {cell([r.linear for r in runs])}"
-            f" | {cell([r.knn for r in runs if r.knn is not None])} | {cell(speeds) if speeds else MISSING}"
+            f" | {cell([r.knn for r in runs if r.knn is not None])}"
+            f" | {cell([r.knn_start for r in runs if r.knn_start is not None])} | {cell(speeds) if speeds else MISSING}"
             f" | {statistics.fmean(r.train_s for r in runs):.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -238,7 +241,7 @@ def write_report(out: Path) -> dict:
         f"Reference point: K={ref['views']}, preset {ref['preset']}, batch {ref['batch']}. Top-1 in %, "
         "mean ± sample std over seeds (n). Linear evaluation mode: "
         + ", ".join(sorted({r.linear_mode for r in results}))
-        + ". kNN: the monitor's last value.",
+        + ". kNN: the monitor's last value; at epoch 0: the same network at its random initialisation.",
         "",
     ]
     tables = []
