@@ -40,6 +40,31 @@ def _check_views(p: torch.Tensor, z: torch.Tensor) -> int:
     return k
 
 
+# The targets phi(b) of equation (8): each loss below compares view k's prediction with row k of its
+# target (a single row broadcasts to every view). They are functions of their own so that the
+# gradient-variance analysis (ensiam_fast/analysis/gradvar.py) measures Var[b] of exactly these.
+
+
+def ensiam_target(z: torch.Tensor) -> torch.Tensor:
+    """EnSiam's target phi(f_bar), the mean of the K projections: (K, B, D) -> (1, B, D), detached."""
+    return z.detach().mean(dim=0, keepdim=True)
+
+
+def simsiam_kaug_target(z: torch.Tensor) -> torch.Tensor:
+    """SimSiam K-aug's targets phi(f_N(k)), each view's partner: (K, B, D) -> (K, B, D), detached."""
+    k = z.shape[0]
+    if k % 2:
+        raise ValueError(f"simsiam_kaug pairs views 1<->2, 3<->4, ...: K must be even, got K={k}")
+    partner = torch.arange(k, device=z.device) ^ 1  # N(k) zero-based: 0<->1, 2<->3, ...
+    return z.detach()[partner]
+
+
+def fastsiam_target(z: torch.Tensor) -> torch.Tensor:
+    """FastSiam's targets, the mean of the other K-1 projections: (K, B, D) -> (K, B, D), detached."""
+    z = z.detach()
+    return (z.sum(dim=0, keepdim=True) - z) / (z.shape[0] - 1)
+
+
 def ensiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """EnSiam, equation (5): (1/K) sum_k D(g_k, phi(f_bar)) with f_bar = (1/K) sum_k f_k.
 
@@ -48,8 +73,7 @@ def ensiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     gives f_bar = [0.5, 0.5], cos = 1/sqrt(2) for both views, loss = -0.7071.
     """
     _check_views(p, z)
-    target = z.detach().mean(dim=0, keepdim=True)  # (1, B, D)
-    return negative_cosine(p, target).mean()
+    return negative_cosine(p, ensiam_target(z)).mean()
 
 
 def simsiam_kaug_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -59,11 +83,8 @@ def simsiam_kaug_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     SimSiam loss -(cos(p1, z2) + cos(p2, z1)) / 2. Example with K=2, B=1, D=2: p = [[1, 0]], [[1, 0]];
     z = [[1, 0]], [[0, 1]] gives -(cos(p1, z2) + cos(p2, z1)) / 2 = -(0 + 1) / 2 = -0.5.
     """
-    k = _check_views(p, z)
-    if k % 2:
-        raise ValueError(f"simsiam_kaug pairs views 1<->2, 3<->4, ...: K must be even, got K={k}")
-    partner = torch.arange(k, device=z.device) ^ 1  # N(k) zero-based: 0<->1, 2<->3, ...
-    return negative_cosine(p, z.detach()[partner]).mean()
+    _check_views(p, z)
+    return negative_cosine(p, simsiam_kaug_target(z)).mean()
 
 
 def simsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -80,10 +101,8 @@ def fastsiam_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     With K=2 the target of each view is the other view's projection, i.e. SimSiam. Example with K=3,
     B=1, D=2: z = [1, 0], [0, 1], [0, 1]; the target of view 1 is [0, 1], of views 2 and 3 [0.5, 0.5].
     """
-    k = _check_views(p, z)
-    z = z.detach()
-    target = (z.sum(dim=0, keepdim=True) - z) / (k - 1)  # (K, B, D)
-    return negative_cosine(p, target).mean()
+    _check_views(p, z)
+    return negative_cosine(p, fastsiam_target(z)).mean()
 
 
 def collapse_std(z: torch.Tensor) -> torch.Tensor:
@@ -97,6 +116,13 @@ def collapse_std(z: torch.Tensor) -> torch.Tensor:
     flat = F.normalize(z.detach().float().reshape(-1, z.shape[-1]), dim=-1)
     return flat.std(dim=0).mean()
 
+
+TARGETS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "ensiam": ensiam_target,
+    "simsiam_kaug": simsiam_kaug_target,
+    "simsiam": simsiam_kaug_target,
+    "fastsiam": fastsiam_target,
+}
 
 LOSSES: dict[str, LossFn] = {
     "ensiam": ensiam_loss,

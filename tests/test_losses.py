@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ensiam_fast.losses import (
     LOSSES,
+    TARGETS,
     collapse_std,
     ensiam_loss,
     fastsiam_loss,
@@ -177,3 +178,17 @@ def test_registry():
         get_loss("simsiam_kaug", 3)
     with pytest.raises(ValueError, match="views=1"):
         get_loss("ensiam", 1)
+
+
+def test_targets_are_what_the_losses_compare_with():
+    """TARGETS (used by the gradient-variance analysis) hold exactly the target of every loss, by hand."""
+    assert set(TARGETS) == set(LOSSES)
+    z = torch.randn(4, 3, 5, requires_grad=True)
+    p = torch.randn(4, 3, 5)
+    torch.testing.assert_close(TARGETS["ensiam"](z), z.detach().mean(0, keepdim=True))
+    torch.testing.assert_close(TARGETS["simsiam_kaug"](z), z.detach()[[1, 0, 3, 2]])
+    others = torch.stack([(z.detach().sum(0) - z.detach()[k]) / 3 for k in range(4)])
+    torch.testing.assert_close(TARGETS["fastsiam"](z), others)
+    for method in ("ensiam", "simsiam_kaug", "fastsiam"):
+        assert not TARGETS[method](z).requires_grad
+        torch.testing.assert_close(LOSSES[method](p, z), negative_cosine(p, TARGETS[method](z)).mean())
