@@ -315,3 +315,28 @@ def test_next_epoch_built_ahead_is_identical_to_one_built_on_the_spot(tiny_datas
     assert not ahead.last_built_ahead
     for (xa, _), (xs, _) in zip(ahead.iter_from(2), spot.iter_from(2), strict=True):
         assert torch.equal(xa, xs)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_unshuffled_training_loader_keeps_the_images_and_redraws_the_views(tiny_dataset, backend):
+    """shuffle=False (the gradient-variance analysis): every epoch reads the stored order, and a
+    training preset still draws fresh augmentations per epoch."""
+    by_pixels, labels = source_samples(tiny_dataset, "train")
+    kw = dict(batch_size=8, views=2, seed=3, shuffle=False, backend=backend, num_threads=0 if backend == "torch" else 1)
+    fixed = build_loader(tiny_dataset, "train", preset=IDENTITY, **kw)
+    for e in (0, 5):
+        fixed.set_epoch(e)
+        order = [i for x, _ in fixed for i in identify(x, by_pixels)]
+        assert order == list(range(48))
+    augmented = build_loader(tiny_dataset, "train", preset="default", **kw)
+    firsts = []
+    for e in (0, 1):
+        augmented.set_epoch(e)
+        firsts.append(next(iter(augmented)))
+    (x0, y0), (x1, y1) = firsts
+    assert y0.tolist() == y1.tolist() == labels[:8]
+    assert not torch.equal(x0, x1)
+    with pytest.raises(ValueError, match="shuffle=True needs train=True"):
+        build_loader(
+            tiny_dataset, "test", batch_size=8, views=1, preset="eval", train=False, shuffle=True, backend=backend
+        )

@@ -122,6 +122,7 @@ class DaliLoader:
         self.spec = spec
         self.root, self.split = split.root, split.name
         self.train, self.preset, self.size, self.views = spec.train, spec.preset, spec.image_size, spec.views
+        self.shuffle = spec.shuffle
         self.kind, self.device_id, self.device = resolve_device(device)
         dali_pipes.check_jigsaw(self.size, self.preset.jigsaw_grid)
         self._tars = split.tars
@@ -164,7 +165,7 @@ class DaliLoader:
     # -- internals ----------------------------------------------------------------------------
     def _epoch_tars(self, epoch: int) -> tuple[list[str], list[str]]:
         """An epoch's tar order: permuted for training with a seed every rank shares."""
-        if not self.train:
+        if not self.shuffle:
             return self._tars, self._idxs
         order = np.random.default_rng(derive_seed(self.seed, epoch, 0xD1)).permutation(len(self._tars))
         return [self._tars[i] for i in order], [self._idxs[i] for i in order]
@@ -227,7 +228,7 @@ class DaliLoader:
             num_threads=self.num_threads,
             seed=derive_seed(self.seed, epoch, self.shard_id, 0xA6),
             reader_seed=derive_seed(self.seed, epoch, self.shard_id, 0x5F),
-            shuffle=self.train,
+            shuffle=self.shuffle,
             initial_fill=min(SHUFFLE_BUFFER, max(1, self.num_samples)),
             shard_id=self.shard_id,
             num_shards=self.num_shards,

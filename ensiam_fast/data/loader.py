@@ -62,9 +62,12 @@ def build_loader(
     backend: str = "dali",
     num_samples: int | None = None,
     cpu_kernels: str = "auto",
+    shuffle: bool | None = None,
 ):
     """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring.
     ``cpu_kernels`` (DALI on the CPU only): 'auto' | 'numba' | 'dali' (``pipelines.kernels.backend``).
+    ``shuffle`` (default: ``train``): False reads a training split in stored order, with training
+    augmentations (``ensiam_fast.data.spec.check_shuffle``).
 
     ``backend="synthetic"`` ignores ``root``/``split``/``preset`` and yields ``num_samples`` random
     images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
@@ -82,7 +85,7 @@ def build_loader(
         backend = "torch"
     spec = loader_spec(root, split, batch_size=batch_size, views=views, preset=preset, shard_id=shard_id,
                        num_shards=num_shards, seed=seed, train=train, image_size=image_size,
-                       num_threads=num_threads)  # fmt: skip
+                       num_threads=num_threads, shuffle=shuffle)  # fmt: skip
     if backend == "torch":
         from ensiam_fast.data.torch import reference_loader
 

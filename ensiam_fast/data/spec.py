@@ -108,6 +108,7 @@ class LoaderSpec:
     num_threads: int | None
     num_samples: int  # this rank's block of the split (evaluation reads exactly these)
     num_batches: int  # per epoch: training drops the last partial batch, evaluation keeps it
+    shuffle: bool = True  # training order shuffled (check_shuffle); False: stored order, fresh views per epoch
 
 
 def loader_spec(
@@ -123,6 +124,7 @@ def loader_spec(
     train: bool = True,
     image_size: int | None = None,
     num_threads: int | None = None,
+    shuffle: bool | None = None,
 ) -> LoaderSpec:
     """Check the loader arguments against ``split`` of the dataset at ``root`` (read once)."""
     if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
@@ -133,6 +135,7 @@ def loader_spec(
         raise ValueError(f"need 0 <= shard_id < num_shards, got shard_id={shard_id}, num_shards={num_shards}")
     if num_threads is not None and num_threads < 0:
         raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    shuffle = check_shuffle(shuffle, train)
     resolved = resolve_preset(preset, train)
     spec = read_split(root, split)
     size = resolve_image_size(image_size, spec.image_size, spec.root)
@@ -151,4 +154,15 @@ def loader_spec(
         )
     batches = available // batch_size if train else math.ceil(available / batch_size)
     return LoaderSpec(spec, batch_size, views, resolved, size, shard_id, num_shards, int(seed), bool(train),
-                      num_threads, end - start, batches)  # fmt: skip
+                      num_threads, end - start, batches, shuffle)  # fmt: skip
+
+
+def check_shuffle(shuffle: bool | None, train: bool) -> bool:
+    """Whether a loader shuffles: by default a training loader does. ``shuffle=False`` with ``train``
+    reads the stored order with training augmentations, so every epoch's first batch holds the same
+    images under fresh augmentations (the gradient-variance analysis draws views that way)."""
+    if shuffle is None:
+        return train
+    if shuffle and not train:
+        raise ValueError("shuffle=True needs train=True: evaluation reads every sample once, in stored order")
+    return bool(shuffle)

@@ -73,19 +73,35 @@ class EpochPlan:
 
 
 def plan_epoch(
-    shard_sizes: list[int], *, batch_size: int, shard_id: int, num_shards: int, seed: int, epoch: int, train: bool
+    shard_sizes: list[int],
+    *,
+    batch_size: int,
+    shard_id: int,
+    num_shards: int,
+    seed: int,
+    epoch: int,
+    train: bool,
+    shuffle: bool = True,
 ) -> EpochPlan:
+    """``shuffle`` (training only): shard order and shuffle buffer; without it a training plan reads
+    the stored order, so every epoch's batches hold the same samples."""
     offsets = np.concatenate([[0], np.cumsum(shard_sizes)]).astype(np.int64)
     total = int(offsets[-1])
     if train:
         # Shard order is shared by all ranks (seeded without shard_id), so their slices are disjoint.
-        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)).tolist()
+        if shuffle:
+            shard_order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)).tolist()
+        else:
+            shard_order = list(range(len(shard_sizes)))
         stream = np.concatenate([np.arange(offsets[s], offsets[s + 1]) for s in shard_order])
         # Equal slices on every rank (up to num_shards - 1 samples left out) keep len() equal across
         # ranks, so no rank waits for a batch the others never make.
         per_rank = total // num_shards
         mine = stream[shard_id * per_rank : (shard_id + 1) * per_rank]
-        order = shuffle_buffer_order(mine, SHUFFLE_BUFFER, np.random.default_rng([seed, epoch, shard_id]))
+        if shuffle:
+            order = shuffle_buffer_order(mine, SHUFFLE_BUFFER, np.random.default_rng([seed, epoch, shard_id]))
+        else:
+            order = mine
         num_batches = len(order) // batch_size
         order = order[: num_batches * batch_size]
     else:
@@ -298,7 +314,7 @@ def reference_loader(spec: LoaderSpec, *, device: str | torch.device = "cpu") ->
             f"{len(split.tars)} shards and {split.num_samples} samples; re-run tools/make_shards.py"
         )
     plan_args = dict(shard_sizes=sizes, batch_size=spec.batch_size, shard_id=spec.shard_id,
-                     num_shards=spec.num_shards, seed=spec.seed, train=spec.train)  # fmt: skip
+                     num_shards=spec.num_shards, seed=spec.seed, train=spec.train, shuffle=spec.shuffle)  # fmt: skip
     stream = _KViewStream(split.tars, sizes, split.labeled, spec.views, ViewAugment(spec.preset, spec.image_size))
     workers = len(os.sched_getaffinity(0)) if spec.num_threads is None else spec.num_threads
     return ReferenceLoader(stream, plan_args=plan_args, num_workers=workers, device=resolve_device(device)[2],
