@@ -147,6 +147,7 @@ def tool_args(data: Path, plot: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
     plot = tmp_path / "gv.png"
     proc = subprocess.run(
