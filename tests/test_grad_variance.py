@@ -154,7 +154,7 @@ def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
         [sys.executable, str(TOOL), *tool_args(tiny_dataset, plot), *TINY],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=3600,  # seconds on an idle 2-core machine; the bound only catches a hang
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
