@@ -25,6 +25,7 @@ import torch
 
 from ensiam_fast.analysis.gradvar import Settings, check_settings, measure
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.command import command_name
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict, load_config
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.spec import derive_seed
@@ -50,7 +51,9 @@ def parse_views(text: str) -> tuple[int, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python tools/grad_variance.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=command_name("python tools/grad_variance.py"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")
@@ -261,3 +264,7 @@ def main(argv=None) -> int:
         return 2
     print(json.dumps(record))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
