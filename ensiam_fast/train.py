@@ -201,13 +201,18 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(line)
 
-    def finish(self, summary: dict) -> dict:
-        """curves.png, then the run directory and what it holds (the main process writes and says it)."""
+    def draw_curves(self) -> None:
+        """curves.png from metrics.jsonl (main process); a plot that fails warns, the run is saved."""
         if self.accelerator.is_main_process:
             try:
                 write_curves(self.out, f"{self.cfg.method} K={self.cfg.views}: {self.out.name}")
-            except (OSError, ValueError) as e:  # the run itself is saved: a plot must not fail it
+            except (OSError, ValueError) as e:
                 self.say(f"warning: could not draw {self.out / 'curves.png'}: {e}")
+
+    def finish(self, summary: dict) -> dict:
+        """curves.png, then the run directory and what it holds (the main process writes and says it)."""
+        self.draw_curves()
+        if self.accelerator.is_main_process:
             summary.update(run_dir=str(self.out), files=run_files(self.out))
         return summary
 
@@ -304,6 +309,7 @@ class Trainer:
                         self.checkpoint()
                     if stopping:
                         bar.close()
+                        self.draw_curves()  # a stopped run shows its curves so far too
                         raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
                     if pos.step >= self.total_steps or pos.batch_in_epoch >= self.batches_per_epoch:
                         break

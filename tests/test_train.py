@@ -152,6 +152,8 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
     _, state = latest_checkpoint(out)
     stopped_at = state["step"]
     assert stopped_at >= 2
+    # The stopped run drew its curves so far (no run had ended in this directory before).
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Same command, now capped a few steps later: it resumes where the signal stopped it.
     rc, _ = run_main(tmp_path, tiny_dataset, "knn_every=0", "epochs=50", f"max_steps={stopped_at + 2}",
                      name="killed")  # fmt: skip
