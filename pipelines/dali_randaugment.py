@@ -60,6 +60,11 @@ def _stack(planes):
     return fn.cast(fn.stack(*planes, axis=2, axis_name="C"), dtype=types.UINT8)
 
 
+def _constant(array: np.ndarray, like):
+    """``array`` as a DALI constant on the device of ``like`` (a DataNode)."""
+    return types.Constant(array, device="gpu") if like.device == "gpu" else types.Constant(array)
+
+
 @do_not_convert  # definition-time Python only (no per-sample branches), lambdas included
 def torchvision_suite(m: int, bins: int, size: int) -> list:
     """The 14 operations of torchvision's RandAugment at magnitude bin ``m`` of ``bins`` for
@@ -77,21 +82,24 @@ def torchvision_suite(m: int, bins: int, size: int) -> list:
 
     shear = magnitudes(0.0, 0.3, bins)
     shift = magnitudes(0.0, MAX_TRANSLATE_REL * size, bins)
-    enhance = magnitudes(0.0, 0.9, bins)
+    # brightness, color and contrast: PIL's enhance factor 1 + v, v signed
+    enhancement = augmentation(
+        mag_range=magnitudes(0.0, 0.9, bins),
+        randomly_negate=True,
+        mag_to_param=lambda v: np.float32(1.0 + v),
+        param_device="auto",
+    )
 
-    @augmentation(mag_range=enhance, randomly_negate=True, mag_to_param=lambda v: np.float32(1.0 + v),
-                  param_device="auto")  # fmt: skip
+    @enhancement
     def brightness(data, factor):
         return _stack(tuple(_trunc(x * factor) for x in _planes(data)))
 
-    @augmentation(mag_range=enhance, randomly_negate=True, mag_to_param=lambda v: np.float32(1.0 + v),
-                  param_device="auto")  # fmt: skip
+    @enhancement
     def color(data, factor):
         planes = _planes(data)
         return _stack(_blend(planes, grey_plane(*planes), factor))
 
-    @augmentation(mag_range=enhance, randomly_negate=True, mag_to_param=lambda v: np.float32(1.0 + v),
-                  param_device="auto")  # fmt: skip
+    @enhancement
     def contrast(data, factor):
         planes = _planes(data)
         return _stack(_blend(planes, fn.reductions.mean(grey_plane(*planes)), factor))
@@ -99,13 +107,13 @@ def torchvision_suite(m: int, bins: int, size: int) -> list:
     interior = np.zeros((size, size, 1), dtype=np.float32)
     interior[1:-1, 1:-1] = 1.0
 
-    @augmentation(mag_range=enhance, randomly_negate=True, mag_to_param=lambda v: np.float32(1.0 - (1.0 + v)),
-                  param_device="auto")  # fmt: skip
+    @augmentation(mag_range=magnitudes(0.0, 0.9, bins), randomly_negate=True,
+                  mag_to_param=lambda v: np.float32(1.0 - (1.0 + v)), param_device="auto")  # fmt: skip
     def sharpness(data, keep):
         """Blend with the rounded 3x3 smoothing inside the border (``keep`` = 1 - factor)."""
         x = fn.cast(data, dtype=types.FLOAT)
         smooth = dmath.floor(fn.experimental.filter(x, types.Constant(SHARPEN), dtype=types.FLOAT) + 0.5)
-        inside = types.Constant(interior, device="gpu") if data.device == "gpu" else types.Constant(interior)
+        inside = _constant(interior, data)
         smooth = smooth * inside + x * (1.0 - inside)
         return fn.cast(dmath.floor(dmath.clamp(x + keep * (smooth - x), 0.0, 255.0)), dtype=types.UINT8)
 
@@ -141,8 +149,7 @@ def torchvision_suite(m: int, bins: int, size: int) -> list:
         level) // 255, level v -> min(255, (pixels below v + step // 2) // step), unchanged if
         step is 0. DALI's own equalize rounds OpenCV's way, far from this on small images.
         Counts come from comparisons with all 256 levels (no histogram operator in DALI)."""
-        on_gpu = data.device == "gpu"
-        lv = types.Constant(levels, device="gpu") if on_gpu else types.Constant(levels)
+        lv = _constant(levels, data)
         x = fn.expand_dims(data, axes=[3])  # (H, W, C, 1)
         below = fn.reductions.sum(fn.cast(x < lv, dtype=types.INT32), axes=[0, 1], keep_dims=True)  # (1,1,C,256)
         top = fn.reductions.max(data, axis_names="HW", keep_dims=True)  # (1, 1, C)
