@@ -88,3 +88,26 @@ def test_a_script_path_is_named_as_typed(tmp_path):
                              timeout=120)  # fmt: skip
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.startswith(f"usage: {script} "), out.stdout[:300]
+
+
+def tool_scripts() -> list[str]:
+    """tools/*.py run as scripts (a ``__main__`` block) that import the package."""
+    return sorted(
+        p.name
+        for p in (REPO / "tools").glob("*.py")
+        if "__main__" in (text := p.read_text()) and re.search(r"^(from|import) ensiam_fast", text, re.M)
+    )
+
+
+@pytest.mark.parametrize("script", tool_scripts())
+def test_tools_run_from_a_checkout_that_is_not_installed(script, tmp_path):
+    """``python tools/X.py --help`` from another directory, with site-packages reachable but the
+    project's own install hidden (``-S``: no .pth files, so no editable finder)."""
+    import site
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
+    out = subprocess.run([sys.executable, "-S", str(REPO / "tools" / script), "--help"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage:"), out.stdout[:300]

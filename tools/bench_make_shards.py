@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import on_path  # noqa: F401  (the project on sys.path when not installed)
 from PIL import Image
 
 from ensiam_fast.shards.convert import EncodeOptions, convert

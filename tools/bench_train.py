@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import on_path  # noqa: F401  (the project on sys.path when not installed)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

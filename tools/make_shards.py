@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 
+import on_path  # noqa: F401  (the project on sys.path when not installed)
+
 from ensiam_fast.shards.convert import main
 
 if __name__ == "__main__":
