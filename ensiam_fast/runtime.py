@@ -5,7 +5,14 @@ operator as an OpenMP parallel region whose threads meet at a barrier: when the 
 of them for another job, the others spin or wait at the barrier, so with every core's worth of
 threads the trainer collapses under background load (the demo fell to 0.21 of its idle rate). One
 thread avoids the barriers but leaves cores idle when the machine is free, and OpenMP's passive wait
-policy (fixed when the library loads, before any of our code runs) costs a third of the idle rate.
+policy (threads sleep at once) costs a third of the idle rate.
+
+Spin-wait (always on). A thread that reaches a barrier first spins before it sleeps: libgomp's
+default is 300,000 spins, long enough that on a loaded machine the waiting threads burn the time
+slices the working ones need. libgomp reads the count once, when torch loads it, so importing
+``ensiam_fast`` (which every entry point does before torch) sets ``GOMP_SPINCOUNT=20000`` unless
+the user set it or ``OMP_WAIT_POLICY``: a short spin keeps the idle rate and stops most of the waste
+under load (docs/benchmarks.md, "Fair share on a shared CPU").
 
 So the trainer chooses at run time. :class:`ThreadGovernor` samples, once a second, how much of the
 CPUs this process may use (its affinity set) the rest of the machine keeps busy (``/proc/stat``

@@ -19,7 +19,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch ensiam_fast/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# isort: off
+import ensiam_fast  # noqa: F401  (before torch: it sets OpenMP's spin-wait, read when torch loads)
 import torch
+
+# isort: on
 from tqdm.auto import tqdm
 
 from ensiam_fast import distributed

@@ -109,3 +109,41 @@ def test_governor_sees_other_processes_load():
         for pid in pids:
             os.kill(pid, 9)
     assert runtime.CLOCK_TICKS > 0
+
+
+# Runs an entry point with a hook that records GOMP_SPINCOUNT at the moment torch is first imported
+# (libgomp reads it then, once): the trainer's spin-wait must be in place before that.
+SPIN_PROBE = r"""
+import importlib.abc, os, runpy, sys
+seen = []
+class Probe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+        return None
+sys.meta_path.insert(0, Probe())
+sys.argv = [sys.argv[1], "--help"]
+try:
+    if sys.argv[0].endswith(".py"):
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    assert e.code in (0, None), e.code
+print("SPIN", seen)
+"""
+
+
+@pytest.mark.parametrize("entry", ["ensiam_fast/train.py", "ensiam_fast.train"])
+@pytest.mark.parametrize(
+    ("user_env", "expected"),
+    [({}, "20000"), ({"GOMP_SPINCOUNT": "123"}, "123"), ({"OMP_WAIT_POLICY": "PASSIVE"}, None)],
+)
+def test_trainer_sets_openmp_spin_before_torch_loads(entry, user_env, expected):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(user_env, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, "-c", SPIN_PROBE, entry], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"SPIN [{expected!r}]" in out.stdout, out.stdout[-2000:]

@@ -39,13 +39,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tools"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+# isort: off
+import ensiam_fast  # noqa: E402, F401  (before torch: the trainer's OpenMP spin-wait, as users get it)
+import torch  # noqa: E402
+
+# isort: on
 from ensiam_fast import train  # noqa: E402
 from ensiam_fast.config import load_config  # noqa: E402
 
