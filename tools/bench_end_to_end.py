@@ -18,7 +18,8 @@ processes started by this script (the demo's "shared CPU" case), alternating idl
 hits both; ``loaded_over_idle`` is the ratio of the medians over repeats. Runs use the thread
 governor (``ENSIAM_THREADS=auto``, ``ensiam_fast/runtime.py``); ``--baseline-threads T`` also
 measures each case with torch's threads fixed at T (the behaviour before the governor),
-interleaved, for ``*_over_baseline`` ratios.
+interleaved, for ``*_over_baseline`` ratios. Importing ``ensiam_fast`` shortens OpenMP's spin-wait
+(``ensiam_fast/runtime.py``); ``GOMP_SPINCOUNT=300000`` in the environment measures libgomp's default.
 
 On CUDA each run also reports its peak allocated memory and its model FLOP utilisation: FLOPs of
 one training step counted by ``FlopCounterMode`` on meta tensors, times steps/s, over
