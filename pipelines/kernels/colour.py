@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.kernels import numba_op, run_kernel
-from pipelines.kernels.colour_maths import blend_to, grey_floor, grey_to, hue_shift_to, mean_grey
+from pipelines.kernels.colour_maths import blend_to, grey_to, hue_shift_to, mean_grey, saturate_to
 from pipelines.kernels.common import copy_image, jit
 
 # Layout of the per-preset constant vector handed to the kernel (see ``colour_constants``):
@@ -69,7 +69,7 @@ def colour_run(out, img, draws, consts):
             elif op == 1:  # contrast: a blend with the mean grey
                 blend_to(out, out, mean_grey(out), np.float64(f))
             elif op == 2:  # saturation: a blend with each pixel's grey
-                blend_to(out, out, grey_floor(out), np.float64(f))
+                saturate_to(out, out, np.float64(f))
             elif f != 0.0:  # hue (torchvision returns the image unchanged at 0)
                 hue_shift_to(out, out, f)
     if draws[_D_GREY] < consts[_P_GREY]:

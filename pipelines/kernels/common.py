@@ -20,6 +20,18 @@ def jit(fn):
         return _njit(fn)
 
 
+def jit_ieee(fn):
+    """``jit`` with IEEE division (Numba's ``error_model="numpy"``): no zero-divisor check, whose
+    branch keeps a loop from being vectorised. Only for kernels whose divisors are never zero (a
+    zero would give inf or nan instead of raising)."""
+    if _njit is None:
+        return fn
+    try:
+        return _njit(cache=True, error_model="numpy")(fn)
+    except Exception:
+        return _njit(error_model="numpy")(fn)
+
+
 @jit
 def copy_image(dst, src):
     """dst[...] = src for two C-contiguous HWC uint8 images, as one flat (vectorised) loop; Numba's
