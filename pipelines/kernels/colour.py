@@ -49,12 +49,32 @@ def has_colour(preset) -> bool:
 
 
 @jit
+def _apply(op, f, dst, src):
+    """Operation ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue, 4 grey) with factor ``f``,
+    from ``src`` into a different array ``dst``."""
+    if op == 0:  # brightness: a blend with black
+        blend_to(dst, src, np.zeros((1, 1), dtype=np.float32), np.float64(f))
+    elif op == 1:  # contrast: a blend with the mean grey
+        blend_to(dst, src, mean_grey(src), np.float64(f))
+    elif op == 2:  # saturation: a blend with each pixel's grey
+        saturate_to(dst, src, np.float64(f))
+    elif op == 3:
+        hue_shift_to(dst, src, f)
+    else:
+        grey_to(dst, src)
+
+
+@jit
 def colour_run(out, img, draws, consts):
     """One view: ``out`` (H, W, 3) uint8 = the colour stage applied to ``img`` (H, W, 3) uint8.
 
     ``draws``: N_DRAWS uniforms in [0, 1) for this view; ``consts``: ``colour_constants``.
+    Each operation reads one array and writes another (``img`` -> ``out`` <-> a scratch view):
+    the compiler vectorises a loop only where its input and output do not overlap.
     """
-    copy_image(out, img)
+    steps = np.full(5, -1, dtype=np.int64)  # the operations this view applies, in order
+    factors = np.zeros(5, dtype=np.float32)
+    n = 0
     if draws[_D_APPLY] < consts[_P_JITTER]:
         order = np.argsort(draws[_D_ORDER : _D_ORDER + 4])  # a uniformly random permutation
         for k in range(4):
@@ -64,16 +84,26 @@ def colour_run(out, img, draws, consts):
             if consts[_OPS + 3 * op + 2] == 0.0:
                 continue
             f = np.float32(lo + draws[_D_FACTOR + op] * (hi - lo))
-            if op == 0:  # brightness: a blend with black
-                blend_to(out, out, np.zeros((1, 1), dtype=np.float32), np.float64(f))
-            elif op == 1:  # contrast: a blend with the mean grey
-                blend_to(out, out, mean_grey(out), np.float64(f))
-            elif op == 2:  # saturation: a blend with each pixel's grey
-                saturate_to(out, out, np.float64(f))
-            elif f != 0.0:  # hue (torchvision returns the image unchanged at 0)
-                hue_shift_to(out, out, f)
+            if op == 3 and f == 0.0:  # torchvision returns the image unchanged at hue 0
+                continue
+            steps[n] = op
+            factors[n] = f
+            n += 1
     if draws[_D_GREY] < consts[_P_GREY]:
-        grey_to(out, out)
+        steps[n] = 4
+        n += 1
+    if n == 0:
+        copy_image(out, img)
+        return
+    _apply(steps[0], factors[0], out, img)
+    scratch = np.empty(out.shape, dtype=np.uint8)  # (not touched when n == 1)
+    for k in range(1, n):
+        if k % 2 == 1:
+            _apply(steps[k], factors[k], scratch, out)
+        else:
+            _apply(steps[k], factors[k], out, scratch)
+    if n % 2 == 0:  # the last operation wrote the scratch view
+        copy_image(out, scratch)
 
 
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
