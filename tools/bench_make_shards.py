@@ -30,12 +30,15 @@ import platform
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import on_path  # noqa: F401  (the project on sys.path when not installed)
+
+# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image
 
 from ensiam_fast.shards.convert import EncodeOptions, convert

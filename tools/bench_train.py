@@ -35,8 +35,10 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
-import on_path  # noqa: F401  (the project on sys.path when not installed)
+# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -14,8 +14,10 @@ The last line printed is one JSON object. The work is done by ``ensiam_fast.anal
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import on_path  # noqa: F401  (the project on sys.path when not installed)
+# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensiam_fast.analysis.gradvar_cli import main
 

@@ -12,8 +12,10 @@ Running the same command again resumes an interrupted conversion. The work is do
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-import on_path  # noqa: F401  (the project on sys.path when not installed)
+# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ensiam_fast.shards.convert import main
 
