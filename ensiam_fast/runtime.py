@@ -7,13 +7,6 @@ threads the trainer collapses under background load (the demo fell to 0.21 of it
 thread avoids the barriers but leaves cores idle when the machine is free, and OpenMP's passive wait
 policy (threads sleep at once) costs a third of the idle rate.
 
-Spin-wait (always on). A thread that reaches a barrier first spins before it sleeps: libgomp's
-default is 300,000 spins, long enough that on a loaded machine the waiting threads burn the time
-slices the working ones need. libgomp reads the count once, when torch loads it, so importing
-``ensiam_fast`` (which every entry point does before torch) sets ``GOMP_SPINCOUNT=20000`` unless
-the user set it or ``OMP_WAIT_POLICY``: a short spin keeps the idle rate and stops most of the waste
-under load (docs/benchmarks.md, "Fair share on a shared CPU").
-
 So the trainer chooses at run time. :class:`ThreadGovernor` samples, once a second, how much of the
 CPUs this process may use (its affinity set) the rest of the machine keeps busy (``/proc/stat``
 minus this process and its children), and sets torch's intra-op threads to the cores left over
@@ -24,6 +17,13 @@ they block while idle rather than spin) and Numba needs nothing: the CPU kernels
 thread pool never starts.
 
     loader = configure_runtime(loader, device_type="cpu")   # once, in the trainer's set-up
+
+Spin-wait (always on). A thread that reaches a barrier first spins before it sleeps: libgomp's
+default is 300,000 spins, long enough that on a loaded machine the waiting threads burn the time
+slices the working ones need. libgomp reads the count once, when torch loads it, so importing
+``ensiam_fast`` (the trainer's entry points do it before torch) sets ``GOMP_SPINCOUNT=20000``,
+unless the user set it or ``OMP_WAIT_POLICY``: a short spin keeps the idle rate and stops most of
+the waste under load (docs/benchmarks.md, "Fair share on a shared CPU").
 
 Opt-in: ``ENSIAM_THREADS=auto`` turns the governor on, ``ENSIAM_THREADS=N`` fixes torch's threads
 at N, unset leaves torch's default (a changing thread count changes float summation order, so
