@@ -30,6 +30,7 @@ from pipelines.kernels import backend as cpu_backend
 from pipelines.kernels import blur as k_blur
 from pipelines.kernels import colour as k_colour
 from pipelines.kernels import jigsaw as k_jigsaw
+from pipelines.kernels import layout as k_layout
 from pipelines.kernels import randaugment as k_randaugment
 from pipelines.presets import MAX_VIEWS, AugPreset
 
@@ -106,7 +107,7 @@ def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto"
         }
     impl["crop"] = lambda v: ops.crop(v, preset, size)
     impl["flip"] = lambda v: ops.flip(v, preset.flip_p)
-    return [(name, impl[name]) for name in preset.stages] + [("chw", ops.to_chw)]
+    return [(name, impl[name]) for name in preset.stages] + [("chw", k_layout.stage if numba else ops.to_chw)]
 
 
 def augment_view(images, preset: AugPreset, size: int, device: str, kernels: str = "auto"):

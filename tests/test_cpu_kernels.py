@@ -220,3 +220,28 @@ def test_a_kernel_first_made_with_dali_tracing_off_runs_with_it_on():
     draws = np.float32([[0.99] * KC.N_DRAWS] * 2)  # neither jitter nor grey: views come back unchanged
     out = run_kernel(images, draws, get_preset("default"), op=op)
     assert all((o == i).all() for o, i in zip(out, images))
+
+
+def test_chw_kernel_equals_dalis_transpose():
+    """The final HWC -> CHW kernel gives exactly DALI's ``fn.transpose`` on views of several shapes,
+    and the CPU view stages end with it (the layout views leave the pipeline in: CHW)."""
+    from pipelines import dali as D
+    from pipelines.kernels import layout as KL
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(7, 5, 3), (32, 32, 3), (224, 160, 3)]]
+
+    @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return KL.stage(x), fn.transpose(x, perm=[2, 0, 1], output_layout="CHW")
+
+    p = pipe()
+    p.build()
+    ours, dalis = p.run()
+    assert ours.layout() == "CHW"
+    for i, img in enumerate(images):
+        a, b = np.asarray(ours[i]), np.asarray(dalis[i])
+        assert a.shape == (3, *img.shape[:2]) and (a == b).all() and (a == img.transpose(2, 0, 1)).all()
+    for choice, last in (("numba", KL.stage), ("dali", D.ops.to_chw)):
+        assert D.view_stages(get_preset("default"), 32, "cpu", choice)[-1] == ("chw", last)

@@ -1,9 +1,9 @@
 """Fused CPU kernels for the DALI pipeline, compiled with Numba and run by DALI's ``numba_function``.
 
-One module per stage of a view: ``colour`` (jitter + grey), ``blur``, ``randaugment``, ``jigsaw``;
-the colour maths they share is ``colour_maths``. Each stage is one call per view that draws its
-own randomness from a few uniforms DALI generates, so the pipeline needs no conditionals. Per-stage
-costs against DALI's operators: ``tools/bench_stages.py``.
+One module per stage of a view: ``colour`` (jitter + grey), ``blur``, ``randaugment``, ``jigsaw``,
+``layout`` (the final HWC -> CHW); the colour maths they share is ``colour_maths``. Each stage is
+one call per view that draws its own randomness from a few uniforms DALI generates, so the
+pipeline needs no conditionals. Per-stage costs against DALI's operators: ``tools/bench_stages.py``.
 
 DALI calls the compiled function once per sample from its own worker threads (no Python, no
 GIL), so it parallelises like any DALI CPU operator. Only the CPU pipeline uses them; the GPU
@@ -57,9 +57,11 @@ def backend(choice: str = "auto") -> str:
     return "numba" if ok else "dali"
 
 
-def numba_op(name: str, run_fn):
+def numba_op(name: str, run_fn, setup_fn=None, n_params: int = 2, layout: str = "HWC"):
     """``run_fn(out, img, draws, consts)`` as a DALI CPU operator (uint8 HWC in and out), compiled
-    once per process and shared by every view and pipeline.
+    once per process and shared by every view and pipeline. ``setup_fn`` gives the output shapes
+    (default: the input's), ``n_params`` the float vectors after the image (0 for ``run_fn(out,
+    img)``), ``layout`` the output's.
 
     Calls are serialised: the loader defines the next epoch's pipeline in a background thread
     while another definition may be under way, and one operator object serves both.
@@ -73,9 +75,9 @@ def numba_op(name: str, run_fn):
 
             _OPS[name] = NumbaFunction(
                 run_fn=run_fn,
-                setup_fn=same_shape_as_first,
-                in_types=[types.UINT8, types.FLOAT, types.FLOAT],
-                ins_ndim=[3, 1, 1],
+                setup_fn=setup_fn or same_shape_as_first,
+                in_types=[types.UINT8] + [types.FLOAT] * n_params,
+                ins_ndim=[3] + [1] * n_params,
                 out_types=[types.UINT8],
                 outs_ndim=[3],
             )
@@ -93,7 +95,7 @@ def numba_op(name: str, run_fn):
 
         with _LOCK:
             out = op(*inputs)
-        return fn.reshape(out, layout="HWC")  # numba_function outputs carry no layout
+        return fn.reshape(out, layout=layout)  # numba_function outputs carry no layout
 
     return call
 
