@@ -8,7 +8,8 @@ The same code builds the CPU and the GPU pipeline: ``device`` only picks the dec
 Views leave the pipeline as uint8 CHW (normalisation happens in torch on the device, so only
 bytes cross PCIe). The stages run in the preset's order (``AugPreset.stages``, the same order the
 torchvision reference uses): crop -> flip -> colour (jitter, grayscale) -> blur -> RandAugment ->
-jigsaw, then HWC -> CHW.
+jigsaw, then HWC -> CHW. The random resized crop and the flip that follows it are one resampling
+(``dali_ops.crop_flip``), on every path.
 
 On the CPU the colour, blur, RandAugment and jigsaw stages are, when Numba is usable, fused
 kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), cheaper
@@ -107,7 +108,11 @@ def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto"
         }
     impl["crop"] = lambda v: ops.crop(v, preset, size)
     impl["flip"] = lambda v: ops.flip(v, preset.flip_p)
-    return [(name, impl[name]) for name in preset.stages] + [("chw", k_layout.stage if numba else ops.to_chw)]
+    names = list(preset.stages)
+    if preset.crop and names[:2] == ["crop", "flip"]:  # adjacent: one resampling does both
+        impl["crop+flip"] = lambda v: ops.crop_flip(v, preset, size)
+        names[:2] = ["crop+flip"]
+    return [(name, impl[name]) for name in names] + [("chw", k_layout.stage if numba else ops.to_chw)]
 
 
 def augment_view(images, preset: AugPreset, size: int, device: str, kernels: str = "auto"):

@@ -42,6 +42,34 @@ def crop(images, preset: AugPreset, size: int):
     return fn.crop(resized, crop=[size, size])
 
 
+def crop_flip(images, preset: AugPreset, size: int):
+    """The random resized crop and then, with probability flip_p, the horizontal flip, as one
+    resampling (the flip costs no pass of its own).
+
+    The window is drawn as ``fn.random_resized_crop`` draws it (``fn.random_crop_generator``: the
+    same area and aspect ranges, ten attempts, then the centre fallback) and resized with the same
+    antialiased linear filter; a mirrored view reads its window right to left (an ROI whose x start
+    lies past its end, which DALI's resize documents as a flip). Equal to ``crop`` then ``flip`` up
+    to rounding: one grey level on well under 0.1% of the values (``tests/test_dali.py``).
+    """
+    anchor, extent = fn.random_crop_generator(
+        images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
+    )
+    start = fn.cast(anchor, dtype=types.FLOAT)
+    end = start + fn.cast(extent, dtype=types.FLOAT)
+    mirror = fn.cast(_coin(preset.flip_p), dtype=types.FLOAT)
+    x0 = start[1] + mirror * (end[1] - start[1])
+    x1 = end[1] + mirror * (start[1] - end[1])
+    return fn.resize(
+        images,
+        size=[size, size],
+        roi_start=fn.stack(start[0], x0),
+        roi_end=fn.stack(end[0], x1),
+        roi_relative=False,
+        antialias=True,
+    )
+
+
 def _coin(p: float):
     """A per-sample boolean, True with probability p (a predicate for DALI conditionals)."""
     return fn.random.coin_flip(probability=p, dtype=types.BOOL)

@@ -57,6 +57,49 @@ def test_flip_rate_matches_preset(tiny_dataset):
     assert lo < mirrored.mean() < hi, mirrored.mean()
 
 
+def crop_flip_views(flip_p: float, views: int = 8) -> np.ndarray:
+    """(K, B, H, W, 3) crop_flip views of 24 smooth images of several sizes, pipeline seed fixed:
+    the crop windows depend on the seed and the operator order only, not on flip_p."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:60, 0:80].astype(np.float32)
+    images = []
+    for i in range(24):
+        h, w = 40 + i % 5 * 4, 48 + i % 7 * 4
+        a, b, c = rng.uniform(0.05, 0.3, 3)
+        img = np.stack([np.sin(a * xx + i), np.cos(b * yy), np.sin(c * (xx + yy))], axis=-1)[:h, :w]
+        images.append(np.uint8(127.5 + 127 * img))
+    preset = get_preset("default").replace(flip_p=flip_p)
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=11)
+    def pipe():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
+        return tuple(O.crop_flip(x, preset, SIZE) for _ in range(views))
+
+    return np.stack(run_once(pipe()))
+
+
+def test_crop_flip_is_the_crop_then_the_flip():
+    """One resampling for crop + flip: a flipped view equals the unflipped one mirrored, up to one
+    grey level of rounding on a few values; with flip_p=0.5 each view is one or the other, at the
+    preset's rate. The stage list of a preset with both uses it."""
+    plain = crop_flip_views(0.0)
+    assert plain.shape == (8, 24, SIZE, SIZE, 3)
+    assert len({v.tobytes() for v in plain.reshape(-1, SIZE * SIZE * 3)}) > 150, "the windows differ"
+    mirrored = plain[..., ::-1, :].astype(np.int16)
+    flipped = crop_flip_views(1.0).astype(np.int16)
+    diff = np.abs(flipped - mirrored)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.002, (diff.max(), (diff > 0).mean())
+    assert np.abs(flipped - plain).max() > 50, "flip_p=1 flips"
+    half = crop_flip_views(0.5).astype(np.int16)
+    near_plain = (np.abs(half - plain) <= 1).all(axis=(2, 3, 4))
+    near_mirror = (np.abs(half - mirrored) <= 1).all(axis=(2, 3, 4))
+    assert (near_plain ^ near_mirror).all(), "every view is its window or the window mirrored"
+    lo, hi = binomial_bounds(0.5, near_mirror.size)
+    assert lo < near_mirror.mean() < hi, near_mirror.mean()
+    names = [name for name, _ in D.view_stages(get_preset("default"), SIZE, "cpu", "dali")]
+    assert names[0] == "crop+flip" and "flip" not in names
+
+
 def numba_usable() -> bool:
     return cpu_backend() == "numba"
 
