@@ -9,11 +9,12 @@ Views leave the pipeline as uint8 CHW (normalisation happens in torch on the dev
 bytes cross PCIe). The stages run in the preset's order (``AugPreset.stages``, the same order the
 torchvision reference uses): crop -> flip -> colour (jitter, grayscale) -> blur -> RandAugment ->
 jigsaw, then HWC -> CHW. The random resized crop and the flip that follows it are one resampling
-(``dali_ops.crop_flip``), on every path.
+on every path (``dali_ops.crop_flip``, ``kernels.crop``).
 
-On the CPU the colour, blur, RandAugment and jigsaw stages are, when Numba is usable, fused
-kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per stage), cheaper
-than DALI's CPU operators (``tools/bench_stages.py``); ``cpu_kernels='dali'`` (the config key
+On the CPU the crop (with the flip), colour, blur, RandAugment and jigsaw stages are, when Numba
+is usable, fused kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per
+stage), cheaper than DALI's CPU operators (``tools/bench_stages.py``); the crop kernel also
+resamples as torchvision does, where DALI's resize differs near the edges. ``cpu_kernels='dali'`` (the config key
 ``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``, which the GPU
 pipeline always uses.
 """
@@ -30,6 +31,7 @@ from pipelines.dali_ops import check_jigsaw
 from pipelines.kernels import backend as cpu_backend
 from pipelines.kernels import blur as k_blur
 from pipelines.kernels import colour as k_colour
+from pipelines.kernels import crop as k_crop
 from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels import layout as k_layout
 from pipelines.kernels import randaugment as k_randaugment
@@ -112,6 +114,9 @@ def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto"
     if preset.crop and names[:2] == ["crop", "flip"]:  # adjacent: one resampling does both
         impl["crop+flip"] = lambda v: ops.crop_flip(v, preset, size)
         names[:2] = ["crop+flip"]
+    if numba and preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
+        impl["crop+flip"] = lambda v: k_crop.stage(v, preset, size, flip=True)
+        impl["crop"] = lambda v: k_crop.stage(v, preset, size, flip=False)
     return [(name, impl[name]) for name in names] + [("chw", k_layout.stage if numba else ops.to_chw)]
 
 

@@ -1,7 +1,8 @@
 """Fused CPU kernels for the DALI pipeline, compiled with Numba and run by DALI's ``numba_function``.
 
-One module per stage of a view: ``colour`` (jitter + grey), ``blur``, ``randaugment``, ``jigsaw``,
-``layout`` (the final HWC -> CHW); the colour maths they share is ``colour_maths``. Each stage is
+One module per stage of a view: ``crop`` (the random resized crop with the flip), ``colour``
+(jitter + grey), ``blur``, ``randaugment``, ``jigsaw``, ``layout`` (the final HWC -> CHW); the
+colour maths they share is ``colour_maths``. Each stage is
 one call per view that draws its own randomness from a few uniforms DALI generates, so the
 pipeline needs no conditionals. Per-stage costs against DALI's operators: ``tools/bench_stages.py``.
 
