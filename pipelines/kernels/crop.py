@@ -143,10 +143,8 @@ def windows(images, preset, flip: bool):
     anchor, extent = fn.random_crop_generator(
         images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
     )
-    anchor = fn.cast(anchor, dtype=types.FLOAT)
-    extent = fn.cast(extent, dtype=types.FLOAT)
-    coin = fn.random.coin_flip(probability=preset.flip_p if flip else 0.0, dtype=types.BOOL)
-    return fn.stack(anchor[0], anchor[1], extent[0], extent[1], fn.cast(coin, dtype=types.FLOAT))
+    coin = fn.random.coin_flip(probability=preset.flip_p if flip else 0.0, dtype=types.INT32, shape=[1])
+    return fn.cast(fn.cat(anchor, extent, coin), dtype=types.FLOAT)  # few operators: at 32x32 each counts
 
 
 def resample(images, window, size: int):

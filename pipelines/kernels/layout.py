@@ -1,7 +1,7 @@
 """The last step of every view as a CPU kernel: HWC -> CHW (uint8), the layout views leave the
 pipeline in. The same values as DALI's ``fn.transpose``, one pass per channel, about half its CPU
-time at 224x224 (``tools/bench_stages.py``, stage ``chw``). (A Numba flip was tried as well and was
-twice as slow as DALI's ``fn.flip``, which stays.)"""
+time at 224x224 (``tools/bench_stages.py``, stage ``chw``). (The flip needs no pass of its own: the
+crop reads a mirrored view's window right to left, ``kernels.crop``.)"""
 
 from __future__ import annotations
 
