@@ -55,16 +55,13 @@ def crop_flip(images, preset: AugPreset, size: int):
     anchor, extent = fn.random_crop_generator(
         images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
     )
-    start = fn.cast(anchor, dtype=types.FLOAT)
-    end = start + fn.cast(extent, dtype=types.FLOAT)
-    mirror = fn.cast(_coin(preset.flip_p), dtype=types.FLOAT)
-    x0 = start[1] + mirror * (end[1] - start[1])
-    x1 = end[1] + mirror * (start[1] - end[1])
+    coin = fn.random.coin_flip(probability=preset.flip_p, dtype=types.INT32, shape=[1])
+    mirror = coin * types.Constant(np.float32([0.0, 1.0]))  # (y, x): only x is ever reversed
     return fn.resize(
         images,
         size=[size, size],
-        roi_start=fn.stack(start[0], x0),
-        roi_end=fn.stack(end[0], x1),
+        roi_start=anchor + extent * mirror,
+        roi_end=anchor + extent * (1.0 - mirror),
         roi_relative=False,
         antialias=True,
     )
