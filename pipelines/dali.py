@@ -14,9 +14,9 @@ on every path (``dali_ops.crop_flip``, ``kernels.crop``).
 On the CPU the crop (with the flip), colour, blur, RandAugment and jigsaw stages are, when Numba
 is usable, fused kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per
 stage), cheaper than DALI's CPU operators (``tools/bench_stages.py``); the crop kernel also
-resamples as torchvision does, where DALI's resize differs near the edges. ``cpu_kernels='dali'`` (the config key
-``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``, which the GPU
-pipeline always uses.
+resamples as torchvision does, where DALI's resize differs near the edges. ``cpu_kernels='dali'``
+(the config key ``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``,
+which the GPU pipeline always uses.
 """
 
 from __future__ import annotations
@@ -108,15 +108,16 @@ def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto"
             "randaugment": lambda v: ops.rand_augment(v, preset, size),
             "jigsaw": lambda v: ops.jigsaw(v, preset, size),
         }
-    impl["crop"] = lambda v: ops.crop(v, preset, size)
     impl["flip"] = lambda v: ops.flip(v, preset.flip_p)
+    if numba and preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
+        impl["crop"] = lambda v: k_crop.stage(v, preset, size, flip=False)
+        impl["crop+flip"] = lambda v: k_crop.stage(v, preset, size, flip=True)
+    else:
+        impl["crop"] = lambda v: ops.crop(v, preset, size)
+        impl["crop+flip"] = lambda v: ops.crop_flip(v, preset, size)
     names = list(preset.stages)
     if preset.crop and names[:2] == ["crop", "flip"]:  # adjacent: one resampling does both
-        impl["crop+flip"] = lambda v: ops.crop_flip(v, preset, size)
         names[:2] = ["crop+flip"]
-    if numba and preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
-        impl["crop+flip"] = lambda v: k_crop.stage(v, preset, size, flip=True)
-        impl["crop"] = lambda v: k_crop.stage(v, preset, size, flip=False)
     return [(name, impl[name]) for name in names] + [("chw", k_layout.stage if numba else ops.to_chw)]
 
 

@@ -14,6 +14,7 @@ from nvidia.dali import fn, types
 
 from pipelines.kernels.colour import factor_ranges, has_colour
 from pipelines.kernels.colour_maths import GREY_WEIGHTS
+from pipelines.kernels.crop import draw_window
 from pipelines.presets import JIGSAW_LOCAL_K, AugPreset
 
 
@@ -52,9 +53,7 @@ def crop_flip(images, preset: AugPreset, size: int):
     lies past its end, which DALI's resize documents as a flip). Equal to ``crop`` then ``flip`` up
     to rounding: one grey level on well under 0.1% of the values (``tests/test_dali.py``).
     """
-    anchor, extent = fn.random_crop_generator(
-        images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
-    )
+    anchor, extent = draw_window(images, preset)
     coin = fn.random.coin_flip(probability=preset.flip_p, dtype=types.INT32, shape=[1])
     mirror = coin * types.Constant(np.float32([0.0, 1.0]))  # (y, x): only x is ever reversed
     return fn.resize(

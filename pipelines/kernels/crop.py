@@ -135,14 +135,23 @@ def _setup_for(size: int):
     return setup
 
 
+def draw_window(images, preset):
+    """Per view, a random resized crop window, (top, left) and (height, width) as int32: the draw
+    ``fn.random_resized_crop`` makes (``fn.random_crop_generator``). The one draw of both crop paths
+    (this kernel and the DALI operators' ``dali_ops.crop_flip``)."""
+    from nvidia.dali import fn
+
+    return fn.random_crop_generator(
+        images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
+    )
+
+
 def windows(images, preset, flip: bool):
     """Per view, the kernel's window vector: a random resized crop window of the image, and the
     mirror flag (probability ``preset.flip_p`` when ``flip``, else 0)."""
     from nvidia.dali import fn, types
 
-    anchor, extent = fn.random_crop_generator(
-        images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
-    )
+    anchor, extent = draw_window(images, preset)
     coin = fn.random.coin_flip(probability=preset.flip_p if flip else 0.0, dtype=types.INT32, shape=[1])
     return fn.cast(fn.cat(anchor, extent, coin), dtype=types.FLOAT)  # few operators: at 32x32 each counts
 
@@ -158,4 +167,4 @@ def stage(images, preset, size: int, flip: bool):
     return resample(images, windows(images, preset, flip), size)
 
 
-__all__ = ["crop_run", "resample", "stage", "taps", "windows"]
+__all__ = ["crop_run", "draw_window", "resample", "stage", "taps", "windows"]
