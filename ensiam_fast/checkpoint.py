@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ensiam_fast.errors import UserError
+
 FORMAT = "ensiam_fast-ckpt/2"  # /2: everything stored as tensors and plain types (loads with weights_only)
 # /1 (before 2026-12): the same keys, but the numpy and Python RNG states as numpy arrays and tuples
 FORMAT_1 = "ensiam_fast-ckpt/1"
@@ -30,8 +32,8 @@ REQUIRED = ("format", "step", "epoch", "batch_in_epoch", "config", "model")
 NAME = re.compile(r"step-(\d{8,})\.pt")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read, resumed or written; the message says which and what to do."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ensiam_fast.data.loader import BACKENDS
+from ensiam_fast.errors import UserError
 from ensiam_fast.losses import LOSSES
 from ensiam_fast.models import BN_MODES
 from ensiam_fast.paths import resolve_data_root
@@ -31,8 +32,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 METHODS = tuple(LOSSES)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key."""
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the key (a user error; still a ValueError for
+    callers that catch that)."""
 
 
 @dataclass

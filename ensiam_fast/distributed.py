@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -22,8 +23,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ensiam_fast.errors import UserError
 
-class DistributedError(RuntimeError):
+
+class DistributedError(UserError):
     """The ranks disagree or a launch did not form one job; the message says which and what to do.
     ``shared``: every rank raised this same error (so one of them reports it)."""
 
@@ -168,3 +171,38 @@ def sync_buffers(module: torch.nn.Module, accelerator) -> None:
             buf.div_(world)
         else:
             dist.broadcast(buf, src=0)
+
+
+def agreed(accelerator, check, *args):
+    """``check(*args)`` on every process; a user error on any of them stops all, with one message."""
+    try:
+        result, error = check(*args), None
+    except UserError as e:
+        result, error = None, str(e)
+    raise_if_any(accelerator, error)
+    return result
+
+
+def report(message: str, shared: bool) -> None:
+    """One line on stderr: by the first process for an error every process shares, else by each
+    process that hit it (naming its rank when there are several)."""
+    rank, world = global_rank(), requested_world_size()
+    if shared and rank != 0:
+        return
+    prefix = f"rank {rank}: " if world > 1 and not shared else ""
+    print(f"error: {prefix}{message}", file=sys.stderr, flush=True)
+
+
+# how long the other processes wait before reporting an error the first process may share (see report_first)
+FIRST_REPORT_GRACE_S = 5.0
+
+
+def report_first(message: str) -> None:
+    """One line for an error found before the processes talk to each other (every process parses the
+    same command line and reads the same files, so each usually finds the same error). The first
+    process prints it at once; the others wait, because a launcher stops every process as soon as one
+    exits: when the error was shared they are stopped without a word. One still running after the
+    wait found an error of its own, and prints it naming its rank."""
+    if global_rank() != 0:
+        time.sleep(FIRST_REPORT_GRACE_S)
+    report(message, shared=global_rank() == 0)

@@ -47,16 +47,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.checkpoint import resolve_checkpoint
 from ensiam_fast.command import command_name
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict
+from ensiam_fast.errors import UserError
 from ensiam_fast.models import apply_cifar_stem, create_backbone
 
 FORMATS = ("timm", "torchvision", "detectron2")
 META_FORMAT = "ensiam_fast-backbone/1"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """A checkpoint or format that cannot be exported; the message says why and what to do."""
 
 
@@ -369,7 +370,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         meta = export_backbone(args.run, args.checkpoint, fmt=args.fmt, out=args.out)
-    except (CheckpointError, ExportError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), "meta": str(meta_path(args.out)), **meta}))

@@ -36,10 +36,11 @@ from ensiam_fast.checkpoint import (
     set_rng_state,
 )
 from ensiam_fast.command import command_name
-from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
+from ensiam_fast.config import TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.errors import USER_ERRORS, TrainingError, agreed, report, report_first
+from ensiam_fast.distributed import agreed, report, report_first
+from ensiam_fast.errors import TrainingError, UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method
 from ensiam_fast.metrics import MetricsLog, Window, flatten, run_files
@@ -106,7 +107,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
         self.data_device = agreed(acc, data_device, cfg, acc)
-        self.loader = agreed(acc, self.build_train_loader, also=(ValueError,))  # the loader's own checks
+        self.loader = agreed(acc, self.build_train_loader)
         # torch's CPU threads: ENSIAM_THREADS=auto follows the machine's load (a fair share on a shared CPU)
         self.loader = configure_runtime(self.loader, device_type=acc.device.type)
         # optimizer steps; a step takes gradient_accumulation_steps loader batches (a tail too short to fill one
@@ -358,12 +359,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:  # every process parses the same command line: the first one says it
+    except UserError as e:  # every process parses the same command line: the first one says it
         report_first(str(e))
         return 2
     try:
         summary = run(cfg)
-    except USER_ERRORS as e:
+    except UserError as e:
         # Trainer runs its start checks through `agreed`: those errors are the same on every process.
         shared = getattr(e, "shared", True)
         report(str(e), shared=shared)

@@ -29,13 +29,14 @@ from ensiam_fast.command import command_name
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict, load_config
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.spec import derive_seed
-from ensiam_fast.export import ExportError, load_weights_strict
+from ensiam_fast.errors import UserError
+from ensiam_fast.export import load_weights_strict
 from ensiam_fast.models import build_model
 from ensiam_fast.paths import resolve_data_root
 from pipelines.presets import get_preset
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A command-line value that cannot run; the message names the flag."""
 
 
@@ -204,13 +205,19 @@ def run(args) -> dict:
         bootstrap=args.bootstrap,
         level=args.level,
     )
-    check_settings(settings)
+    try:
+        check_settings(settings)  # raises ValueError naming the flag: the user's input
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be at least 2 (BatchNorm needs two images), got {args.batch_size}")
     device, data_device = resolve_device(args.device)
     cfg, state, description = resolve_model_config(args)
     draw = FixedBatchViews(cfg, args, device, data_device)
-    draw.open(settings.views[0])  # bad data, batch size or preset fail here, before the network is built
+    try:  # bad data, batch size or preset fail here, before the network is built (the loader's own checks)
+        draw.open(settings.views[0])
+    except ValueError as e:
+        raise UsageError(f"{cfg.data.root}: {e}") from e
     torch.manual_seed(args.seed)
     m = cfg.model
     model = build_model(
@@ -258,8 +265,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         record = run(args)
-    except (ValueError, CheckpointError, ExportError) as e:
-        # ValueError: flags, config keys, shard format, batch larger than the split (the loader's checks)
+    except UserError as e:  # flags, config keys, shard format, batch larger than the split (the loader's checks)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(record))

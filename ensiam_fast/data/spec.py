@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ensiam_fast.errors import UserError
 from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, split_files
 from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 
@@ -53,7 +54,7 @@ def resolve_image_size(image_size: int | None, manifest_size: list[int] | None, 
             raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
         return image_size
     if not manifest_size:
-        raise ValueError(f"{root}/manifest.json has no image_size (its images differ in size): pass image_size=...")
+        raise LoaderError(f"{root}/manifest.json has no image_size (its images differ in size): pass image_size=...")
     return int(manifest_size[0])
 
 
@@ -64,6 +65,11 @@ def check_not_empty(root: Path, split: str, num_samples: int) -> None:
             f"split {split!r} of {root} holds no samples (manifest.json); choose another split or re-make "
             "the dataset with tools/make_shards.py"
         )
+
+
+class LoaderError(UserError, ValueError):
+    """Data that the loader cannot read as asked (a batch larger than the split, no image size): the
+    user's data or settings, so one line rather than a traceback."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,7 @@ def loader_spec(
         # Evaluation reads every sample once in whatever batches fit: one short batch is fine.
         batch_size = min(batch_size, max(1, available))
     if batch_size > available:
-        raise ValueError(
+        raise LoaderError(
             f"batch_size {batch_size} is larger than the {available} samples shard {shard_id}/{num_shards} "
             f"of split {split!r} ({total} samples in {spec.root}) provides; lower batch_size or num_shards"
         )

@@ -17,21 +17,20 @@ from pathlib import Path
 
 import torch
 
-from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
+from ensiam_fast.checkpoint import resolve_checkpoint
 from ensiam_fast.command import command_name
 from ensiam_fast.config import TrainConfig
-from ensiam_fast.distributed import DistributedError
-from ensiam_fast.errors import report_first
+from ensiam_fast.distributed import report_first
+from ensiam_fast.errors import UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
     FEATURE_NORMS,
-    EvaluationError,
     LinearSettings,
     Runtime,
     linear_evaluate,
     resolve_eval_data,
 )
-from ensiam_fast.export import ExportError, load_backbone, source_info
+from ensiam_fast.export import load_backbone, source_info
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
 
 
@@ -188,8 +187,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         record = run_command(args)
-    except (CheckpointError, ExportError, EvaluationError, DistributedError, ValueError) as e:
-        # ValueError: the loader's own checks (batch larger than a split, bad image size, shard format)
+    except UserError as e:
         report_first(str(e))
         return 2
     if record is not None:  # the main process only: one result line however many processes ran

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.errors import UserError
 from pipelines.presets import get_preset
 
 
@@ -114,7 +115,7 @@ def knn_evaluate(
     test_loader = build_loader(root, test_split, batch_size=batch_size, **common)
     for loader, split in ((bank_loader, train_split), (test_loader, test_split)):
         if not loader.labeled:
-            raise ValueError(f"kNN needs labels, but split {split!r} of {root} is unlabelled")
+            raise UserError(f"kNN needs labels, but split {split!r} of {root} is unlabelled")
     bank, bank_labels = extract_features(backbone_features, bank_loader, channels_last=channels_last, autocast=autocast)
     bank, bank_labels = gather_uneven(accelerator, bank), gather_uneven(accelerator, bank_labels)
     feats, labels = extract_features(backbone_features, test_loader, channels_last=channels_last, autocast=autocast)

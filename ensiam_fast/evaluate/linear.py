@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.data import build_loader, normalize
+from ensiam_fast.errors import UserError
 from ensiam_fast.evaluate.knn import extract_features, gather_uneven, topk_correct
 from ensiam_fast.paths import resolve_data_root
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError):
     """Data or settings that cannot be evaluated; the message says why and what to do."""
 
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ensiam_fast.command import command_name
+from ensiam_fast.errors import UserError
 from ensiam_fast.paths import DEFAULT_SHARDS
 from ensiam_fast.shards.adopt import adopt
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
 from ensiam_fast.shards.format import (
     MANIFEST,
     Manifest,
-    ShardFormatError,
     SplitInfo,
     read_manifest,
     shard_name,
@@ -275,7 +275,7 @@ def run_verify(root: Path, workers: int, drop: bool = False) -> int:
 
         try:
             changes = drop_corrupt(root, report)
-        except ShardFormatError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         for line in changes:
@@ -295,7 +295,7 @@ def run_adopt(args: argparse.Namespace) -> int:
     """``--dataset webdataset`` without ``--out``: index the tars in place, then verify them."""
     try:
         manifest, notes = adopt(args.src, parse_split_globs(args.split), args.classes, args.workers)
-    except ShardFormatError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for note in notes:
@@ -329,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (ShardFormatError, ConversionError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ensiam_fast.errors import UserError
+
 MANIFEST = "manifest.json"
 FORMAT = "ensiam_fast-shards/1"
 INDEX_VERSION = "v1.2"  # the version line DALI's fn.readers.webdataset expects
@@ -25,8 +27,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LABEL_EXT = "cls"  # the class index as ASCII decimal, the WebDataset convention
 
 
-class ShardFormatError(ValueError):
-    """A dataset directory that does not follow the shard contract."""
+class ShardFormatError(UserError, ValueError):
+    """A dataset directory that does not follow the shard contract (a user error; still a ValueError for
+    callers that catch that)."""
 
 
 def shard_name(split: str, index: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ensiam_fast.errors import UserError
 from ensiam_fast.shards.encode import EncodeOptions
 from ensiam_fast.shards.format import MANIFEST, TMP_SUFFIX, ShardFormatError, index_count, index_name
 from ensiam_fast.shards.sources import Source
@@ -24,7 +25,7 @@ PROGRESS = ".make_shards_done.jsonl"
 PLAN_VERSION = 2  # 2: samples in a seeded global order (1: source order)
 
 
-class ConversionError(RuntimeError):
+class ConversionError(UserError):
     """A conversion that cannot go on (a bad image under --strict, a refused output folder)."""
 
 
