@@ -122,6 +122,7 @@ def test_planted_file_would_run_code_if_unpickled_unrestricted(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow  # a child interpreter
 @pytest.mark.parametrize("command", ["evaluate-knn-run", "export-checkpoint"])
 def test_planted_checkpoint_does_not_run_code_through_the_commands(tmp_path, command):
     marker = tmp_path / "marker"

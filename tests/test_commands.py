@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
+import runpy
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,8 +33,34 @@ if __name__ == "__main__":
 """
 
 
+def run_help(monkeypatch, capsys, call, argv0: str, orig_argv: list[str]) -> str:
+    """``call()`` in this process as if started by ``orig_argv`` (argv[0] = ``argv0``, then
+    ``--help``): the usage it prints. The usage line names the command from sys.argv and
+    sys.orig_argv, so these are what a child interpreter would have."""
+    monkeypatch.setattr(sys, "path", sys.path[:])  # scripts put their checkout first: undone after
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    monkeypatch.setattr(sys, "orig_argv", orig_argv, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code in (0, None)
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
-def test_usage_names_the_console_command(name, tmp_path):
+def test_usage_names_the_console_command(name, tmp_path, monkeypatch, capsys):
+    """pip's wrapper calls ``main()`` with no arguments and argv[0] the command's path: the usage
+    line names the command (in process; the child-interpreter form is the slow test below)."""
+    module, _, func = SCRIPTS[name].partition(":")
+    main = getattr(importlib.import_module(module), func)
+    script = str(tmp_path / "bin" / name)
+    out = run_help(monkeypatch, capsys, main, script, [sys.executable, script, "--help"])
+    assert out.startswith(f"usage: {name} "), out[:300]
+
+
+@pytest.mark.slow
+def test_usage_names_the_console_command_through_pips_wrapper(tmp_path):
+    """The same as above through a real child interpreter running pip's wrapper, for one command."""
+    name = "ensiam-make-shards"
     module, _, func = SCRIPTS[name].partition(":")
     script = tmp_path / "bin" / name
     script.parent.mkdir()
@@ -71,8 +100,22 @@ def test_modules_with_main_are_found():
 
 
 @pytest.mark.parametrize("module", modules_with_main())
-def test_python_dash_m_runs_main(module):
-    """``python -m MODULE --help`` prints the usage: the module runs its ``main`` (not silently nothing)."""
+def test_python_dash_m_runs_main(module, monkeypatch, capsys):
+    """``python -m MODULE --help`` prints the usage: the module's ``__main__`` block runs its ``main``
+    (not silently nothing). Run in process by runpy, as ``-m`` runs it."""
+    spec = importlib.util.find_spec(module)
+    path = spec.submodule_search_locations and str(Path(spec.origin).parent / "__main__.py") or spec.origin
+    with warnings.catch_warnings():  # runpy warns that the module is already imported (by this suite)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run_help(monkeypatch, capsys, lambda: runpy.run_module(module, run_name="__main__", alter_sys=True),
+                       path, [sys.executable, "-m", module, "--help"])  # fmt: skip
+    assert out.startswith(f"usage: {Path(sys.executable).name} -m {module} "), out[:300]
+
+
+@pytest.mark.slow
+def test_python_dash_m_runs_main_in_a_child_interpreter():
+    """The same as above through a real ``python -m``, for the trainer."""
+    module = "ensiam_fast.train"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run(
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
@@ -81,13 +124,16 @@ def test_python_dash_m_runs_main(module):
     assert out.stdout.startswith(f"usage: {Path(sys.executable).name} -m {module} "), out.stdout[:300]
 
 
-def test_a_script_path_is_named_as_typed(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for script in ("tools/make_shards.py", "ensiam_fast/train.py"):  # the second: as accelerate launch runs it
-        out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, env=env, cwd=REPO,
-                             timeout=120)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert out.stdout.startswith(f"usage: {script} "), out.stdout[:300]
+@pytest.mark.parametrize(
+    "script", ["tools/make_shards.py", "ensiam_fast/train.py"]
+)  # the second: as accelerate launch runs it
+def test_a_script_path_is_named_as_typed(script, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run_help(monkeypatch, capsys, lambda: runpy.run_path(script, run_name="__main__"), script,
+                       [sys.executable, script, "--help"])  # fmt: skip
+    assert out.startswith(f"usage: {script} "), out[:300]
 
 
 def tool_scripts() -> list[str]:
@@ -99,10 +145,26 @@ def tool_scripts() -> list[str]:
     )
 
 
+def test_tool_scripts_are_found():
+    assert {"make_shards.py", "grad_variance.py", "bench_pipeline.py"} <= set(tool_scripts())
+
+
+@pytest.mark.parametrize("script", tool_scripts())
+def test_tools_answer_help(script, monkeypatch, capsys):
+    """``python tools/X.py --help`` prints a usage (in process, as the script runs)."""
+    path = str(REPO / "tools" / script)
+    monkeypatch.syspath_prepend(str(REPO / "tools"))  # what running a script puts first on the path
+    out = run_help(monkeypatch, capsys, lambda: runpy.run_path(path, run_name="__main__"), path,
+                   [sys.executable, path, "--help"])  # fmt: skip
+    assert out.startswith("usage:"), out[:300]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("script", tool_scripts())
 def test_tools_run_from_a_checkout_that_is_not_installed(script, tmp_path):
     """``python tools/X.py --help`` from another directory, with site-packages reachable but the
-    project's own install hidden (``-S``: no .pth files, so no editable finder)."""
+    project's own install hidden (``-S``: no .pth files, so no editable finder). A child interpreter
+    each: what is checked is the script's own path set-up at start."""
     import site
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dist_worker.py"
 TRAIN = REPO / "ensiam_fast" / "train.py"
+# `accelerate launch` through this interpreter, not whichever `accelerate` is first on PATH
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 TINY = [
     "batch_size=8", "epochs=2", "log_every=1", "checkpoint_every=1000", "knn_every=1", "knn_k=5",
     "eval_batch_size=16", "data.image_size=16", "data.num_threads=1", "model.proj_hidden=32",
@@ -45,8 +47,7 @@ def launcher(script, args, *, machines: int = 1, machine_rank: int = 0, port: in
 def launch_options(*, machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
     """``accelerate launch`` for two processes over gloo, every setting given."""
     cmd = [
-        "accelerate",
-        "launch",
+        *ACCELERATE_LAUNCH,
         "--multi_gpu",
         "--num_processes",
         "2",
@@ -151,7 +152,12 @@ def test_a_resume_step_disagreement_stops_at_once(tmp_path, id_dataset):
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "dist_timeout_s=900"]
     start = time.time()
-    cmd = [sys.executable, "-m", "ensiam_fast.launch", *launcher(WORKER, args)[2:]]  # ensiam-launch: keeps exit 2
+    cmd = [
+        sys.executable,
+        "-m",
+        "ensiam_fast.launch",
+        *launcher(WORKER, args)[len(ACCELERATE_LAUNCH) :],
+    ]  # ensiam-launch: keeps exit 2
     proc = subprocess.run(cmd, env=env(HIDE_CHECKPOINTS_ON_RANK="1"), capture_output=True, text=True, timeout=600)
     elapsed = time.time() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -254,8 +260,7 @@ def test_errors_under_accelerate_launch_are_one_line(tmp_path, id_dataset):
 def test_a_launch_that_yields_one_process_says_so(tmp_path, id_dataset):
     # Without --multi_gpu, accelerate's plain launcher starts one process however many were asked for.
     cmd = [
-        "accelerate",
-        "launch",
+        *ACCELERATE_LAUNCH,
         "--num_processes",
         "2",
         "--mixed_precision",

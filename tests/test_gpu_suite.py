@@ -32,6 +32,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert "| e2e_r18_b256 |" in (tmp_path / "gpu_suite.md").read_text()
 
 
+@pytest.mark.slow  # a child interpreter
 def test_suite_modules_import_neither_dali_nor_webdataset():
     # The device machine has neither: the suite's own modules must not import them at module import.
     code = (

@@ -619,6 +619,7 @@ def test_refuses_other_dataset_unless_overwrite(sources, converted, tmp_path, ca
 # --------------------------------------------------------------------------- the real command line
 
 
+@pytest.mark.slow  # a child interpreter
 def test_cli_subprocess_two_workers(sources, converted, tmp_path):
     out = tmp_path / "c10"
     cmd = [

@@ -86,6 +86,7 @@ def test_threads_from_the_environment(monkeypatch):
     governed.governor.stop()
 
 
+@pytest.mark.slow  # a child interpreter
 @pytest.mark.skipif(
     len(os.sched_getaffinity(0)) > 4 or not os.path.exists("/proc/stat"),
     reason="needs /proc and a small machine to load fully",
@@ -134,6 +135,7 @@ print("SPIN", seen)
 """
 
 
+@pytest.mark.slow  # a child interpreter
 @pytest.mark.parametrize("entry", ["ensiam_fast/train.py", "ensiam_fast.train"])
 @pytest.mark.parametrize(
     ("user_env", "expected"),

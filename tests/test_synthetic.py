@@ -68,6 +68,7 @@ def test_loader_contract():
         build_loader("/x", "train", batch_size=4, views=2, preset="default", backend="synthtic")
 
 
+@pytest.mark.slow  # a child interpreter
 def test_trainer_runs_without_dali_or_webdataset(tmp_path):
     out = tmp_path / "run"
     proc = run_blocked("--config", "demo", f"output_dir={out}", "data.root=/nonexistent/shards", "max_steps=5",
@@ -84,6 +85,7 @@ def test_trainer_runs_without_dali_or_webdataset(tmp_path):
     assert state["step"] == 5 and state["epoch"] == 1 and state["config"]["data"]["backend"] == "synthetic"
 
 
+@pytest.mark.slow  # a child interpreter
 def test_blocker_does_block():
     # The guard above is only meaningful if the blocker makes the real loaders fail.
     code = BLOCKED_MAIN.split("from ensiam_fast import train")[0] + "import ensiam_fast.data.torch\n"

@@ -128,6 +128,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_dat
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # a child interpreter
 def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny_dataset):
     import signal
     import subprocess
@@ -162,6 +163,7 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
     assert steps == list(range(1, stopped_at + 3))
 
 
+@pytest.mark.slow  # a child interpreter
 def test_sigkill_before_the_first_checkpoint_leaves_no_step_twice(tmp_path, tiny_dataset):
     import signal
     import subprocess

@@ -92,6 +92,7 @@ def test_a_process_count_change_is_refused(tmp_path, tiny_dataset, earlier_run, 
     assert snapshot(earlier_run) == before
 
 
+@pytest.mark.slow  # a child interpreter
 @pytest.mark.parametrize("overrides", [["seed=-1"], ["data.root=/nonexistent/dataset"]])
 def test_python_m_prints_one_line(tmp_path, tiny_dataset, overrides):
     argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={tmp_path / 'r'}",
