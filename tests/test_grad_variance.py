@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 
 from ensiam_fast.analysis import gradvar_cli
-from ensiam_fast.analysis.gradvar import GradientDraws, PairedDraws, bootstrap_weights, trace_from_gram
+from ensiam_fast.analysis.gradvar import (
+    GradientDraws,
+    PairedDraws,
+    bootstrap_weights,
+    mean_sq_from_moments,
+    paired_ratio,
+    trace_from_gram,
+)
 from ensiam_fast.checkpoint import save_checkpoint
 from ensiam_fast.config import load_config
 from ensiam_fast.models import build_model
@@ -28,20 +35,22 @@ TOOL = ROOT / "tools" / "grad_variance.py"
 # ------------------------------------------------------------------ a gradient with known covariance
 
 
-def gaussian_problem(seed: int = 0):
-    """L(theta) = |theta - xi|^2 / 2 with xi = A eps: the gradient theta - xi has covariance
-    Sigma = A A^T exactly. theta is split into two groups (6 + 4 coordinates)."""
+def gaussian_problem(seed: int = 0, mu: torch.Tensor | None = None):
+    """L(theta) = |theta - xi|^2 / 2 with xi = mu + A eps at theta = 0: the gradient -xi has mean -mu
+    (|E grad|^2 = |mu|^2) and covariance Sigma = A A^T exactly. theta is split into two groups (6 + 4
+    coordinates)."""
     gen = torch.Generator().manual_seed(seed)
     q = torch.linalg.qr(torch.randn(10, 10, generator=gen))[0]
     a = q @ torch.diag(torch.arange(1.0, 11.0).sqrt())  # eigenvalues 1..10: tr = 55
     sigma = a @ a.T
+    mu = torch.zeros(10) if mu is None else mu
     theta_a, theta_b = nn.Parameter(torch.zeros(6)), nn.Parameter(torch.zeros(4))
     groups = {"a": [theta_a], "b": [theta_b]}
 
     def draws(m: int, gen: torch.Generator) -> GradientDraws:
         gd = GradientDraws(groups, m)
         for _ in range(m):
-            xi = a @ torch.randn(10, generator=gen)
+            xi = mu + a @ torch.randn(10, generator=gen)
             gd.add(0.5 * (torch.cat([theta_a, theta_b]) - xi).square().sum())
         return gd
 
@@ -91,6 +100,91 @@ def test_bootstrap_interval_covers_the_true_trace():
         assert s["ci_low"] <= s["grad_var_trace"] <= s["ci_high"] or s["ci_low"] <= s["ci_high"]
     assert 0.78 <= covered / reps <= 0.995, covered / reps
     assert narrow / reps < 0.7, narrow / reps
+
+
+MU = torch.tensor([3.0, -1.0, 0.0, 2.0, 1.0, 0.0, -2.0, 1.0, 0.0, 1.5])  # |mu|^2 = 22.25
+
+
+def test_mean_grad_sq_is_unbiased_for_the_known_mean_and_the_plain_norm_is_not():
+    """|E grad|^2 = |mu|^2 = 22.25 against tr Sigma = 55: the estimate's mean over 150 repetitions
+    agrees within 4 standard errors; |mean of the draws|^2, which exceeds it by tr / M = 5.5 on
+    average, is rejected by the same check."""
+    sigma, draws = gaussian_problem(seed=4, mu=MU)
+    truth = float(MU.square().sum())
+    m, reps = 10, 150
+    weights = bootstrap_weights(m, 200, np.random.default_rng(0))
+    gen = torch.Generator().manual_seed(5)
+    est, plain, noise = [], [], []
+    for _ in range(reps):
+        s = draws(m, gen).summary(weights, 0.95)
+        est.append(s["mean_grad_sq"])
+        plain.append(s["mean_grad_sq_plain"])
+        noise.append(s["relative_noise"])
+        assert s["relative_noise"] == pytest.approx(s["grad_var_trace"] / s["mean_grad_sq"]) or s["mean_grad_sq"] <= 0
+    # Gaussian draws: mean and sample covariance independent, |mean|^2 has variance
+    # 2 tr(Sigma^2) / M^2 + 4 mu' Sigma mu / M and tr S / M has 2 tr(Sigma^2) / ((M - 1) M^2).
+    tr2, mus = float(torch.trace(sigma @ sigma)), float(MU @ sigma @ MU)
+    sd = np.sqrt(2 * tr2 / m**2 + 4 * mus / m + 2 * tr2 / ((m - 1) * m**2))
+    assert within(est, truth, sd), (np.mean(est), truth)
+    assert not within(plain, truth, sd), "the check must be able to fail"
+    assert np.mean(plain) - np.mean(est) == pytest.approx(float(torch.trace(sigma)) / m, rel=0.25)
+
+
+def test_mean_grad_sq_and_relative_noise_intervals_cover_the_known_values():
+    """At M=32 draws (the tool's default) the 95% intervals of |E grad|^2 (22.25) and of the relative
+    noise (55 / 22.25 = 2.47) cover the known values in most repetitions, and the point estimate lies
+    inside its interval; an interval half as wide does not cover."""
+    sigma, draws = gaussian_problem(seed=6, mu=MU)
+    truth = {"mean_grad_sq": float(MU.square().sum())}
+    truth["relative_noise"] = float(torch.trace(sigma)) / truth["mean_grad_sq"]
+    weights = bootstrap_weights(32, 500, np.random.default_rng(1))
+    gen = torch.Generator().manual_seed(7)
+    reps = 100
+    covered = dict.fromkeys(truth, 0)
+    narrow = dict.fromkeys(truth, 0)
+    for _ in range(reps):
+        s = draws(32, gen).summary(weights, 0.95)
+        for key, value in truth.items():
+            low, high, point = s[f"{key}_low"], s[f"{key}_high"], s[key]
+            covered[key] += low <= value <= high
+            narrow[key] += point - (point - low) / 2 <= value <= point + (high - point) / 2
+            assert low <= point <= high, (key, low, point, high)
+    for key in truth:
+        assert 0.8 <= covered[key] / reps <= 1.0, (key, covered[key] / reps)
+        assert narrow[key] / reps < 0.8, (key, narrow[key] / reps)
+
+
+def test_paired_ratios_are_exact_for_a_scaled_gradient_and_track_a_known_mean():
+    """Method b's gradient is c times method a's on every draw: the trace and |E grad|^2 ratios are
+    c^2 exactly, the relative-noise ratio 1, with intervals collapsed on those values (paired
+    resamples). With the same noise and the mean doubled, the trace ratio is 1 exactly and the
+    relative-noise ratio near 1/4."""
+    torch.manual_seed(8)
+    c, m, d = 3.0, 32, 10
+    mu = MU
+    theta = nn.Parameter(torch.zeros(d))
+    a_draws, b_draws, twice = (GradientDraws({"all": [theta]}, m) for _ in range(3))
+    for _ in range(m):
+        xi = mu + 2 * torch.randn(d)
+        a_draws.add(0.5 * (theta - xi).square().sum())
+        b_draws.add(0.5 * (c * theta - c * xi).square().sum() / c)  # gradient c (theta - xi)
+        twice.add(0.5 * (theta - (xi + mu)).square().sum())  # the same noise around 2 mu
+    weights = bootstrap_weights(m, 500, np.random.default_rng(2))
+    expected = {"grad_var_trace": c**2, "mean_grad_sq": c**2, "relative_noise": 1.0}
+    for key, value in expected.items():
+        r = paired_ratio(b_draws, a_draws, weights, 0.95, key)
+        assert r["ratio"] == pytest.approx(value, rel=1e-4), key
+        assert r["ci_low"] == pytest.approx(value, rel=1e-3) and r["ci_high"] == pytest.approx(value, rel=1e-3)
+    r = paired_ratio(twice, a_draws, weights, 0.95, "grad_var_trace")
+    assert r["ratio"] == pytest.approx(1.0, rel=1e-4)
+    r = paired_ratio(twice, a_draws, weights, 0.95, "relative_noise")
+    assert r["ci_low"] <= r["ratio"] <= r["ci_high"] and r["ci_low"] < 0.25 * 1.6 and r["ci_high"] > 0.25 / 1.6
+    mean_a = mean_sq_from_moments(a_draws.moments())
+    assert paired_ratio(twice, a_draws, weights, 0.95, "mean_grad_sq")["ratio"] == pytest.approx(
+        mean_sq_from_moments(twice.moments()) / mean_a
+    )
+    with pytest.raises(ValueError, match="ratio of 'loss'"):
+        paired_ratio(twice, a_draws, weights, 0.95, "loss")
 
 
 class IndependentViews(nn.Module):
@@ -158,7 +252,8 @@ def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = proc.stdout.strip().splitlines()[-1]
+    record = json.loads(last, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     assert "draws:" in proc.stderr  # the progress bar
     rows = record["results"]
     assert [(r["method"], r["views"]) for r in rows] == [
@@ -166,9 +261,21 @@ def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
     ]  # fmt: skip
     for r in rows:
         assert {"method", "views", "grad_var_trace", "ci_low", "ci_high", "target_var"} <= set(r)
+        # strict JSON: an infinite relative noise or upper end (no mean above zero at M=3) is null
+        for key in ("mean_grad_sq", "relative_noise"):
+            high = float("inf") if r[f"{key}_high"] is None else r[f"{key}_high"]
+            point = float("inf") if r[key] is None else r[key]
+            assert r[f"{key}_low"] <= point <= high, (key, r)
+        if r["mean_grad_sq"] > 0:
+            assert r["relative_noise"] == pytest.approx(r["grad_var_trace"] / r["mean_grad_sq"])
+        else:
+            assert r["relative_noise"] is None
         assert 0 < r["grad_var_trace"] and r["ci_low"] <= r["grad_var_trace"] <= r["ci_high"]
         assert r["target_var"] > 0 and set(r["groups"]) == {"backbone", "projector", "predictor"}
     assert [c["views"] for c in record["comparisons"]] == [2, 4]
+    for c in record["comparisons"]:
+        for key in ("kaug_over_ensiam", "kaug_over_ensiam_mean_grad_sq", "kaug_over_ensiam_relative_noise"):
+            assert {"ratio", "ci_low", "ci_high"} <= set(c[key]), (key, c)
     assert record["model"].startswith("random init") and record["draws"] == 3 and record["batch_size"] == 4
     image = mpimg.imread(plot)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 200

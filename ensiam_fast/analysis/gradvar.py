@@ -11,9 +11,16 @@ EnSiam's is the K-view mean, with about Var[f] / K, so EnSiam's gradient varianc
 smaller. ``target_var`` is the measured Var[b]: the trace of a target vector's covariance over the
 draws, averaged over the target vectors (one per image for EnSiam, one per view and image for K-aug).
 
+The trace alone ignores the size of the gradient, so each result also carries ``mean_grad_sq``, an
+unbiased estimate of |E grad|^2 (the squared norm of the mean gradient over the draws, less its
+noise term tr / M), and ``relative_noise`` = trace / mean_grad_sq: how noisy one draw's gradient is
+against the gradient it estimates (infinite when no mean is measured above the noise). Both come
+with bootstrap intervals (``_low``/``_high``) and as paired K-aug/EnSiam ratios.
+
 The estimator (:class:`DrawGram`) keeps every draw, centred on the first (the covariance does not
-change under a shift, and centring keeps float32 inner products free of cancellation), and their
-Gram matrix: the unbiased trace and every bootstrap replicate are functions of that matrix alone.
+change under a shift, and centring keeps float32 inner products free of cancellation), their Gram
+matrix and each draw's product with the first (:class:`Moments`): the unbiased trace, the mean's
+squared norm and every bootstrap replicate are functions of those alone.
 Memory: draws x parameters x 4 bytes per method.
 """
 
@@ -42,7 +49,7 @@ class DrawGram:
         self.n = 0
         self.origin: torch.Tensor | None = None
         self.origin_sq = 0.0
-        self.origin_dot = 0.0  # sum over draws of origin . (v_m - origin)
+        self.origin_dots = np.zeros(max_draws)  # origin . (v_m - origin), per draw
 
     def add(self, v: torch.Tensor) -> None:
         if self.n == len(self.rows):
@@ -56,16 +63,34 @@ class DrawGram:
         dots = (self.rows[: self.n + 1] @ h).double().cpu().numpy()
         self.gram[self.n, : self.n + 1] = dots
         self.gram[: self.n + 1, self.n] = dots
-        self.origin_dot += float(self.origin.double() @ h.double())
+        self.origin_dots[self.n] = float(self.origin.double() @ h.double())
         self.n += 1
 
     def matrix(self) -> np.ndarray:
         return self.gram[: self.n, : self.n]
 
-    def mean_sq_norm(self) -> float:
-        """||mean of the draws||^2 (the squared norm of the mean gradient, for scale)."""
-        n = self.n
-        return self.origin_sq + 2 * self.origin_dot / n + float(self.matrix().sum()) / n**2
+    def moments(self) -> Moments:
+        return Moments(self.matrix(), self.origin_sq, self.origin_dots[: self.n].copy())
+
+
+@dataclass
+class Moments:
+    """What every estimate of one random vector needs, from its draws v_m = origin + h_m: the Gram
+    matrix of the h_m, |origin|^2 and origin . h_m. Moments of disjoint coordinates (parameter
+    groups) add up to the moments of the whole vector."""
+
+    gram: np.ndarray
+    origin_sq: float
+    origin_dots: np.ndarray
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(self.gram + other.gram, self.origin_sq + other.origin_sq, self.origin_dots + other.origin_dots)
+
+    def resampled_mean_sq(self, weights: np.ndarray) -> np.ndarray:
+        """|mean of the resampled draws|^2 per row of ``weights`` (counts over the draws)."""
+        n = len(self.gram)
+        s2 = np.einsum("ri,ij,rj->r", weights, self.gram, weights, optimize=True)
+        return self.origin_sq + 2 * (weights @ self.origin_dots) / n + s2 / n**2
 
 
 def trace_from_gram(gram: np.ndarray) -> float:
@@ -74,6 +99,15 @@ def trace_from_gram(gram: np.ndarray) -> float:
     if n < 2:
         raise ValueError(f"a covariance needs at least 2 draws, got {n}")
     return float((np.trace(gram) - gram.sum() / n) / (n - 1))
+
+
+def mean_sq_from_moments(mo: Moments) -> float:
+    """Unbiased |E v|^2: |mean of the draws|^2 - tr Cov / M (the plain |mean|^2 exceeds |E v|^2 by
+    tr Cov / M on average: with a noisy gradient and few draws that is most of it). Can come out
+    below zero when the mean is small against the noise."""
+    n = len(mo.gram)
+    plain = float(mo.resampled_mean_sq(np.ones((1, n)))[0])
+    return plain - trace_from_gram(mo.gram) / n
 
 
 def bootstrap_weights(n: int, reps: int, rng: np.random.Generator) -> np.ndarray:
@@ -93,11 +127,30 @@ def bootstrap_traces(gram: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (s1 - s2 / n) * n / (n - 1) ** 2
 
 
+def bootstrap_mean_sq(mo: Moments, weights: np.ndarray, traces: np.ndarray | None = None) -> np.ndarray:
+    """The |E v|^2 estimate of every resample, centred on ``mean_sq_from_moments``.
+
+    A resample's |mean|^2 exceeds the sample's |mean|^2 by (n-1)/n tr / n on average, and the
+    estimate sits tr / n below it: each replicate subtracts (2n - 1)/n of its own (scaled, see
+    ``bootstrap_traces``) trace / n, so that the replicates average the estimate."""
+    n = len(mo.gram)
+    traces = bootstrap_traces(mo.gram, weights) if traces is None else traces
+    return mo.resampled_mean_sq(weights) - (2 * n - 1) / n * traces / n
+
+
+def noise_ratio(trace: np.ndarray | float, mean_sq: np.ndarray | float) -> np.ndarray:
+    """tr Cov / |E v|^2, infinite where the mean's estimate is not above zero (no signal measured)."""
+    trace, mean_sq = np.asarray(trace, dtype=float), np.asarray(mean_sq, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(mean_sq > 0, trace / np.where(mean_sq > 0, mean_sq, 1.0), np.inf)
+
+
 def interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     """The percentile interval holding ``level`` of the bootstrap samples."""
     tail = (1.0 - level) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
-    return float(low), float(high)
+    with np.errstate(invalid="ignore"):  # inf - inf (infinite replicates) gives nan: read as inf
+        low, high = np.percentile(samples, [tail, 100 - tail])
+    return float(np.inf if np.isnan(low) else low), float(np.inf if np.isnan(high) else high)
 
 
 def flat_size(params: Iterable[nn.Parameter]) -> int:
@@ -126,20 +179,43 @@ class GradientDraws:
     def gram(self) -> np.ndarray:
         return sum(g.matrix() for g in self.grams.values())
 
+    def moments(self) -> Moments:
+        parts = [g.moments() for g in self.grams.values()]
+        return sum(parts[1:], parts[0])
+
+    def replicates(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Bootstrap replicates of the trace, |E grad|^2 and their ratio (the same resamples)."""
+        mo = self.moments()
+        traces = bootstrap_traces(mo.gram, weights)
+        mean_sq = bootstrap_mean_sq(mo, weights, traces)
+        return {"grad_var_trace": traces, "mean_grad_sq": mean_sq, "relative_noise": noise_ratio(traces, mean_sq)}
+
     def summary(self, weights: np.ndarray, level: float) -> dict:
-        """Trace of the gradient covariance, total and per group, each with its bootstrap interval."""
+        """Trace of the gradient covariance, total and per group, each with its bootstrap interval;
+        the squared norm of the mean gradient and the relative noise (trace / that), with theirs."""
         total = self.gram()
-        low, high = interval(bootstrap_traces(total, weights), level)
+        reps = self.replicates(weights)
+        low, high = interval(reps["grad_var_trace"], level)
+        trace = trace_from_gram(total)
+        mean_sq = mean_sq_from_moments(self.moments())
+        m_low, m_high = interval(reps["mean_grad_sq"], level)
+        r_low, r_high = interval(reps["relative_noise"], level)
         groups = {}
         for name, g in self.grams.items():
             g_low, g_high = interval(bootstrap_traces(g.matrix(), weights), level)
             groups[name] = {"trace": trace_from_gram(g.matrix()), "ci_low": g_low, "ci_high": g_high}
         return {
-            "grad_var_trace": trace_from_gram(total),
+            "grad_var_trace": trace,
             "ci_low": low,
             "ci_high": high,
             "groups": groups,
-            "grad_mean_sq_norm": sum(g.mean_sq_norm() for g in self.grams.values()),
+            "mean_grad_sq": mean_sq,
+            "mean_grad_sq_low": m_low,
+            "mean_grad_sq_high": m_high,
+            "relative_noise": float(noise_ratio(trace, mean_sq)),
+            "relative_noise_low": r_low,
+            "relative_noise_high": r_high,
+            "mean_grad_sq_plain": mean_sq + trace / len(total),  # |mean of the draws|^2, biased up
             "loss_mean": float(np.mean(self.losses)),
         }
 
@@ -192,13 +268,38 @@ class PairedDraws:
             )
         return out
 
-    def ratio(self, numerator: str, denominator: str, weights: np.ndarray, level: float) -> dict:
-        """numerator's trace / denominator's, with a paired bootstrap (the same resamples for both)."""
-        a, b = self.grads[numerator].gram(), self.grads[denominator].gram()
-        num, den = bootstrap_traces(a, weights), bootstrap_traces(b, weights)
-        keep = den > 0  # a resample of one repeated draw has no spread (only likely with very few draws)
-        low, high = interval(num[keep] / den[keep], level) if keep.any() else (float("nan"), float("nan"))
-        return {"ratio": trace_from_gram(a) / trace_from_gram(b), "ci_low": low, "ci_high": high}
+    def ratio(self, numerator: str, denominator: str, weights: np.ndarray, level: float, key: str) -> dict:
+        return paired_ratio(self.grads[numerator], self.grads[denominator], weights, level, key)
+
+
+RATIO_KEYS = ("grad_var_trace", "mean_grad_sq", "relative_noise")
+
+
+def paired_ratio(num: GradientDraws, den: GradientDraws, weights: np.ndarray, level: float, key: str) -> dict:
+    """num's ``key`` (one of RATIO_KEYS) / den's, with a paired bootstrap: the same resamples of the
+    same draws for both, so what the two share (the views) does not widen the interval."""
+    if key not in RATIO_KEYS:
+        raise ValueError(f"ratio of {key!r}: one of {', '.join(RATIO_KEYS)}")
+    points = []
+    for draws in (num, den):
+        trace = trace_from_gram(draws.gram())
+        mean_sq = mean_sq_from_moments(draws.moments())
+        points.append(
+            {"grad_var_trace": trace, "mean_grad_sq": mean_sq, "relative_noise": float(noise_ratio(trace, mean_sq))}[
+                key
+            ]
+        )
+    a, b = num.replicates(weights)[key], den.replicates(weights)[key]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = a / b  # relative noise: infinite over finite is infinite, finite over infinite 0
+        ratio = float(np.float64(points[0]) / np.float64(points[1]))
+    # no ratio from a resample without spread (one repeated draw), a mean not above zero (trace,
+    # mean_grad_sq), or two infinite relative noises
+    keep = ~np.isnan(ratios) if key == "relative_noise" else (b > 0) & np.isfinite(ratios)
+    low, high = interval(ratios[keep], level) if keep.any() else (float("nan"), float("nan"))
+    if key != "relative_noise" and not points[1] > 0:
+        ratio = float("nan")
+    return {"ratio": ratio, "ci_low": low, "ci_high": high, "resamples_used": int(keep.sum())}
 
 
 @dataclass
@@ -257,7 +358,14 @@ def measure(
             results += paired.results(weights, s.level)
             if {"ensiam", "simsiam_kaug"} <= set(s.methods):
                 comparisons.append(
-                    {"views": k, "kaug_over_ensiam": paired.ratio("simsiam_kaug", "ensiam", weights, s.level)}
+                    {
+                        "views": k,
+                        "kaug_over_ensiam": paired.ratio("simsiam_kaug", "ensiam", weights, s.level, "grad_var_trace"),
+                        **{
+                            f"kaug_over_ensiam_{key}": paired.ratio("simsiam_kaug", "ensiam", weights, s.level, key)
+                            for key in ("mean_grad_sq", "relative_noise")
+                        },
+                    }
                 )
             del paired  # free the stored gradients before the next K
     finally:

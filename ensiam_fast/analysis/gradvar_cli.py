@@ -9,14 +9,18 @@ written in a seeded random order, so it mixes the classes). Draw m of K views is
 training loader that does not shuffle: the real augmentation pipeline (DALI by default) with its
 own seed per (seed, K) and epoch. Without a checkpoint the network is built from ``--config`` (and
 ``key=value`` overrides) with ``--seed``. The plot of the gradient-covariance trace (and of the
-target variance) against K goes to ``--plot``; the last line printed is one JSON object with a
-``results`` list of ``{method, views, grad_var_trace, ci_low, ci_high, target_var, ...}``.
+target variance, the squared norm of the mean gradient and the relative noise) against K goes to
+``--plot``; the last line printed is one JSON object with a ``results`` list of ``{method, views,
+grad_var_trace, ci_low, ci_high, mean_grad_sq(_low/_high), relative_noise(_low/_high), target_var,
+...}`` and a ``comparisons`` list of paired K-aug/EnSiam ratios (``kaug_over_ensiam`` of the trace,
+``kaug_over_ensiam_mean_grad_sq``, ``kaug_over_ensiam_relative_noise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -163,21 +167,21 @@ def plot(record: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method in record["methods"]:
-        rows = [r for r in record["results"] if r["method"] == method]
-        ks = [r["views"] for r in rows]
-        for ax, key, low, high in (
-            (axes[0], "grad_var_trace", "ci_low", "ci_high"),
-            (axes[1], "target_var", "target_var_ci_low", "target_var_ci_high"),
-        ):
+    panels = (
+        ("grad_var_trace", "ci_low", "ci_high", "tr Cov[gradient] over draws"),
+        ("mean_grad_sq", "mean_grad_sq_low", "mean_grad_sq_high", "|E gradient|^2 (squared norm of the mean)"),
+        ("relative_noise", "relative_noise_low", "relative_noise_high", "relative noise: trace / |E gradient|^2"),
+        ("target_var", "target_var_ci_low", "target_var_ci_high", "Var[b]: the target's variance (eq. 9)"),
+    )
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4))
+    for ax, (key, low, high, title) in zip(axes.flat, panels):
+        for method in record["methods"]:
+            rows = [r for r in record["results"] if r["method"] == method and 0 < r[key] < float("inf")]
+            ks = [r["views"] for r in rows]
             y = [r[key] for r in rows]
-            err = [[r[key] - r[low] for r in rows], [r[high] - r[key] for r in rows]]
+            top = [min(r[high], 1e3 * r[key]) for r in rows]  # an infinite upper end drawn as a long bar
+            err = [[r[key] - max(r[low], 1e-12) for r in rows], [t - r[key] for t, r in zip(top, rows)]]
             ax.errorbar(ks, y, yerr=err, marker="o", capsize=3, label=method)
-    for ax, title in (
-        (axes[0], "tr Cov[gradient] over draws"),
-        (axes[1], "Var[b]: the target's variance (eq. 9)"),
-    ):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(record["views"], [str(k) for k in record["views"]])
@@ -261,6 +265,19 @@ def run(args) -> dict:
     return record
 
 
+def finite_or_null(value):
+    """The record with every infinite or undefined number as null, so that the line is strict JSON:
+    a null ``relative_noise`` or ``*_high`` means the mean gradient was not measured above zero
+    (no finite bound), a null ratio that no resample gave one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -268,7 +285,7 @@ def main(argv=None) -> int:
     except UserError as e:  # flags, config keys, shard format, batch larger than the split (the loader's checks)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(record))
+    print(json.dumps(finite_or_null(record), allow_nan=False))
     return 0
 
 
