@@ -4,19 +4,28 @@ A preset says *what* to do to each view; ``pipelines.dali`` (DALI, CPU or GPU) a
 ``pipelines.reference`` (torchvision) say *how*. Both read only these fields, and both apply the
 stages in the one order ``AugPreset.stages`` gives (``STAGE_ORDER``), so they stay in step.
 
+Where each number comes from (details, and the runs of the other readings: docs/augmentations.md).
+The paper's text (Sections 4.1 and 4.5) gives: default = crop, flip, colour jitter "with the same
+parameters as in [13, 14]", grayscale and blur with sigma in [0.1, 2.0] (no probability:
+``blur_p=0.5`` is SimSiam's [14], the project's reading); strong = jitter ranges +0.4 and sigma in [0.2, 3.0]; very strong = strong plus
+"RandAugment(2,5) [17] and jigsaw with 4x4 grids [45, 15]". It names no implementation, no
+probability and no order for either, so every choice below is the project's:
+
 RandAugment magnitude: ``randaugment_m`` is a bin of ``randaugment_bins`` equally spaced magnitudes
 from 0 to each operation's maximum, torchvision's convention (``RandAugment(num_ops, magnitude,
-num_magnitude_bins=31)``): with the default 31 bins, M=5 is 5/30 = 1/6 of the maximum (Rotate 5
-degrees of 30). The original RandAugment scale (Cubuk et al., M in 0..10, as timm's ``rand-m5``)
-reads M=5 as half the maximum (Rotate 15 degrees): set ``randaugment_bins=11`` for that reading.
-The presets keep torchvision's, the library the paper's augmentation settings come from.
+num_magnitude_bins=31)``, 14 operations): with the default 31 bins, M=5 is 5/30 = 1/6 of the
+maximum (Rotate 5 degrees of 30), a mild reading. The TensorFlow RandAugment in tensorflow/tpu
+(models/official/efficientnet/autoaugment.py) divides M by 10 (M=5: half of each maximum, Rotate
+15 degrees): ``randaugment_bins=11`` gives that scale (the 14 operations stay torchvision's).
 
 Jigsaw: ``jigsaw_mode='global'`` shuffles all grid x grid tiles uniformly (Noroozi and Favaro, the
 paper's [45]); ``'local'`` is the region confusion of Chen et al. (DCL, the paper's [15]): each row
 of tiles is reordered by sorting ``i + U(-k, k)``, then each column likewise, with k =
-``JIGSAW_LOCAL_K`` = 1, so a tile moves at most one place along each axis. The paper gives no
-probability and no mode; the defaults (``jigsaw_p=1``, global) apply the full shuffle to every
-very-strong view, the reading that keeps "4x4 jigsaw" the strongest of its augmentations.
+``JIGSAW_LOCAL_K`` = 1 (the project's choice), so a tile moves at most one place along each axis.
+The defaults (``jigsaw_p=1``, global) apply the full shuffle to every very-strong view, the
+harshest reading. DSSL's public code (the paper's [4]) shuffles a 4x4 grid with probability 0.1, on
+its heavily augmented views only: ``jigsaw_p=0.1``; ``jigsaw_mode='local'`` gives [15]'s milder
+displacement.
 """
 
 from __future__ import annotations
@@ -52,8 +61,8 @@ class AugPreset:
     # Gaussian blur with sigma ~ U(blur_sigma), applied with probability blur_p (SimSiam uses 0.5).
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    # RandAugment(n, m), m a bin of randaugment_bins (31: torchvision's scale, 11: the original
-    # 0..10 scale, see the module docstring); n=0 disables it.
+    # RandAugment(n, m), m a bin of randaugment_bins (31: torchvision's scale, 11: M/10 as in
+    # tensorflow/tpu's RandAugment, see the module docstring); n=0 disables it.
     randaugment_n: int = 0
     randaugment_m: int = 5
     randaugment_bins: int = 31
@@ -108,7 +117,8 @@ class AugPreset:
 DEFAULT = AugPreset(name="default")
 # 'strong': brightness, contrast and saturation ranges widened by 0.4, blur sigma in [0.2, 3.0].
 STRONG = DEFAULT.replace(name="strong", brightness=0.8, contrast=0.8, saturation=0.8, blur_sigma=(0.2, 3.0))
-# 'very strong': strong plus RandAugment(2, 5) and a 4x4 jigsaw.
+# 'very strong': strong plus RandAugment(2, 5) and a 4x4 jigsaw (Section 4.5); the magnitude scale (31
+# bins), jigsaw_p=1 and the global shuffle are the project's readings (module docstring).
 VERY_STRONG = STRONG.replace(name="very_strong", randaugment_n=2, randaugment_m=5, jigsaw_grid=4)
 # Linear evaluation training: random resized crop (torchvision's default scale) and flip only.
 LINEAR = AugPreset(
