@@ -7,9 +7,10 @@ stages in the one order ``AugPreset.stages`` gives (``STAGE_ORDER``), so they st
 Where each number comes from (details, and the runs of the other readings: docs/augmentations.md).
 The paper's text (Sections 4.1 and 4.5) gives: default = crop, flip, colour jitter "with the same
 parameters as in [13, 14]", grayscale and blur with sigma in [0.1, 2.0] (no probability:
-``blur_p=0.5`` is SimSiam's [14], the project's reading); strong = jitter ranges +0.4 and sigma in [0.2, 3.0]; very strong = strong plus
-"RandAugment(2,5) [17] and jigsaw with 4x4 grids [45, 15]". It names no implementation, no
-probability and no order for either, so every choice below is the project's:
+``blur_p=0.5`` is SimSiam's [14], the project's reading); strong = jitter ranges +0.4 and sigma in
+[0.2, 3.0]; very strong = strong plus "RandAugment(2,5) [17] and jigsaw with 4x4 grids [45, 15]".
+It names no implementation, no probability and no order for either, so every choice below is the
+project's:
 
 RandAugment magnitude: ``randaugment_m`` is a bin of ``randaugment_bins`` equally spaced magnitudes
 from 0 to each operation's maximum, torchvision's convention (``RandAugment(num_ops, magnitude,
