@@ -25,6 +25,7 @@ multi-process group without sync warns once.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
@@ -150,6 +151,7 @@ class PerViewBatchNorm(nn.Module):
         self.sync = False
         self.process_group = None
         self._warned_unsynced = False
+        self.stats_frozen = False  # set by freeze_running_stats: normalise, leave the running buffers
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features))
             self.bias = nn.Parameter(torch.zeros(num_features))
@@ -203,13 +205,20 @@ class PerViewBatchNorm(nn.Module):
         if torch.compiler.is_compiling():
             return self._fused_forward(x, k)
         factors = tuple(self._next_factor() for _ in range(k))
+        update = not self._frozen()  # a frozen forward passes no buffers: they cannot change
         return _PerViewBatchNormFn.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_var, factors, self.eps
-        )
+            x, self.weight, self.bias, self.running_mean if update else None,
+            self.running_var if update else None, factors, self.eps,
+        )  # fmt: skip
+
+    def _frozen(self) -> bool:
+        """No running-statistics update now: frozen by :func:`freeze_running_stats`, or a gradient
+        checkpoint re-running this forward in the backward pass (its first run made the update)."""
+        return self.stats_frozen or recomputing()
 
     def _next_factor(self) -> float:
         """Plain BatchNorm's update factor for one training forward (counts the forward)."""
-        if not self.training or self.num_batches_tracked is None:
+        if not self.training or self.num_batches_tracked is None or self._frozen():
             return 0.0
         self.num_batches_tracked.add_(1)
         if self.momentum is None:  # cumulative moving average
@@ -250,7 +259,7 @@ class PerViewBatchNorm(nn.Module):
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor, n) -> None:
         """K C-sized updates in view order, as K sequential forwards make them (unbiased variance)."""
-        if not self.training or self.running_mean is None:
+        if not self.training or self.running_mean is None or self._frozen():
             return
         k = mean.shape[0]
         with torch.no_grad():
@@ -353,6 +362,56 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         if isinstance(layer, PerViewBatchNorm):
             layer.sync, layer.process_group = True, process_group
     return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+
+
+def recomputing() -> bool:
+    """True while autograd runs a backward pass on this thread, where a forward can only be a
+    gradient checkpoint re-running a segment (reentrant and non-reentrant alike)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@contextlib.contextmanager
+def freeze_running_stats(module: nn.Module):
+    """Inside, every BatchNorm of ``module`` in training mode normalises with its batch statistics as
+    usual but leaves its running buffers and ``num_batches_tracked`` as they are (plain BatchNorm by
+    ``track_running_stats=False`` for the while, which makes torch pass no buffers)."""
+    saved = []
+    for layer in module.modules():
+        if isinstance(layer, PerViewBatchNorm):
+            saved.append((layer, "stats_frozen", layer.stats_frozen))
+            layer.stats_frozen = True
+        elif isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            saved.append((layer, "track_running_stats", layer.track_running_stats))
+            layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer, name, value in saved:
+            setattr(layer, name, value)
+
+
+def _freeze_when_recomputing(layer: nn.Module, args) -> None:
+    # The buffers still go to the kernel (a non-reentrant checkpoint insists that the recompute saves
+    # the tensors the first run saved), with an update factor of 0; the count is put back afterwards.
+    if layer.training and layer.track_running_stats and recomputing():
+        layer._ensiam_saved = (layer.momentum, layer.num_batches_tracked.clone())
+        layer.momentum = 0.0
+
+
+def _restore_after_recompute(layer: nn.Module, args, output) -> None:
+    if "_ensiam_saved" in layer.__dict__:
+        layer.momentum, count = layer.__dict__.pop("_ensiam_saved")
+        layer.num_batches_tracked.copy_(count)
+
+
+def guard_recompute(module: nn.Module) -> None:
+    """Make every plain BatchNorm of ``module`` skip its running-statistics update when a gradient
+    checkpoint re-runs it in the backward pass (per-view layers do so themselves)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and not hasattr(layer, "_ensiam_guarded"):
+            layer.register_forward_pre_hook(_freeze_when_recomputing)
+            layer.register_forward_hook(_restore_after_recompute)
+            layer._ensiam_guarded = True
 
 
 def set_num_views(module: nn.Module, num_views: int) -> None:

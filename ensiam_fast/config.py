@@ -69,6 +69,9 @@ class ModelConfig:
     sync_bn: bool = False  # BatchNorm statistics over all processes (per-view layers stay per view)
     channels_last: bool = True  # NHWC memory layout for the convolutions
     compile: bool = False  # torch.compile the training forward
+    # recompute the backbone's stages in the backward pass instead of keeping their activations (timm's
+    # set_grad_checkpointing; BatchNorm running statistics still update once per step)
+    grad_checkpointing: bool = False
 
 
 @dataclass
@@ -93,6 +96,11 @@ class TrainConfig:
     # that has it, fp16 on other GPUs, none on a CPU | no | bf16 | fp16 (ensiam_fast/placement.py)
     mixed_precision: str = "auto"
     gradient_accumulation_steps: int = 1  # batches per optimizer step; batch_size stays the step's global batch
+    # views through the network at once: null = all K in one fused pass | n dividing K: a no-grad pass for the
+    # targets, then n views at a time, the same gradients in about n/K of the activation memory (docs/scale.md)
+    # | auto: the largest n whose measured peak fits memory_budget_gb (GPU: its free memory)
+    views_per_pass: int | str | None = None
+    memory_budget_gb: float | None = None  # views_per_pass=auto: bytes allowed (null: a GPU's free memory less 10%)
     log_with: str = "tensorboard"  # tensorboard | wandb (pip install ensiam_fast[wandb]; WANDB_MODE=offline) | none
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (one is always written at the end)
@@ -254,6 +262,7 @@ def validate(cfg: TrainConfig) -> None:
     ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key}={getattr(cfg, key)} must be at least 1")
+    _validate_views_per_pass(cfg)
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps={cfg.max_steps} must be at least 1 (or null for no cap)")
     if cfg.knn_every < 0 or cfg.knn_k < 1 or cfg.knn_t <= 0:
@@ -276,6 +285,26 @@ def validate(cfg: TrainConfig) -> None:
     _validate_ranges(cfg)
     _validate_augmentation(cfg)
     _validate_backbone(cfg)
+
+
+def _validate_views_per_pass(cfg: TrainConfig) -> None:
+    """null, auto or a divisor of views (a digit string from the command line becomes the int)."""
+    n = cfg.views_per_pass
+    if isinstance(n, str) and n.strip().isdigit():
+        n = cfg.views_per_pass = int(n)
+    if n is not None and n != "auto" and (isinstance(n, str) or not 1 <= n <= cfg.views or cfg.views % n):
+        divisors = [d for d in range(1, cfg.views + 1) if cfg.views % d == 0]
+        raise ConfigError(
+            f"views_per_pass={n!r} must be null, auto or a divisor of views={cfg.views}: one of {divisors}"
+        )
+    if n is not None and n != cfg.views and cfg.model.bn_mode != "per_view":
+        raise ConfigError(
+            f"views_per_pass={n!r} needs model.bn_mode=per_view: bn_mode={cfg.model.bn_mode} pools the "
+            "BatchNorm statistics of all views, which a pass over some of them cannot reproduce"
+        )
+    budget = cfg.memory_budget_gb
+    if budget is not None and budget <= 0:
+        raise ConfigError(f"memory_budget_gb={budget!r} must be > 0 (or null)")
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:

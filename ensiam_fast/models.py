@@ -19,6 +19,7 @@ from ensiam_fast.batchnorm import (  # noqa: F401  (re-exported: the per-view la
     PerViewBatchNormAct,
     convert_per_view_bn,
     convert_sync_batchnorm,
+    guard_recompute,
     set_num_views,
 )
 from ensiam_fast.stems import apply_cifar_stem, create_backbone  # noqa: F401 (re-exported)
@@ -92,6 +93,15 @@ class SiameseNet(nn.Module):
             return self.backbone(x)
         finally:
             self.set_views(k)  # back to the training K, so a compiled forward keeps its guards
+
+
+def enable_grad_checkpointing(model: SiameseNet) -> None:
+    """timm's gradient checkpointing on the backbone (its stages' activations recomputed in the
+    backward pass), with every BatchNorm updating its running statistics in the first run only."""
+    if not hasattr(model.backbone, "set_grad_checkpointing"):
+        raise ValueError(f"backbone {model.backbone_name!r} has no set_grad_checkpointing (timm)")
+    model.backbone.set_grad_checkpointing(True)
+    guard_recompute(model)
 
 
 def build_model(

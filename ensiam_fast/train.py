@@ -26,7 +26,7 @@ import torch
 # isort: on
 from tqdm.auto import tqdm
 
-from ensiam_fast import distributed
+from ensiam_fast import distributed, memory
 from ensiam_fast.checkpoint import (
     check_compatible,
     latest_checkpoint,
@@ -42,9 +42,9 @@ from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.distributed import agreed, report, report_first
 from ensiam_fast.errors import TrainingError, UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
-from ensiam_fast.methods import build_method
+from ensiam_fast.methods import build_method, train_views
 from ensiam_fast.metrics import MetricsLog, Window, flatten, run_files
-from ensiam_fast.models import convert_sync_batchnorm
+from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device
 from ensiam_fast.runtime import configure_runtime
@@ -168,6 +168,8 @@ class Trainer:
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
             self.say(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch})")
+        if m.grad_checkpointing:
+            enable_grad_checkpointing(method.model)
         if m.sync_bn and acc.num_processes > 1:
             # Our converter keeps per-view statistics per view (torch's would leave them unsynced).
             method = convert_sync_batchnorm(method)
@@ -180,6 +182,24 @@ class Trainer:
                 acc.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
         self.step_fn = torch.compile(self.method) if m.compile else self.method
+        if cfg.views_per_pass == "auto" and cfg.memory_budget_gb is None and acc.device.type != "cuda":
+            raise ConfigError("views_per_pass=auto on a CPU needs memory_budget_gb (GB for the step's peak)")
+        # None (auto) until the first batch measures it
+        self.views_per_pass = cfg.views if cfg.views_per_pass is None else cfg.views_per_pass
+        if self.views_per_pass == "auto":
+            self.views_per_pass = None
+
+    def pick_views_per_pass(self, x: torch.Tensor) -> int:
+        """views_per_pass=auto: trial steps on the first batch (ensiam_fast/memory.py); every rank takes
+        the smallest choice, so all run the same chunks."""
+        cfg, acc = self.cfg, self.accelerator
+        budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else memory.default_budget(acc.device)
+        peaks = memory.trial_peaks(self.raw_method, x, acc.autocast, budget)
+        chosen = memory.choose(peaks, budget)
+        if acc.num_processes > 1:
+            chosen = int(acc.gather(torch.tensor([chosen], device=acc.device)).min())
+        self.say(memory.describe(peaks, budget, chosen, cfg.views))
+        return chosen
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.raw_method.model.features(x.to(self.accelerator.device, non_blocking=True))
@@ -246,8 +266,12 @@ class Trainer:
             with self.accelerator.autocast():
                 # A CPU loader may feed a GPU model: the uint8 views cross PCIe, then normalise there.
                 x = x.to(self.accelerator.device, non_blocking=True)
-                outputs = self.step_fn(normalize(x, channels_last=self.cfg.model.channels_last))
-            self.accelerator.backward(outputs["loss"])
+                x = normalize(x, channels_last=self.cfg.model.channels_last)
+            if self.views_per_pass is None:  # views_per_pass=auto: measured on the first batch
+                self.views_per_pass = self.pick_views_per_pass(x)
+            # all K views at once, or views_per_pass at a time with gradients synced on the last (methods.py)
+            outputs = train_views(self.step_fn, self.raw_method, x, self.views_per_pass, self.accelerator.backward,
+                                  self.accelerator.autocast, lambda: self.accelerator.no_sync(self.method))  # fmt: skip
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.pos.batch_in_epoch += 1
