@@ -36,7 +36,7 @@ from ensiam_fast.checkpoint import (
     set_rng_state,
 )
 from ensiam_fast.command import command_name
-from ensiam_fast.config import TrainConfig, describe_keys, load_config, save_config
+from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.distributed import agreed, report, report_first
