@@ -19,7 +19,8 @@ from PIL import Image
 
 from ensiam_fast.data import build_loader
 from ensiam_fast.shards.convert import main as make_shards
-from ensiam_fast.shards.format import IMAGE_EXTS, read_manifest
+from ensiam_fast.shards.format import IMAGE_EXTS
+from ensiam_fast.shards.manifest import read_manifest
 from ensiam_fast.shards.sources import digits_arrays
 
 REPO = Path(__file__).resolve().parents[1]

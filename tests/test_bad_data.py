@@ -18,7 +18,8 @@ from conftest import make_tiny_dataset
 from ensiam_fast import train
 from ensiam_fast.data import build_loader
 from ensiam_fast.shards.convert import main as make_shards
-from ensiam_fast.shards.format import ShardFormatError, read_manifest
+from ensiam_fast.shards.format import ShardFormatError
+from ensiam_fast.shards.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -19,7 +19,7 @@ from PIL import Image
 
 import ensiam_fast.shards.convert as convert
 from ensiam_fast.shards.encode import encode_png
-from ensiam_fast.shards.format import read_manifest, shard_paths
+from ensiam_fast.shards.manifest import read_manifest, shard_paths
 from ensiam_fast.shards.sources import digits_arrays, stratified_split
 from ensiam_fast.shards.verify import verify_dataset
 

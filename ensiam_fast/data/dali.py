@@ -20,7 +20,8 @@ import torch
 
 from ensiam_fast.data.preflight import preflight
 from ensiam_fast.data.spec import LoaderSpec, derive_seed, resolve_device
-from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, read_index, write_index
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError
+from ensiam_fast.shards.index import read_index, write_index
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
 SHUFFLE_BUFFER = 2048  # encoded samples held for in-shard shuffling (~220 MB of ImageNet JPEGs)

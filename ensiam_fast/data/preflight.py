@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 
 from ensiam_fast.data.spec import SplitSpec
-from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, IndexEntry, ShardFormatError, read_index, split_member
+from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, ShardFormatError
+from ensiam_fast.shards.index import IndexEntry, read_index, split_member
 
 CONTENT_CHECK_BYTES = 512 << 20
 FIX = "`python tools/make_shards.py --verify {root} --drop-corrupt` removes corrupt samples"

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ensiam_fast.errors import UserError
-from ensiam_fast.shards.format import ShardFormatError, read_manifest, shard_bounds, split_files
+from ensiam_fast.shards.format import ShardFormatError, shard_bounds
+from ensiam_fast.shards.manifest import read_manifest, split_files
 from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 
 

@@ -29,7 +29,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ensiam_fast.data.preflight import preflight
 from ensiam_fast.data.spec import LoaderSpec, loader_spec, resolve_device
-from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, index_count, shard_bounds
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, shard_bounds
+from ensiam_fast.shards.index import index_count
 from pipelines.reference import ViewAugment
 
 # Samples held by the shuffle buffer (indices only while planning; encoded bytes while reading).

@@ -11,17 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensiam_fast.shards.format import (
-    MANIFEST,
-    Manifest,
-    ShardFormatError,
-    SplitInfo,
-    format_index,
-    index_name,
-    read_manifest,
-    write_atomic,
-    write_manifest,
-)
+from ensiam_fast.shards.format import MANIFEST, ShardFormatError, index_name, write_atomic
+from ensiam_fast.shards.index import format_index
+from ensiam_fast.shards.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from ensiam_fast.shards.sources.webdataset import scan_webdataset
 
 ADOPTED = "adopted_from"  # the manifest's extra key that marks an adopted dataset

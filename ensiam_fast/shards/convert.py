@@ -27,15 +27,8 @@ from ensiam_fast.errors import UserError
 from ensiam_fast.paths import DEFAULT_SHARDS
 from ensiam_fast.shards.adopt import adopt
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
-from ensiam_fast.shards.format import (
-    MANIFEST,
-    Manifest,
-    SplitInfo,
-    read_manifest,
-    shard_name,
-    write_manifest,
-    write_shard,
-)
+from ensiam_fast.shards.format import MANIFEST, shard_name, write_shard
+from ensiam_fast.shards.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from ensiam_fast.shards.plan import PROGRESS, ConversionError, make_plan, prepare_output, split_order
 from ensiam_fast.shards.sources import DATASETS, Sample, Source, open_source
 from ensiam_fast.shards.sources.webdataset import open_webdataset, parse_split_globs

@@ -17,7 +17,8 @@ import numpy as np
 
 from ensiam_fast.errors import UserError
 from ensiam_fast.shards.encode import EncodeOptions
-from ensiam_fast.shards.format import MANIFEST, TMP_SUFFIX, ShardFormatError, index_count, index_name
+from ensiam_fast.shards.format import MANIFEST, TMP_SUFFIX, ShardFormatError, index_name
+from ensiam_fast.shards.index import index_count
 from ensiam_fast.shards.sources import Source
 
 PLAN = ".make_shards_plan.json"

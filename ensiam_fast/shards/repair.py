@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensiam_fast.shards.format import (
-    MANIFEST,
-    ShardFormatError,
-    index_name,
-    read_index,
-    read_manifest,
-    resolve_inside,
-    split_member,
-    write_manifest,
-    write_shard,
-)
+from ensiam_fast.shards.format import MANIFEST, ShardFormatError, index_name, write_shard
+from ensiam_fast.shards.index import read_index, split_member
+from ensiam_fast.shards.manifest import read_manifest, resolve_inside, write_manifest
 from ensiam_fast.shards.verify import ShardCheck, VerifyReport
 
 

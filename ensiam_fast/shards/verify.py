@@ -9,18 +9,9 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ensiam_fast.shards.format import (
-    IMAGE_EXTS,
-    MANIFEST,
-    TAR_BLOCK,
-    TMP_SUFFIX,
-    ShardFormatError,
-    index_name,
-    read_index,
-    read_manifest,
-    resolve_inside,
-    split_member,
-)
+from ensiam_fast.shards.format import IMAGE_EXTS, MANIFEST, TAR_BLOCK, TMP_SUFFIX, ShardFormatError, index_name
+from ensiam_fast.shards.index import read_index, split_member
+from ensiam_fast.shards.manifest import read_manifest, resolve_inside
 
 # Pillow modes both loaders decode to RGB (DALI's decoder on CPU, torchvision's with ImageReadMode.RGB);
 # our conversions write RGB only, adopted WebDataset shards may hold the others (tests/test_adopt.py).

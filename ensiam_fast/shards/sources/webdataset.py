@@ -23,15 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ensiam_fast.shards.format import (
-    IMAGE_EXTS,
-    LABEL_EXT,
-    MANIFEST,
-    IndexEntry,
-    ShardFormatError,
-    scan_tar,
-    split_member,
-)
+from ensiam_fast.shards.format import IMAGE_EXTS, LABEL_EXT, MANIFEST, ShardFormatError
+from ensiam_fast.shards.index import IndexEntry, scan_tar, split_member
 from ensiam_fast.shards.sources.base import SPLIT_NAME, Sample, Source, SourceLayoutError, _stat_fingerprint
 
 SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
