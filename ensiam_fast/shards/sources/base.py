@@ -16,16 +16,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from ensiam_fast.shards.format import ShardFormatError
-
-if TYPE_CHECKING:
-    from ensiam_fast.shards.sources.stl10 import Stl10Split
-    from ensiam_fast.shards.sources.webdataset import TarSplit
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -89,13 +85,25 @@ class FileSplit:
             yield Sample(i, label, self.paths[i], path=self.root / self.paths[i])
 
 
+class SplitReader(Protocol):
+    """What a source's split provides (``ArraySplit``, ``FileSplit``, and the readers of the modules
+    that need their own: ``stl10.Stl10Split``, ``webdataset.TarSplit``)."""
+
+    @property
+    def labeled(self) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: Sequence[int]) -> Iterator[Sample]: ...
+
+
 @dataclass
 class Source:
     """A dataset ready to convert: classes in label order, readers per split, a fingerprint."""
 
     dataset: str
     classes: list[str]
-    splits: dict[str, ArraySplit | Stl10Split | FileSplit | TarSplit]
+    splits: dict[str, SplitReader]
     fingerprint: str  # changes when the source files change; resume checks it
     extra: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
