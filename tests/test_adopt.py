@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from ensiam_fast.data import build_loader
-from ensiam_fast.shards.convert import main as make_shards
+from ensiam_fast.shards.cli import main as make_shards
 from ensiam_fast.shards.format import IMAGE_EXTS
 from ensiam_fast.shards.manifest import read_manifest
 from ensiam_fast.shards.sources import digits_arrays

@@ -17,7 +17,7 @@ from conftest import make_tiny_dataset
 
 from ensiam_fast import train
 from ensiam_fast.data import build_loader
-from ensiam_fast.shards.convert import main as make_shards
+from ensiam_fast.shards.cli import main as make_shards
 from ensiam_fast.shards.format import ShardFormatError
 from ensiam_fast.shards.manifest import read_manifest
 

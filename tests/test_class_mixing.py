@@ -11,7 +11,7 @@ from PIL import Image
 
 import ensiam_fast.data.dali as dali_loader
 from ensiam_fast.data import build_loader, dali_available
-from ensiam_fast.shards.convert import main as make_shards
+from ensiam_fast.shards.cli import main as make_shards
 from ensiam_fast.shards.format import shard_name, write_shard
 from ensiam_fast.shards.manifest import Manifest, SplitInfo, write_manifest
 from ensiam_fast.shards.verify import expected_classes, verify_dataset

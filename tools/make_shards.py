@@ -17,7 +17,7 @@ from pathlib import Path
 # the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ensiam_fast.shards.convert import main
+from ensiam_fast.shards.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

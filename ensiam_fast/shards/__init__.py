@@ -4,7 +4,7 @@
 * ``index``: the DALI index of a tar (reading, scanning a tar, writing)
 * ``manifest``: ``manifest.json``
 * ``verify``: checking converted shards
-* ``convert``: the engine behind ``tools/make_shards.py`` and its command line; ``plan`` (what to
+* ``convert``: the conversion engine (``cli``: ``tools/make_shards.py``'s command line); ``plan`` (what to
   write, resuming) and ``encode`` (one sample's bytes) are its parts
 * ``sources``: one reader per source layout
 
