@@ -8,6 +8,7 @@ from ensiam_fast.data.synthetic import check_synthetic
 from ensiam_fast.errors import TrainingError
 from ensiam_fast.placement import resolve_data_device
 from ensiam_fast.shards import ShardFormatError, read_manifest
+from ensiam_fast.shards.verdict import gate_split
 from pipelines.presets import get_preset
 
 
@@ -27,8 +28,10 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     try:
         manifest = read_manifest(cfg.data.root)
         train = manifest.split(cfg.data.split)
+        gate_split(cfg.data.root, manifest, cfg.data.split)  # a split that failed its check: refused here
         needed = [cfg.data.knn_train_split, cfg.data.knn_test_split] if cfg.knn_every else []
         for name in needed:
+            gate_split(cfg.data.root, manifest, name)
             if not manifest.split(name).labeled:
                 raise TrainingError(
                     f"the kNN monitor needs labels, but split {name!r} of {cfg.data.root} is unlabelled; "

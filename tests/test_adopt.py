@@ -102,9 +102,14 @@ def test_adoption_writes_only_the_manifest_and_indices_and_warns_on_class_sorted
     assert m.splits["train"].shards == [f"digits-train-{i:06d}.tar" for i in range(4)]
     assert m.splits["train"].labeled and m.image_size == [16, 16]
     assert "split 'train' looks class-sorted" in err and "--out NEW" in err
-    # adopting again (say after adding tars) is allowed and gives the same manifest
+    assert {s.check["result"] for s in m.splits.values()} == {"ok"}  # the verdict is recorded, by adoption
+    assert {s.check["by"] for s in m.splits.values()} == {"adoption"}
+    # adopting again (say after adding tars) is allowed and gives the same manifest (its check made anew)
     assert make_shards(["--dataset", "webdataset", "--src", str(root), "--workers", "2"]) == 0
-    assert read_manifest(root) == m
+    again = read_manifest(root)
+    for a, b in zip(again.splits.values(), m.splits.values()):
+        assert a.check.pop("at") and b.check.pop("at")
+    assert again == m
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -171,7 +176,7 @@ def test_bad_foreign_datasets_are_refused_naming_the_tar_and_key(tmp_path, digit
     (tmp_path / "c").mkdir()
     with wds.TarWriter(str(tmp_path / "c" / "x-train.tar")) as w:
         w.write({"__key__": "s0", "jpg": encode(images[0], "jpg"), "cls": "seven"})
-    refused(tmp_path / "c", "sample 's0' has the label 'seven'")
+    refused(tmp_path / "c", "sample 's0': the label 'seven' is not an ASCII decimal")
     (tmp_path / "d").mkdir()
     with wds.TarWriter(str(tmp_path / "d" / "shards.tar")) as w:
         w.write({"__key__": "s0", "jpg": encode(images[0], "jpg"), "cls": 1})

@@ -15,7 +15,6 @@ from PIL import Image
 import ensiam_fast.data.dali as data
 import ensiam_fast.data.loader as loader_module
 from ensiam_fast.data import build_loader, normalize
-from ensiam_fast.data.dali import parse_labels
 from ensiam_fast.shards import (
     Manifest,
     ShardFormatError,
@@ -25,6 +24,7 @@ from ensiam_fast.shards import (
     write_manifest,
     write_shard,
 )
+from ensiam_fast.shards.format import parse_labels
 from pipelines.presets import MEAN, STD, get_preset
 
 # No pixel randomness (crop=False, resize_ratio 1 on 32x32 images): a view is the decoded image, so

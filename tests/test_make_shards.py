@@ -533,7 +533,12 @@ def test_interrupted_conversion_resumes_to_the_same_result(sources, converted, t
     clean = converted["cifar10"]
     for tar in sorted(clean.glob("*.tar")):
         assert (out / tar.name).read_bytes() == tar.read_bytes()
-    assert json.loads((out / "manifest.json").read_text()) == json.loads((clean / "manifest.json").read_text())
+    resumed, fresh = (json.loads((d / "manifest.json").read_text()) for d in (out, clean))
+    for m in (resumed, fresh):  # the verdicts differ only in when they were made and the tars' mtimes
+        for info in m["splits"].values():
+            check = info.pop("check")
+            assert check["result"] == "ok" and check["by"] == "conversion" and len(check["tars"]) == len(info["shards"])
+    assert resumed == fresh
     assert verify_dataset(out).ok
 
 

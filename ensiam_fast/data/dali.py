@@ -5,7 +5,6 @@ See the package docstring (``ensiam_fast.data``) for the contract.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 import tempfile
@@ -20,32 +19,12 @@ import torch
 
 from ensiam_fast.data.preflight import preflight
 from ensiam_fast.data.spec import LoaderSpec, derive_seed, resolve_device
-from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, image_problem, parse_labels
 from ensiam_fast.shards.index import read_index, write_index
 
 READER = "reader"  # the reader's name in the pipeline: its metadata gives the epoch size
 SHUFFLE_BUFFER = 2048  # encoded samples held for in-shard shuffling (~220 MB of ImageNet JPEGs)
 VERIFY_HINT = "check the shards with `python tools/make_shards.py --verify {root}`"
-
-
-def parse_labels(raw: np.ndarray) -> np.ndarray:
-    """ASCII decimal ``.cls`` bytes, zero-padded to (B, L), to int64 labels (``b'522'`` -> 522).
-
-    Padding zeros and surrounding whitespace are ignored; anything else is a format error.
-    """
-    raw = np.asarray(raw, dtype=np.uint8)
-    if raw.ndim != 2 or raw.shape[1] == 0:
-        raise ShardFormatError(f"empty .cls entries in a labelled split (label bytes of shape {raw.shape})")
-    digit = (raw >= ord("0")) & (raw <= ord("9"))
-    ignorable = np.isin(raw, np.frombuffer(b"\x00 \t\r\n", dtype=np.uint8))
-    bad_rows = np.flatnonzero(~(digit | ignorable).all(axis=1) | ~digit.any(axis=1))
-    if bad_rows.size:
-        text = bytes(raw[bad_rows[0]]).rstrip(b"\x00")
-        raise ShardFormatError(f".cls content {text!r} is not an ASCII decimal class index")
-    values = np.zeros(raw.shape[0], dtype=np.int64)
-    for col in range(raw.shape[1]):  # L = longest label's length: a handful of vector steps
-        values = np.where(digit[:, col], values * 10 + (raw[:, col].astype(np.int64) - ord("0")), values)
-    return values
 
 
 # ----------------------------------------------------------------------------- shard indices
@@ -77,29 +56,18 @@ def ensure_indices(root: Path, tars: list[str], idxs: list[str]) -> list[str]:
     return out
 
 
-def _index_entries(idx_path: str) -> list[tuple[str, int, int, str]]:
-    """(ext, offset, size, member) of the image component of every sample in an index."""
-    return [
-        (m.ext, m.offset, m.size, m.member) for sample in read_index(idx_path) for m in sample if m.ext in IMAGE_EXTS
-    ]
-
-
 def find_undecodable(tars: list[str], idxs: list[str], budget_s: float = 30.0) -> tuple[str, str] | None:
-    """The first (tar, member) whose image PIL cannot decode, searched for at most ``budget_s``."""
-    from PIL import Image
-
+    """The first (tar, member) whose image fails the check of ``shards.format.image_problem``,
+    searched for at most ``budget_s``."""
     deadline = time.monotonic() + budget_s
     for tar, idx in zip(tars, idxs):
         with open(tar, "rb") as f:
-            for _, offset, size, name in _index_entries(idx):
+            for m in (m for sample in read_index(idx) for m in sample if m.ext in IMAGE_EXTS):
                 if time.monotonic() > deadline:
                     return None
-                f.seek(offset)
-                try:
-                    with Image.open(io.BytesIO(f.read(size))) as im:
-                        im.convert("RGB").load()
-                except Exception:  # any decoder failure is what we are looking for
-                    return tar, name
+                f.seek(m.offset)
+                if image_problem(f.read(m.size)):
+                    return tar, m.member
     return None
 
 

@@ -2,27 +2,42 @@
 
 Why: DALI 2.4's CPU image decoder crashes the process (SIGSEGV in its thread pool, right after it
 prints ``[jpeg_parser] Invalid marker``) when one image of a batch does not decode while the others
-are being decoded; whatever the Python side does after the error, the crash can come first. So a
-corrupt image has to be found before DALI decodes it. Cheap checks always run (every index read
-and matched to its tar's size and the manifest); the content of a split (every label, every image
-decoded at 1/8 scale by Pillow) is checked when its tars total at most ``CONTENT_CHECK_BYTES``,
-once per process. Larger datasets rely on the decode check ``make_shards.py`` does when it converts
-or adopts shards, and on ``make_shards.py --verify``.
+are being decoded, and an image whose header claims 30000x30000 pixels costs gigabytes and a minute
+per step; whatever the Python side does after the error, the crash can come first. So bad data has
+to be found before DALI reads it.
+
+* Always: every index parsed and matched to its tar's size and the manifest's counts.
+* A split whose content verdict (``shards/verdict.py``) passed, tars unchanged since, needs nothing
+  more: conversion, adoption or ``make_shards.py --verify`` checked every image and label.
+* Any other split (never checked, or changed since; ``gate_split`` refuses a failed one and warns
+  for these) is checked here, once per process: every label, and every image's header against the
+  pixel limit (a bomb slipped in after the check costs one error line, not memory); and when its
+  tars total at most ``CONTENT_CHECK_BYTES``, every image decoded (JPEGs at 1/8 scale) as well.
+  Decoding a large split at every start would cost minutes: ``--verify`` does it once and records it.
 """
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 from ensiam_fast.data.spec import SplitSpec
-from ensiam_fast.shards.format import IMAGE_EXTS, TAR_BLOCK, ShardFormatError
+from ensiam_fast.shards.format import (
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MAX_PIXELS,
+    TAR_BLOCK,
+    ShardFormatError,
+    image_problem,
+    parse_label,
+    pixel_problem,
+    read_image_dims,
+)
 from ensiam_fast.shards.index import IndexEntry, read_index, split_member
 
 CONTENT_CHECK_BYTES = 512 << 20
 FIX = "`python tools/make_shards.py --verify {root} --drop-corrupt` removes corrupt samples"
-_checked: set[tuple] = set()  # (tar, size, mtime) whose content was found good in this process
+_checked: set[tuple] = set()  # (tar, size, mtime, decoded) whose content was found good in this process
 
 
 def _fail(root: Path, what: str) -> ShardFormatError:
@@ -55,46 +70,48 @@ def check_structure(
     return indices
 
 
-def _label_problem(data: bytes, num_classes: int) -> str | None:
-    text = data.decode("ascii", "replace").strip()
-    if not text.isdigit():
-        return f"label {text!r} is not an ASCII decimal class index"
-    if int(text) >= num_classes:
-        return f"label {int(text)} is outside 0..{num_classes - 1} (the manifest has {num_classes} classes)"
-    return None
-
-
-def _image_problem(data: bytes) -> str | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG: DCT scaling
-            img.load()
-    except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken image
-        return f"the image does not decode ({type(e).__name__}: {e})"
+def _member_problem(f, m: IndexEntry, num_classes: int, decode: bool, max_pixels: int) -> str | None:
+    if m.ext == LABEL_EXT:
+        f.seek(m.offset)
+        try:
+            label = parse_label(f.read(min(m.size, 64)))
+        except ValueError as e:
+            return str(e)
+        if label >= num_classes:
+            return f"label {label} is outside 0..{num_classes - 1} (the manifest has {num_classes} classes)"
+        return None
+    if problem := pixel_problem(read_image_dims(f, m.offset, m.size), max_pixels):
+        return problem
+    if decode:
+        f.seek(m.offset)
+        return image_problem(f.read(m.size), max_pixels)
     return None
 
 
 def check_content(
-    root: Path, tars: list[str], indices: list[list[list[IndexEntry]]], labeled: bool, num_classes: int
+    root: Path,
+    tars: list[str],
+    indices: list[list[list[IndexEntry]]],
+    labeled: bool,
+    num_classes: int,
+    decode: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> None:
-    """Every label in range and every image decodable; the first bad sample raises, named."""
+    """Every label in range and every image's header within ``max_pixels`` (and, with ``decode``,
+    every image decodable); the first bad sample raises, named."""
     for tar, samples in zip(tars, indices):
         st = os.stat(tar)
-        key = (tar, st.st_size, st.st_mtime_ns)
-        if key in _checked:
+        key = (tar, st.st_size, st.st_mtime_ns, decode)
+        if key in _checked or (tar, st.st_size, st.st_mtime_ns, True) in _checked:
             continue
         with open(tar, "rb") as f:
+            if hasattr(os, "posix_fadvise"):  # a header here and there: no read-ahead of whole images
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM if not decode else os.POSIX_FADV_NORMAL)
             for sample in samples:
                 for m in sample:
-                    if m.ext in IMAGE_EXTS or (labeled and m.ext == "cls"):
-                        f.seek(m.offset)
-                        data = f.read(m.size)
-                        problem = _image_problem(data) if m.ext in IMAGE_EXTS else _label_problem(data, num_classes)
-                        if problem:
-                            sample_key = split_member(m.member)[0]
-                            raise _fail(root, f"shard {tar}, sample {sample_key!r}: {problem}")
+                    if m.ext in IMAGE_EXTS or (labeled and m.ext == LABEL_EXT):
+                        if problem := _member_problem(f, m, num_classes, decode, max_pixels):
+                            raise _fail(root, f"shard {tar}, sample {split_member(m.member)[0]!r}: {problem}")
         _checked.add(key)
 
 
@@ -103,5 +120,7 @@ def preflight(split: SplitSpec, idxs: list[str] | None = None) -> None:
     indices, e.g. regenerated ones); raises ``ShardFormatError`` naming the file."""
     idxs = split.idxs if idxs is None else idxs
     indices = check_structure(split.root, split.tars, idxs, split.shard_sizes)
-    if sum(os.path.getsize(t) for t in split.tars) <= CONTENT_CHECK_BYTES:
-        check_content(split.root, split.tars, indices, split.labeled, split.num_classes)
+    if split.checked:
+        return
+    decode = sum(os.path.getsize(t) for t in split.tars) <= CONTENT_CHECK_BYTES
+    check_content(split.root, split.tars, indices, split.labeled, split.num_classes, decode)

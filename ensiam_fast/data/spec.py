@@ -19,6 +19,7 @@ import torch
 from ensiam_fast.errors import UserError
 from ensiam_fast.shards.format import ShardFormatError, shard_bounds
 from ensiam_fast.shards.manifest import read_manifest, split_files
+from ensiam_fast.shards.verdict import gate_split
 from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 
 
@@ -86,17 +87,20 @@ class SplitSpec:
     labeled: bool
     num_classes: int
     image_size: list[int] | None  # (H, W) when every image has it
+    checked: bool = False  # its content verdict passed and its tars are unchanged (shards/verdict.py)
 
 
 def read_split(root: str | os.PathLike, split: str) -> SplitSpec:
-    """Read ``root/manifest.json`` once and resolve ``split``'s files (checked to exist, inside root)."""
+    """Read ``root/manifest.json`` once and resolve ``split``'s files (checked to exist, inside root);
+    a split whose last content check failed is refused here (``shards.verdict.gate_split``)."""
     root = Path(root)
     manifest = read_manifest(root)
     info = manifest.split(split)
     tars, idxs = split_files(root, info)
     check_not_empty(root, split, info.num_samples)
+    checked = gate_split(root, manifest, split)
     return SplitSpec(root, split, tars, idxs, list(info.shard_sizes), info.num_samples, info.labeled,
-                     manifest.num_classes, manifest.image_size)  # fmt: skip
+                     manifest.num_classes, manifest.image_size, checked)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from ensiam_fast.data.preflight import preflight
 from ensiam_fast.data.spec import LoaderSpec, loader_spec, resolve_device
-from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, shard_bounds
+from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, parse_label, shard_bounds
 from ensiam_fast.shards.index import index_count
 from pipelines.reference import ViewAugment
 
@@ -139,14 +139,14 @@ def member(sample: dict, ext: str):
     return sample.get(ext, sample.get("." + ext))
 
 
-def parse_label(sample: dict, where: str) -> int:
+def sample_label(sample: dict, where: str) -> int:
     raw = member(sample, "cls")
     if raw is None:
         raise ShardFormatError(f"{where}: labelled split but the sample has no .cls member")
     try:
-        return int(bytes(raw).decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ShardFormatError(f"{where}: .cls must be an ASCII decimal integer, got {bytes(raw)[:20]!r}") from e
+        return parse_label(bytes(raw))
+    except ValueError as e:
+        raise ShardFormatError(f"{where}: {e}") from None
 
 
 def image_bytes(sample: dict, where: str) -> bytes:
@@ -227,7 +227,7 @@ class _KViewStream(IterableDataset):
                 if b < 0:
                     continue
                 where = f"{self.tars[s]} (key {sample.get('__key__')!r})"
-                label = parse_label(sample, where) if self.labeled else -1
+                label = sample_label(sample, where) if self.labeled else -1
                 pending[b][int(pos_of[g])] = (image_bytes(sample, where), label, where)
                 missing[b] -= 1
                 wanted -= 1

@@ -18,9 +18,11 @@ from ensiam_fast.paths import DEFAULT_SHARDS
 from ensiam_fast.shards.adopt import adopt
 from ensiam_fast.shards.convert import convert, summary_line
 from ensiam_fast.shards.encode import EncodeOptions
+from ensiam_fast.shards.format import MANIFEST, MAX_CLASSES, MAX_PIXELS
+from ensiam_fast.shards.manifest import read_manifest, write_manifest
 from ensiam_fast.shards.sources import DATASETS, open_source
 from ensiam_fast.shards.sources.webdataset import open_webdataset, parse_split_globs
-from ensiam_fast.shards.verify import verify_dataset
+from ensiam_fast.shards.verify import record_verdicts, verify_dataset
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -49,6 +51,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="with --verify: rewrite shards without their corrupt samples (listed in the manifest's skipped)",
     )
+    p.add_argument(
+        "--drop-duplicates",
+        action="store_true",
+        help="webdataset: drop the later of two samples with the same key (one tar or two) and count it",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="refuse images whose header claims more pixels (checked before decoding: decompression bombs)",
+    )
+    p.add_argument(
+        "--max-classes", type=int, default=MAX_CLASSES, help="webdataset: refuse label sets making more classes"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tars checked in parallel by --verify and adoption (default: --workers)",
+    )
     p.add_argument("--shard-size", type=int, default=EncodeOptions.shard_size, help="samples per tar")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="png is lossless (small images)")
     p.add_argument("--quality", type=int, default=EncodeOptions.quality, help="JPEG quality 1..100")
@@ -68,14 +91,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--seed", type=int, default=EncodeOptions.seed, help="seed of the global order samples are written in"
     )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    p.add_argument("--strict", action="store_true", help="stop at an unreadable image instead of skipping it")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at an unreadable image instead of skipping it, and at a class folder without images",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a different conversion in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.verify is None and args.dataset is None:
         p.error("give --dataset NAME (with --src and --out) to convert, or --verify DIR to check")
-    if args.dataset != "webdataset" and (args.split or args.classes):
-        p.error("--split and --classes are for --dataset webdataset")
+    if args.dataset != "webdataset" and (args.split or args.classes or args.drop_duplicates):
+        p.error("--split, --classes and --drop-duplicates are for --dataset webdataset")
+    for name in ("max_pixels", "max_classes", "jobs", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.jobs = args.jobs or args.workers
     if args.verify is None and args.out is None and args.dataset != "webdataset":
         if args.dataset != "digits":
             p.error(f"--out is required for --dataset {args.dataset}")
@@ -89,19 +120,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_verify(root: Path, workers: int, drop: bool = False) -> int:
-    report = verify_dataset(root, workers=workers)
-    if drop and not report.ok:
-        from ensiam_fast.shards.repair import drop_corrupt
-
-        try:
-            changes = drop_corrupt(root, report)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for line in changes:
-            print(line)
-        report = verify_dataset(root, workers=workers)
+def report_verify(report) -> int:
+    """Print what a check found; the exit code (0: passed, 1: problems)."""
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     for problem in report.problems:
@@ -112,35 +132,83 @@ def run_verify(root: Path, workers: int, drop: bool = False) -> int:
     return 0 if report.ok else 1
 
 
-def run_adopt(args: argparse.Namespace) -> int:
-    """``--dataset webdataset`` without ``--out``: index the tars in place, then verify them."""
+def record(root: Path, report, by: str, max_pixels: int) -> None:
+    """Write each split's verdict into the manifest (a read-only dataset: say it could not)."""
     try:
-        manifest, notes = adopt(args.src, parse_split_globs(args.split), args.classes, args.workers)
+        manifest = read_manifest(root)
+        record_verdicts(root, manifest, report, by, max_pixels)
+        write_manifest(root, manifest)
+    except (OSError, UserError) as e:
+        print(f"warning: the verdict could not be recorded in {root / MANIFEST} ({e})", file=sys.stderr)
+
+
+def run_verify(root: Path, jobs: int, drop: bool = False, max_pixels: int = MAX_PIXELS, progress: bool = True) -> int:
+    report = verify_dataset(root, workers=jobs, max_pixels=max_pixels, progress=progress)
+    if drop and not report.ok:
+        from ensiam_fast.shards.repair import drop_corrupt
+
+        try:
+            changes = drop_corrupt(root, report)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for line in changes:
+            print(line)
+        report = verify_dataset(root, workers=jobs, max_pixels=max_pixels, progress=progress)
+    if report.split_problems:
+        record(root, report, "verify", max_pixels)
+    return report_verify(report)
+
+
+def run_adopt(args: argparse.Namespace) -> int:
+    """``--dataset webdataset`` without ``--out``: index the tars in place, check them, and write the
+    manifest with its verdict (a failed check is recorded, so nothing trains on it)."""
+    try:
+        manifest, notes, report = adopt(
+            args.src,
+            parse_split_globs(args.split),
+            args.classes,
+            args.jobs,
+            max_pixels=args.max_pixels,
+            max_classes=args.max_classes,
+            drop_duplicates=args.drop_duplicates,
+            progress=not args.quiet,
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     counts = ", ".join(f"{name} {s.num_samples} in {len(s.shards)} tar(s)" for name, s in manifest.splits.items())
-    print(f"adopted {args.src} in place ({counts}, {manifest.num_classes} classes): manifest and indices written")
-    return run_verify(args.src, args.workers)
+    state = (
+        "manifest and indices written" if report.ok else "the manifest records the failed check: nothing trains on it"
+    )
+    print(f"adopted {args.src} in place ({counts}, {manifest.num_classes} classes): {state}")
+    return report_verify(report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.verify is not None:
-        return run_verify(args.verify, args.workers, args.drop_corrupt)
+        return run_verify(args.verify, args.jobs, args.drop_corrupt, args.max_pixels, not args.quiet)
     if args.dataset == "webdataset" and args.out is None:
         return run_adopt(args)
     opts = EncodeOptions(args.format, args.quality, args.shard_size, args.resize, args.reencode, args.seed)
     started = time.perf_counter()
     try:
         if args.dataset == "webdataset":
-            source = open_webdataset(args.src, parse_split_globs(args.split), args.classes, args.workers)
+            source = open_webdataset(
+                args.src,
+                parse_split_globs(args.split),
+                args.classes,
+                args.jobs,
+                max_classes=args.max_classes,
+                drop_duplicates=args.drop_duplicates,
+            )
         else:
-            source = open_source(args.dataset, args.src)
+            source = open_source(args.dataset, args.src, strict=args.strict)
         for note in source.notes:
-            print(f"note: {note}", file=sys.stderr)
+            print(note if note.startswith("warning: ") else f"note: {note}", file=sys.stderr)
         manifest, worked = convert(
             source,
             args.out,
@@ -149,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             strict=args.strict,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            max_pixels=args.max_pixels,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

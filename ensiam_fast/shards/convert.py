@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
-from ensiam_fast.shards.format import MANIFEST, shard_name, write_shard
+from ensiam_fast.shards.format import MANIFEST, MAX_PIXELS, describe_image_error, shard_name, write_shard
 from ensiam_fast.shards.manifest import Manifest, SplitInfo, read_manifest, write_manifest
 from ensiam_fast.shards.plan import PROGRESS, ConversionError, make_plan, prepare_output, split_order
 from ensiam_fast.shards.sources import Sample, Source
+from ensiam_fast.shards.verdict import make_verdict
 
 
 @dataclass
@@ -37,8 +38,8 @@ class ShardTask:
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, out: Path, opts: EncodeOptions, strict: bool) -> None:
-    _WORKER.update(source=source, out=out, opts=opts, strict=strict)
+def _init_worker(source: Source, out: Path, opts: EncodeOptions, strict: bool, max_pixels: int = MAX_PIXELS) -> None:
+    _WORKER.update(source=source, out=out, opts=opts, strict=strict, max_pixels=max_pixels)
 
 
 def _encoded_samples(
@@ -46,9 +47,9 @@ def _encoded_samples(
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     for sample in samples:
         try:
-            ext, data, hw = encode_sample(sample, opts)
+            ext, data, hw = encode_sample(sample, opts, _WORKER.get("max_pixels", MAX_PIXELS))
         except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken file
-            reason = f"{type(e).__name__}: {e}"
+            reason = describe_image_error(e)
             if strict:
                 raise ConversionError(f"cannot read {sample.source}: {reason} (--strict)") from None
             skipped.append({"source": sample.source, "reason": reason})
@@ -87,16 +88,18 @@ def convert_shard(task: ShardTask) -> dict:
 
 
 def _run_tasks(
-    tasks: list[ShardTask], source: Source, out: Path, opts: EncodeOptions, strict: bool, workers: int
+    tasks: list[ShardTask], source: Source, out: Path, opts: EncodeOptions, strict: bool, workers: int, max_pixels: int
 ) -> Iterator[dict]:
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(source, out, opts, strict)
+        _init_worker(source, out, opts, strict, max_pixels)
         for task in tasks:
             yield convert_shard(task)
         return
     # fork shares the source arrays with the workers without pickling them.
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict)) as pool:
+    with ctx.Pool(
+        min(workers, len(tasks)), initializer=_init_worker, initargs=(source, out, opts, strict, max_pixels)
+    ) as pool:
         yield from pool.imap_unordered(convert_shard, tasks)
         pool.close()  # let the workers exit on their own (and be reaped) rather than be terminated
         pool.join()
@@ -151,6 +154,7 @@ def convert(
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[Manifest, bool]:
     """Convert ``source`` into ``out``; return the manifest and whether anything had to be done."""
     out = Path(out)
@@ -171,7 +175,7 @@ def convert(
         open(out / PROGRESS, "a") as log,
         tqdm(total=total, unit="img", disable=not progress, desc=source.dataset) as bar,
     ):
-        for rec in _run_tasks(tasks, source, out, opts, strict, workers):
+        for rec in _run_tasks(tasks, source, out, opts, strict, workers, max_pixels):
             log.write(json.dumps(rec) + "\n")
             log.flush()
             done[(rec["split"], rec["shard"])] = rec
@@ -179,5 +183,7 @@ def convert(
             for s in rec["skipped"]:
                 tqdm.write(f"warning: skipped {s['source']}: {s['reason']}", file=sys.stderr)
     manifest = build_manifest(source, plan, done, opts)
+    for info in manifest.splits.values():  # every image written was decoded (or kept, checked) here
+        info.check = make_verdict(out, info, "conversion", [], max_pixels)
     write_manifest(out, manifest)
     return manifest, True

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ensiam_fast.shards.format import HEADER_BYTES, MAX_PIXELS, image_dims, pixel_problem
 from ensiam_fast.shards.sources import Sample, pil_from_pixels, to_rgb8
 
 SMALL_IMAGE_SIDE = 128  # at or below this, JPEGs keep full-resolution chroma (4:4:4)
@@ -94,9 +95,13 @@ def _encode_pixels(px: np.ndarray, opts: EncodeOptions) -> tuple[str, bytes, tup
     return "jpg", _encode_jpeg(pil_from_pixels(px), opts.quality), px.shape[:2]
 
 
-def _encode_file(data: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
+def _encode_file(data: bytes, opts: EncodeOptions, max_pixels: int) -> tuple[str, bytes, tuple[int, int]]:
+    if problem := pixel_problem(image_dims(data[:HEADER_BYTES]), max_pixels):
+        raise ValueError(problem)  # before Pillow reads more than the header
     img = Image.open(io.BytesIO(data))
     w, h = img.size
+    if problem := pixel_problem((w, h), max_pixels):
+        raise ValueError(problem)
     scale = 1.0 if opts.resize is None else min(1.0, opts.resize / min(w, h))
     is_rgb_jpeg = img.format == "JPEG" and img.mode == "RGB"
     if is_rgb_jpeg and opts.format == "jpg" and scale == 1 and not opts.reencode:
@@ -115,8 +120,11 @@ def _encode_file(data: bytes, opts: EncodeOptions) -> tuple[str, bytes, tuple[in
     return _encode(img, opts.format, opts.quality)
 
 
-def encode_sample(sample: Sample, opts: EncodeOptions) -> tuple[str, bytes, tuple[int, int]]:
-    """Return (extension, encoded bytes, (H, W)) for one sample; raises when it cannot be read."""
+def encode_sample(
+    sample: Sample, opts: EncodeOptions, max_pixels: int = MAX_PIXELS
+) -> tuple[str, bytes, tuple[int, int]]:
+    """Return (extension, encoded bytes, (H, W)) for one sample; raises when it cannot be read or
+    its header claims more than ``max_pixels`` pixels."""
     if sample.pixels is not None:
         return _encode_pixels(sample.pixels, opts)
-    return _encode_file(sample.path.read_bytes() if sample.data is None else sample.data, opts)
+    return _encode_file(sample.path.read_bytes() if sample.data is None else sample.data, opts, max_pixels)

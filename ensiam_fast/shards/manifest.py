@@ -5,6 +5,7 @@ See ``shards/README.md`` for the fields.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ class SplitInfo:
     labeled: bool
     shard_sizes: list[int] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
+    # The content verdict: who checked the split's tars, when, the result (see verdict.py); None: never
+    check: dict | None = None
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Manifest:
                     "shard_sizes": list(s.shard_sizes),
                     "labeled": s.labeled,
                     "skipped": list(s.skipped),
+                    **({"check": s.check} if s.check is not None else {}),
                 }
                 for name, s in self.splits.items()
             },
@@ -123,7 +127,26 @@ def _read_split(path: Path, name: str, fields) -> SplitInfo:
                 "fix the file or re-run tools/make_shards.py"
             )
         values[key] = fields[key]
-    return SplitInfo(**values)
+    # kept as written (even by hand or by a newer version): verdict.py judges it, and --verify replaces it
+    check = fields.get("check")
+    return SplitInfo(**values, check=check if isinstance(check, dict) else None if check is None else {"bad": check})
+
+
+_PARSED: dict[str, tuple[tuple[int, int, int], dict]] = {}  # path -> (its inode, size, mtime; its JSON)
+
+
+def _parsed(path: Path) -> dict:
+    """The JSON of ``path``, parsed once per version of the file in this process (every loader, the
+    start checks and each kNN evaluation read the same manifest); a copy, so callers may change it."""
+    st = path.stat()
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    key = str(path.resolve())
+    if key not in _PARSED or _PARSED[key][0] != stamp:
+        try:
+            _PARSED[key] = (stamp, json.loads(path.read_bytes()))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/make_shards.py") from e
+    return copy.deepcopy(_PARSED[key][1])
 
 
 def read_manifest(root: str | os.PathLike) -> Manifest:
@@ -140,10 +163,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             f"{path} is missing: {root} is not a converted dataset; make one with "
             f"`python tools/make_shards.py --dataset NAME --src SRC --out {root}`"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShardFormatError(f"{path} is not valid JSON ({e}); re-run tools/make_shards.py") from e
+    raw = _parsed(path)
     for key in ("dataset", "classes", "splits"):
         if key not in raw:
             raise ShardFormatError(f"{path} lacks the key {key!r}; re-run tools/make_shards.py")

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-import io
 import math
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ensiam_fast.shards.format import IMAGE_EXTS, MANIFEST, TAR_BLOCK, TMP_SUFFIX, ShardFormatError, index_name
-from ensiam_fast.shards.index import read_index, split_member
-from ensiam_fast.shards.manifest import read_manifest, resolve_inside
-
-# Pillow modes both loaders decode to RGB (DALI's decoder on CPU, torchvision's with ImageReadMode.RGB);
-# our conversions write RGB only, adopted WebDataset shards may hold the others (tests/test_adopt.py).
-DECODED_MODES = ("RGB", "L", "CMYK", "P", "RGBA")
+from ensiam_fast.shards.format import (
+    HEADER_BYTES,
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MANIFEST,
+    MAX_IMAGE_BYTES,
+    MAX_PIXELS,
+    TMP_SUFFIX,
+    ShardFormatError,
+    image_dims,
+    image_problem,
+    index_name,
+    parse_label,
+    pixel_problem,
+)
+from ensiam_fast.shards.index import IndexEntry, read_index, read_tar, split_member
+from ensiam_fast.shards.manifest import Manifest, read_manifest, resolve_inside
+from ensiam_fast.shards.verdict import make_verdict
 
 
 @dataclass
@@ -29,73 +38,68 @@ class ShardCheck:
     bad_samples: dict[str, list[str]] = field(default_factory=dict)  # key -> what is wrong with it
 
 
-def _tar_members(tar: Path, size: int, problems: list[str]) -> list[tuple[str, int, int]]:
-    """(name, data offset, size) of every member, in order; truncation becomes a problem."""
-    members = []
-    try:
-        with tarfile.open(tar, mode="r:") as tf:
-            while (m := tf.next()) is not None:
-                if not m.isfile():
-                    problems.append(f"{tar.name}: member {m.name!r} is not a regular file")
-                    continue
-                if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in m.name):
-                    problems.append(f"{tar.name}: member name {m.name!r} has a control character or a space")
-                    continue
-                members.append((m.name, m.offset_data, m.size))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        problems.append(f"{tar.name}: truncated or corrupt tar ({e})")
-        return members
-    end = members[-1][1] + -(-members[-1][2] // TAR_BLOCK) * TAR_BLOCK if members else 0
-    with open(tar, "rb") as f:
-        f.seek(end)
-        trailer = f.read(2 * TAR_BLOCK)
-    if end > size or len(trailer) < 2 * TAR_BLOCK or trailer.strip(b"\0"):
-        problems.append(f"{tar.name}: no end-of-archive marker after the last member (truncated tar)")
-    return members
+def _compare_index(idx: Path, tar: Path, listed: list[list[IndexEntry]], found: list[list[IndexEntry]]) -> str | None:
+    """The first difference between an index and what the tar holds, or None."""
+    if len(listed) != len(found):
+        return f"{idx.name} lists {len(listed)} samples but {tar.name} holds {len(found)}"
+    for n, (a, b) in enumerate(zip(listed, found), 2):
+        if a != b:
+            return (
+                f"{idx.name} line {n} lists (member, offset, size) {[(m.member, m.offset, m.size) for m in a]}, "
+                f"but {tar.name} has {[(m.member, m.offset, m.size) for m in b]} there"
+            )
+    return None
 
 
-def _index_entries(idx: Path, problems: list[str]) -> list[list[tuple[str, int, int, str]]] | None:
-    """One list of (ext, offset, size, member) per sample line, or None when unreadable."""
-    try:
-        return [[(m.ext, m.offset, m.size, m.member) for m in sample] for sample in read_index(idx)]
-    except ShardFormatError as e:
-        problems.append(str(e))
-        return None
-
-
-def _check_sample(
-    name: str, key: str, parts: dict[str, bytes], labeled: bool, num_classes: int, decode: bool
-) -> list[str]:
-    from PIL import Image
-
-    problems = []
-    images = [e for e in parts if e in IMAGE_EXTS]
+def sample_problems(f, where: str, key: str, sample: list[IndexEntry], labeled: bool, num_classes: int,
+                    decode: bool, max_pixels: int) -> list[str]:  # fmt: skip
+    """What is wrong with one sample of the open tar ``f`` (its members as indexed); reads only its
+    image (the header first: a bomb is refused before its data is read) and its label."""
+    images = [m for m in sample if m.ext in IMAGE_EXTS]
+    exts = sorted(m.ext for m in sample)
     if len(images) != 1:
         wanted = ", ".join("." + e for e in IMAGE_EXTS)
-        return [f"{name}: sample {key!r} should have one image ({wanted}), has {sorted(parts)}"]
+        return [f"{where}: sample {key!r} should have one image ({wanted}), has {exts}"]
+    problems = []
+    cls = [m for m in sample if m.ext == LABEL_EXT]
     if labeled:
-        cls = parts.get("cls")
-        text = cls.decode("ascii", "replace").strip() if cls is not None else None
-        if text is None or not text.isdigit() or int(text) >= num_classes:
-            problems.append(f"{name}: sample {key!r} has label {text!r}, expected an integer in 0..{num_classes - 1}")
-    elif "cls" in parts:
-        problems.append(f"{name}: sample {key!r} has a .cls but its split is unlabelled")
-    if decode:
-        try:
-            with Image.open(io.BytesIO(parts[images[0]])) as img:
-                img.load()
-                if img.mode not in DECODED_MODES:
-                    problems.append(
-                        f"{name}: sample {key!r} image is {img.mode}, not one of the 8-bit modes the loaders "
-                        f"read as RGB ({', '.join(DECODED_MODES)})"
-                    )
-        except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken image
-            problems.append(f"{name}: sample {key!r} image does not decode ({type(e).__name__}: {e})")
+        if not cls:
+            problems.append(f"{where}: sample {key!r} has no .{LABEL_EXT} but its split is labelled")
+        else:
+            f.seek(cls[0].offset)
+            try:
+                label = parse_label(f.read(min(cls[0].size, 64)))
+                if label >= num_classes:
+                    problems.append(f"{where}: sample {key!r} has label {label}, outside 0..{num_classes - 1}")
+            except ValueError as e:
+                problems.append(f"{where}: sample {key!r}: {e}")
+    elif cls:
+        problems.append(f"{where}: sample {key!r} has a .{LABEL_EXT} but its split is unlabelled")
+    image = images[0]
+    f.seek(image.offset)
+    head = f.read(min(image.size, HEADER_BYTES))
+    problem = pixel_problem(image_dims(head), max_pixels)
+    if problem is None and image.size > MAX_IMAGE_BYTES:
+        problem = f"the image member is {image.size:,} bytes, more than {MAX_IMAGE_BYTES:,}"
+    if problem is None:
+        problem = image_problem(head + f.read(image.size - len(head)), max_pixels, decode)
+    if problem:
+        problems.append(f"{where}: sample {key!r} ({image.member!r}): {problem}")
     return problems
 
 
-def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True) -> ShardCheck:
-    """Check that a tar is complete, its index matches it member for member, and its images decode."""
+def check_shard(
+    tar: Path,
+    labeled: bool,
+    num_classes: int,
+    decode: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    dropped: frozenset[str] = frozenset(),
+) -> ShardCheck:
+    """Check that a tar is complete, its index lists exactly its samples, and every sample has one
+    image within ``max_pixels`` that decodes and a label in range. The tar is read member by member
+    (memory bounded by one image, whatever its size). ``dropped``: keys whose repetitions were left
+    out on purpose (``--drop-duplicates``, listed in the manifest's ``skipped``)."""
     tar = Path(tar)
     idx = tar.with_name(index_name(tar.name))
     check = ShardCheck(tar.name)
@@ -104,45 +108,40 @@ def check_shard(tar: Path, labeled: bool, num_classes: int, decode: bool = True)
             check.problems.append(f"{path.name} is missing")
     if check.problems:
         return check
-    size = tar.stat().st_size
-    members = _tar_members(tar, size, check.problems)
-    by_name = {name: (off, sz) for name, off, sz in members}
-    entries = _index_entries(idx, check.problems)
-    if entries is None:
+    try:
+        contents = read_tar(tar)
+    except ShardFormatError as e:
+        check.problems.append(str(e))
         return check
-    listed = set()
-    for line in entries:
-        for ext, off, sz, member in line:
-            listed.add(member)
-            if not member.endswith("." + ext):
-                check.problems.append(f"{idx.name}: entry {member!r} does not end with its extension {ext!r}")
-            elif member not in by_name:
-                check.problems.append(f"{idx.name}: {member!r} is not in {tar.name}")
-            elif by_name[member] != (off, sz):
-                check.problems.append(
-                    f"{idx.name}: {member!r} at offset {off} size {sz}, but {tar.name} has it at "
-                    f"offset {by_name[member][0]} size {by_name[member][1]}"
-                )
-    unlisted = [name for name in by_name if name not in listed]
-    if unlisted:
-        check.problems.append(f"{idx.name} does not list {len(unlisted)} member(s) of {tar.name}, e.g. {unlisted[0]!r}")
-    samples: dict[str, dict[str, bytes]] = {}
+    check.problems.extend(contents.odd)
+    across = dropped - {key for key, _ in contents.duplicates}  # repeated from another tar: none of it is indexed
+    if across:
+        contents.samples = [s for s in contents.samples if split_member(s[0].member)[0] not in across]
+    for key, where in contents.duplicates:
+        if key not in dropped:
+            check.problems.append(
+                f"sample key {key!r} comes twice: {where}; re-adopt with --drop-duplicates to drop the later one"
+            )
+    try:
+        listed = read_index(idx)
+    except ShardFormatError as e:
+        check.problems.append(str(e))
+        return check
+    if mismatch := _compare_index(idx, tar, listed, contents.samples):
+        check.problems.append(mismatch)
+        return check
     with open(tar, "rb") as f:
-        for name, off, sz in members:
-            key, ext = split_member(name)
-            f.seek(off)
-            samples.setdefault(key, {})[ext] = f.read(sz)
-    for key, parts in samples.items():
-        found = _check_sample(tar.name, key, parts, labeled, num_classes, decode)
-        if found:
-            check.problems.extend(found)
-            check.bad_samples[key] = found
-        text = parts.get("cls", b"").decode("ascii", "replace").strip()
-        if labeled and text.isdigit() and int(text) < num_classes:
-            check.labels.append(int(text))
-    check.num_samples = len(samples)
-    if len(entries) != len(samples):
-        check.problems.append(f"{idx.name} lists {len(entries)} samples but {tar.name} holds {len(samples)}")
+        for sample in contents.samples:
+            key = split_member(sample[0].member)[0]
+            found = sample_problems(f, tar.name, key, sample, labeled, num_classes, decode, max_pixels)
+            if found:
+                check.problems.extend(found)
+                check.bad_samples[key] = found
+            elif labeled:
+                cls = next(m for m in sample if m.ext == LABEL_EXT)
+                f.seek(cls.offset)
+                check.labels.append(parse_label(f.read(min(cls.size, 64))))
+    check.num_samples = len(contents.samples)
     return check
 
 
@@ -193,6 +192,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checks: dict[str, ShardCheck] = field(default_factory=dict)  # shard name -> its check
+    split_problems: dict[str, list[str]] = field(default_factory=dict)  # per split (what its verdict records)
     # split -> (distinct classes per shard on average, what a random order gives on average)
     mixing: dict[str, tuple[float, float]] = field(default_factory=dict)
 
@@ -206,12 +206,35 @@ class VerifyReport:
         return f"verify {self.root}: dataset {self.dataset}, {splits or 'no splits'}: {verdict}"
 
 
-def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = True) -> VerifyReport:
-    """Check every shard of a converted dataset against its index and the manifest."""
+def dropped_duplicates(info) -> dict[str, frozenset[str]]:
+    """{tar: keys} whose repetitions ``--drop-duplicates`` left out (the split's ``skipped`` says so)."""
+    out: dict[str, set[str]] = {}
+    for entry in info.skipped:
+        source, reason = str(entry.get("source", "")), str(entry.get("reason", ""))
+        if reason.startswith(DUPLICATE) and "#" in source:
+            tar, _, key = source.partition("#")
+            out.setdefault(tar, set()).add(key)
+    return {tar: frozenset(keys) for tar, keys in out.items()}
+
+
+DUPLICATE = "duplicate"  # how a dropped repetition's reason starts in ``skipped``
+
+
+def verify_dataset(
+    root: str | os.PathLike,
+    workers: int = 1,
+    decode: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    progress: bool = False,
+    manifest: Manifest | None = None,
+) -> VerifyReport:
+    """Check every shard of a dataset against its index and the manifest (``manifest``: one not
+    written yet, e.g. by an adoption in progress), ``workers`` tars at a time; per split, the
+    problems found go into ``report.split_problems`` (what :func:`record_verdicts` records)."""
     root = Path(root)
     report = VerifyReport(root)
     try:
-        manifest = read_manifest(root)
+        manifest = manifest or read_manifest(root)
     except ShardFormatError as e:
         report.problems.append(str(e))
         return report
@@ -224,40 +247,51 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
                 report.problems.append(str(e))
     if report.problems:
         return report
-    jobs = [
-        (root / name, info.labeled, manifest.num_classes, decode)
-        for info in manifest.splits.values()
-        for name in info.shards
-    ]
-    if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
+    jobs = []
+    for info in manifest.splits.values():
+        dropped = dropped_duplicates(info)
+        for name in info.shards:
+            jobs.append(
+                (root / name, info.labeled, manifest.num_classes, decode, max_pixels, dropped.get(name, frozenset()))
+            )
+    from tqdm import tqdm
 
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-        with ctx.Pool(min(workers, len(jobs))) as pool:
-            checks = pool.map(_check_shard_args, jobs, chunksize=1)
-    else:
-        checks = [check_shard(*job) for job in jobs]
+    total = sum(info.num_samples for info in manifest.splits.values())
+    checks = []
+    with tqdm(total=total, unit="img", desc=f"verify {root.name}", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            with ctx.Pool(min(workers, len(jobs))) as pool:
+                for check in pool.imap(_check_shard_args, jobs, chunksize=1):
+                    checks.append(check)
+                    bar.update(check.num_samples)
+        else:
+            for job in jobs:
+                checks.append(check_shard(*job))
+                bar.update(checks[-1].num_samples)
     results = iter(checks)
     for split, info in manifest.splits.items():
+        problems = report.split_problems.setdefault(split, [])
         found = 0
         shard_labels = []
         if info.shard_sizes and len(info.shard_sizes) != len(info.shards):
-            report.problems.append(
+            problems.append(
                 f"{MANIFEST}: split {split!r} has {len(info.shards)} shards but {len(info.shard_sizes)} shard_sizes"
             )
         for i, name in enumerate(info.shards):
             check = next(results)
             report.checks[name] = check
-            report.problems.extend(check.problems)
+            problems.extend(check.problems)
             found += check.num_samples
             shard_labels.append(check.labels)
             expected = info.shard_sizes[i] if i < len(info.shard_sizes) else None
             if expected is not None and check.num_samples != expected and not check.problems:
-                report.problems.append(f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}")
-        if found != info.num_samples:
-            report.problems.append(
-                f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}"
-            )
+                problems.append(f"{name} holds {check.num_samples} samples, {MANIFEST} says {expected}")
+        if found != info.num_samples and not any(report.checks[n].problems for n in info.shards):
+            problems.append(f"split {split!r}: {found} samples in its shards, {MANIFEST} says {info.num_samples}")
+        report.problems.extend(problems)
         report.counts[split] = (found, len(info.shards))
         if info.labeled and any(shard_labels):
             observed, expected = report.mixing[split] = class_mixing(shard_labels)
@@ -269,7 +303,7 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
                     "shards: --dataset webdataset --src DIR --out NEW)"
                 )
         if info.skipped:
-            report.warnings.append(f"split {split!r}: {len(info.skipped)} source image(s) were skipped at conversion")
+            report.warnings.append(f"split {split!r}: {len(info.skipped)} sample(s) were skipped or dropped")
     listed = {name for info in manifest.splits.values() for name in info.shards}
     stray = sorted(p.name for p in root.glob("*.tar") if p.name not in listed)
     if stray:
@@ -278,3 +312,10 @@ def verify_dataset(root: str | os.PathLike, workers: int = 1, decode: bool = Tru
     if leftovers:
         report.warnings.append(f"{len(leftovers)} unfinished .tmp file(s), e.g. {leftovers[0]}")
     return report
+
+
+def record_verdicts(root: Path, manifest: Manifest, report: VerifyReport, by: str, max_pixels: int) -> None:
+    """Set each checked split's ``check`` record in ``manifest`` (the caller writes it)."""
+    for split, problems in report.split_problems.items():
+        if split in manifest.splits:
+            manifest.splits[split].check = make_verdict(root, manifest.splits[split], by, problems, max_pixels)

@@ -38,10 +38,13 @@ OPENERS = {
 }
 
 
-def open_source(dataset: str, src: str | os.PathLike | None) -> Source:
-    """Open and check the source of ``dataset`` (one of :data:`DATASETS`)."""
+def open_source(dataset: str, src: str | os.PathLike | None, strict: bool = False) -> Source:
+    """Open and check the source of ``dataset`` (one of :data:`DATASETS`); ``strict``: a layout
+    oddity that is otherwise a warning (an empty class folder) is an error."""
     if dataset not in OPENERS:
         raise SourceLayoutError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    if dataset == "imagefolder":
+        return open_imagefolder(None if src is None else Path(src), strict=strict)
     return OPENERS[dataset](None if src is None else Path(src))
 
 

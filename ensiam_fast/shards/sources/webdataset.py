@@ -16,15 +16,22 @@ glob matched against the tar's path below the folder or its file name.
 from __future__ import annotations
 
 import fnmatch
-import io
 import multiprocessing as mp
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ensiam_fast.shards.format import IMAGE_EXTS, LABEL_EXT, MANIFEST, ShardFormatError
-from ensiam_fast.shards.index import IndexEntry, scan_tar, split_member
+from ensiam_fast.shards.format import (
+    IMAGE_EXTS,
+    LABEL_EXT,
+    MANIFEST,
+    MAX_CLASSES,
+    label_set_problem,
+    parse_label,
+    read_image_dims,
+)
+from ensiam_fast.shards.index import IndexEntry, read_tar, split_member
 from ensiam_fast.shards.sources.base import SPLIT_NAME, Sample, Source, SourceLayoutError, _stat_fingerprint
 
 SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -39,6 +46,7 @@ class TarScan:
     samples: list[list[IndexEntry]]
     labels: list[int | None]
     sizes: set[tuple[int, int]] = field(default_factory=set)  # (H, W) of its images
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, where) of repetitions left out
 
 
 @dataclass
@@ -126,30 +134,25 @@ def assign_splits(root: Path, names: list[str], globs: dict[str, str] | None) ->
     return splits, notes
 
 
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.height, img.width
-    except Exception:  # noqa: BLE001 - a broken image is reported by the decode check (verify)
-        return None
-
-
-def scan_one(root: Path, name: str) -> TarScan:
-    """Read one tar: its members grouped by sample, each sample's label and image size."""
+def scan_one(root: Path, name: str, drop_duplicates: bool = False) -> TarScan:
+    """Read one tar: its members grouped by sample, each sample's label and image size. Members that
+    are not regular files, and keys that come twice (unless ``drop_duplicates``: the later one is
+    left out and listed in ``dropped``), are errors naming the tar and the byte offset."""
     tar = root / name
     try:
-        samples = scan_tar(tar)
-    except (OSError, EOFError) as e:
+        contents = read_tar(tar)
+    except OSError as e:
         raise SourceLayoutError(f"cannot read the tar {tar} ({e}); is it complete?") from e
-    except ShardFormatError:
-        raise
-    except Exception as e:  # noqa: BLE001 - tarfile.ReadError and friends
-        raise SourceLayoutError(f"{tar} is not a readable tar ({type(e).__name__}: {e})") from e
-    scan = TarScan(name, samples, [])
+    if contents.odd:
+        raise SourceLayoutError(contents.odd[0])
+    if contents.duplicates and not drop_duplicates:
+        key, where = contents.duplicates[0]
+        raise SourceLayoutError(
+            f"sample key {key!r} comes twice in one tar: {where}; --drop-duplicates drops the later one"
+        )
+    scan = TarScan(name, contents.samples, [], dropped=list(contents.duplicates))
     with open(tar, "rb") as f:
-        for sample in samples:
+        for sample in contents.samples:
             key = split_member(sample[0].member)[0]
             exts = [m.ext for m in sample]
             images = [m for m in sample if m.ext in IMAGE_EXTS]
@@ -158,26 +161,25 @@ def scan_one(root: Path, name: str) -> TarScan:
                     f"{tar}: sample {key!r} has the members {exts}; each sample needs exactly one image "
                     f"({', '.join('.' + e for e in IMAGE_EXTS)})"
                 )
-            f.seek(images[0].offset)
-            size = _image_size(f.read(images[0].size))
-            if size is not None:
-                scan.sizes.add(size)
+            dims = read_image_dims(f, images[0].offset, images[0].size)
+            if dims is not None:
+                scan.sizes.add((dims[1], dims[0]))
             label = None
             cls = [m for m in sample if m.ext == LABEL_EXT]
             if cls:
                 f.seek(cls[0].offset)
-                text = f.read(cls[0].size).decode("ascii", "replace").strip()
-                if not text.isdigit():
+                try:
+                    label = parse_label(f.read(min(cls[0].size, 64)))
+                except ValueError as e:
                     raise SourceLayoutError(
-                        f"{tar}: sample {key!r} has the label {text[:20]!r}; .{LABEL_EXT} must hold the class "
-                        "index as ASCII decimal (what ShardWriter writes for an int)"
-                    )
-                label = int(text)
+                        f"{tar}: sample {key!r}: {e}; .{LABEL_EXT} must hold the class index as ASCII decimal "
+                        "(what ShardWriter writes for an int)"
+                    ) from None
             scan.labels.append(label)
     return scan
 
 
-def _scan_args(args: tuple[Path, str]) -> TarScan:
+def _scan_args(args: tuple[Path, str, bool]) -> TarScan:
     return scan_one(*args)
 
 
@@ -194,8 +196,84 @@ def read_classes(path: Path) -> list[str]:
     return names
 
 
+def _drop_repeated_keys(root: Path, split: str, tars: list[TarScan], drop: bool) -> None:
+    """A key in two tars of a split is one sample counted twice: an error naming both tars, or
+    (``drop``) the later one left out and listed in its tar's ``dropped``."""
+    first: dict[str, str] = {}
+    for t in tars:
+        keep = []
+        for i, sample in enumerate(t.samples):
+            key = split_member(sample[0].member)[0]
+            if key not in first:
+                first[key] = t.name
+                keep.append(i)
+                continue
+            where = f"{root / first[key]} and again in {root / t.name}"
+            if not drop:
+                raise SourceLayoutError(
+                    f"split {split!r}: sample key {key!r} is in {where} (the same sample counted twice); "
+                    "--drop-duplicates drops the later one"
+                )
+            t.dropped.append((key, where))
+        if len(keep) < len(t.samples):
+            t.samples, t.labels = [t.samples[i] for i in keep], [t.labels[i] for i in keep]
+
+
+def _label_map(classes: list[str], seen: set[int]) -> dict[int, int] | None:
+    """label value -> line of ``--classes`` when the file lists the values themselves (``01440764`` or
+    WordNet's ``n01440764``) and covers every label seen; else None."""
+    lines: dict[int, int] = {}
+    for i, name in enumerate(classes):
+        digits = name[1:] if name[:1] in "nN" else name
+        if digits.isdigit():
+            lines.setdefault(int(digits), i)
+    return lines if seen and all(y in lines for y in seen) else None
+
+
+def _check_labels(root, splits, classes_file, max_classes: int, in_place: bool) -> tuple[list[str], list[str]]:
+    """The class names and notes; labels not 0..C-1 are an error naming the values and the fix, or,
+    rewriting (``--out``) with a ``--classes`` file listing the values, mapped to their lines."""
+    counts: dict[int, int] = {}
+    for tars in splits.values():
+        for t in tars:
+            for y in t.labels:
+                if y is not None:
+                    counts[y] = counts.get(y, 0) + 1
+    classes = read_classes(classes_file) if classes_file is not None else None
+    problem = label_set_problem(counts, None if classes is None else len(classes), max_classes)
+    if problem and classes is not None and (mapping := _label_map(classes, set(counts))) is not None:
+        if in_place:
+            raise SourceLayoutError(
+                f"{root}: the labels are the values --classes {classes_file} lists, not their line numbers; "
+                "shards adopted in place keep their .cls: give --out NEW to rewrite them with labels 0..C-1"
+            )
+        for tars in splits.values():
+            for t in tars:
+                t.labels = [None if y is None else mapping[y] for y in t.labels]
+        return classes, [f"labels mapped to the lines of --classes {classes_file} (0..{len(classes) - 1})"]
+    if problem:
+        top = max(counts)
+        t, i = next((t, i) for ts in splits.values() for t in ts for i, y in enumerate(t.labels) if y == top)
+        named = f", but --classes {classes_file} names {len(classes)} classes" if classes is not None else ""
+        raise SourceLayoutError(
+            f"{root / t.name}: sample {split_member(t.samples[i][0].member)[0]!r} has the label {top}{named}; {problem}"
+        )
+    if classes is not None:
+        return classes, []
+    top = max(counts, default=-1)
+    notes = [f"class names are the labels 0..{top}; --classes FILE (one name per line) names them"] if counts else []
+    return [str(i) for i in range(top + 1)], notes
+
+
 def scan_webdataset(
-    src: Path | None, split_globs: dict[str, str] | None = None, classes_file: Path | None = None, workers: int = 1
+    src: Path | None,
+    split_globs: dict[str, str] | None = None,
+    classes_file: Path | None = None,
+    workers: int = 1,
+    *,
+    max_classes: int = MAX_CLASSES,
+    drop_duplicates: bool = False,
+    in_place: bool = True,
 ) -> WebDatasetScan:
     """Find, assign and read the tars of a WebDataset folder; every problem names the tar and key."""
     if src is None:
@@ -207,7 +285,7 @@ def scan_webdataset(
     if not names:
         raise SourceLayoutError(f"webdataset: no .tar files in {root} or its sub-folders")
     by_split, notes = assign_splits(root, names, split_globs)
-    jobs = [(root, name) for split in by_split.values() for name in split]
+    jobs = [(root, name, drop_duplicates) for split in by_split.values() for name in split]
     if workers > 1 and len(jobs) > 1:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
         with ctx.Pool(min(workers, len(jobs))) as pool:
@@ -217,6 +295,7 @@ def scan_webdataset(
     found = iter(scans)
     splits = {split: [next(found) for _ in tars] for split, tars in by_split.items()}
     for split, tars in splits.items():
+        _drop_repeated_keys(root, split, tars, drop_duplicates)
         if not any(t.samples for t in tars):
             raise SourceLayoutError(f"split {split!r} ({root / tars[0].name}, ...) holds no samples")
         labeled = [(t, i) for t in tars for i, y in enumerate(t.labels) if y is not None]
@@ -228,20 +307,11 @@ def scan_webdataset(
                 f"{len(labeled)} other sample(s) of split {split!r} have one; a split is labelled throughout "
                 "or not at all"
             )
-    top = max((y for tars in splits.values() for t in tars for y in t.labels if y is not None), default=-1)
-    if classes_file is not None:
-        classes = read_classes(classes_file)
-        if top >= len(classes):
-            t, i = next((t, i) for ts in splits.values() for t in ts for i, y in enumerate(t.labels) if y == top)
-            raise SourceLayoutError(
-                f"{root / t.name}: sample {split_member(t.samples[i][0].member)[0]!r} has the label {top}, but "
-                f"--classes {classes_file} names {len(classes)} classes (labels 0..{len(classes) - 1})"
-            )
-    else:
-        classes = [str(i) for i in range(top + 1)]
-        if classes:
-            notes.append(f"class names are the labels 0..{top}; --classes FILE (one name per line) names them")
-    return WebDatasetScan(root, splits, classes, notes)
+    dropped = sum(len(t.dropped) for tars in splits.values() for t in tars)
+    if dropped:
+        notes.append(f"--drop-duplicates: {dropped} repeated sample(s) left out (listed in the manifest's skipped)")
+    classes, label_notes = _check_labels(root, splits, classes_file, max_classes, in_place)
+    return WebDatasetScan(root, splits, classes, notes + label_notes)
 
 
 class TarSplit:
@@ -277,10 +347,24 @@ class TarSplit:
 
 
 def open_webdataset(
-    src: Path | None, split_globs: dict[str, str] | None = None, classes_file: Path | None = None, workers: int = 1
+    src: Path | None,
+    split_globs: dict[str, str] | None = None,
+    classes_file: Path | None = None,
+    workers: int = 1,
+    *,
+    max_classes: int = MAX_CLASSES,
+    drop_duplicates: bool = False,
 ) -> Source:
     """The source ``make_shards.py --dataset webdataset --src DIR --out NEW`` rewrites."""
-    scan = scan_webdataset(src, split_globs, classes_file, workers)
+    scan = scan_webdataset(
+        src,
+        split_globs,
+        classes_file,
+        workers,
+        max_classes=max_classes,
+        drop_duplicates=drop_duplicates,
+        in_place=False,
+    )
     if (scan.root / MANIFEST).is_file():
         scan.notes.append(f"{scan.root / MANIFEST} is ignored: the tars themselves are read")
     tars = [scan.root / t.name for ts in scan.splits.values() for t in ts]
