@@ -122,7 +122,7 @@ def iter_members(tar_path: str | os.PathLike) -> Iterator[TarMember]:
             end = tf.offset
     except (tarfile.TarError, EOFError) as e:
         raise ShardFormatError(
-            f"{tar_path}: not a readable tar after byte {where} ({e}); re-make or re-download it"
+            f"{tar_path}: truncated or corrupt after byte {where} ({e}); re-make or re-download the tar"
         ) from e
     with open(tar_path, "rb") as f:
         f.seek(end)
