@@ -8,9 +8,10 @@ overlays several runs against the epoch.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+
+from ensiam_fast.metrics import read_metrics
 
 PANELS = (
     ("loss", "training loss"),
@@ -18,17 +19,6 @@ PANELS = (
     ("collapse_std", "collapse std"),
     ("lr", "learning rate"),
 )
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The JSON lines of ``metrics.jsonl`` (a torn last line, from a killed run, is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
 def write_curves(run_dir: str | os.PathLike, title: str | None = None) -> Path:

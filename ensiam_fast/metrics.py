@@ -1,5 +1,6 @@
-"""What a training run records: ``metrics.jsonl`` (``MetricsLog``), the per-window loss, throughput
-and data-wait figures (``Window``), the flat config the trackers get, and the run directory listing."""
+"""What a training run records: ``metrics.jsonl`` (``MetricsLog`` writes it, ``read_metrics`` is its one
+reader), the per-window loss, throughput and data-wait figures (``Window``), the flat config the
+trackers get, and the run directory listing."""
 
 from __future__ import annotations
 
@@ -9,6 +10,38 @@ import time
 from pathlib import Path
 
 import torch
+
+from ensiam_fast.errors import UserError
+
+
+class MetricsError(UserError):
+    """A ``metrics.jsonl`` line that is neither a JSON object with a ``step`` nor the torn last line."""
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``, in file order: the one reader (curves, resume, tools, benchmarks).
+
+    One rule for a damaged file: the last line, when it is not a complete JSON object, is a line torn
+    by a run killed while writing it, and is skipped; any other line that is not a JSON object with a
+    ``step`` raises ``MetricsError`` naming the file and line (something other than the trainer wrote
+    it). Empty lines are skipped."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break  # torn by a kill mid-write
+            raise MetricsError(f"{path}:{number} is not JSON ({e}); remove or repair that line") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise MetricsError(f"{path}:{number} is not a metrics record (a JSON object with a 'step')")
+        records.append(record)
+    return records
 
 
 class MetricsLog:
@@ -22,16 +55,13 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool, resume_step: int | None):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.exists():
-            kept = []
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill mid-write
-                if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record):
-                    kept.append(line)
+            kept = [
+                record
+                for record in read_metrics(path)  # without a torn last line
+                if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record)
+            ]
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
             os.replace(tmp, path)
 
     def write(self, record: dict) -> None:

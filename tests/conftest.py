@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,11 @@ import pytest
 from PIL import Image
 
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard
+
+# tools/ importable as its scripts see it (``import common``, ``import runlog``): once, for every test file
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+if str(TOOLS) not in sys.path:
+    sys.path.insert(0, str(TOOLS))
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -14,8 +13,6 @@ import yaml
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
-
-sys.path.insert(0, str(TOOLS))
 import plot_metrics  # noqa: E402
 import results_table  # noqa: E402
 import runlog  # noqa: E402
@@ -142,7 +139,7 @@ def test_bad_run_directory(tmp_path, capsys):
     assert results_table.main([str(tmp_path / "empty")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
     run = fabricate_run(tmp_path / "broken", "ensiam", 4, steps_per_epoch=2, epochs=1, log_every=1, speed=1)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write("{not json\n")
+    with open(run / "metrics.jsonl", "a") as f:  # a damaged line before the last (a torn LAST line is skipped)
+        f.write('{not json\n{"step": 99, "loss": 0.0}\n')
     assert plot_metrics.main([str(run), "--out", str(tmp_path / "x.png")]) == 2
     assert "metrics.jsonl:" in capsys.readouterr().err

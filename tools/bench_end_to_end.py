@@ -40,18 +40,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "tools"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
 # isort: off
+from common import ROOT  # tools/common.py: the checkout first on sys.path
 import ensiam_fast  # noqa: E402, F401  (before torch: the trainer's OpenMP spin-wait, as users get it)
 import torch  # noqa: E402
 
 # isort: on
 from ensiam_fast import train  # noqa: E402
 from ensiam_fast.config import load_config  # noqa: E402
+from ensiam_fast.metrics import read_metrics  # noqa: E402
 
 H200_BF16_DENSE_TFLOPS = 989.0  # H100/H200 SXM dense bf16 tensor-core peak (NVIDIA data sheets)
 
@@ -67,7 +64,7 @@ def cpu_name() -> str:
 
 
 def summarize(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     rows = [r for r in rows if "images_per_s" in r][1:]  # the first window holds start-up
     if not rows:
         raise SystemExit(f"{out}: too few logged windows; raise --steps")

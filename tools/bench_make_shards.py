@@ -36,23 +36,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import photo_like  # tools/common.py: the checkout first on sys.path
 from PIL import Image
 
 from ensiam_fast.shards.convert import EncodeOptions, convert
 from ensiam_fast.shards.sources import open_source
-
-
-def photo_like(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
-    """Low-frequency colour fields plus sensor-like noise."""
-    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    out = np.empty((n, h, w, 3), np.uint8)
-    for i in range(n):
-        out[i] = np.asarray(Image.fromarray(coarse[i]).resize((w, h), Image.BICUBIC))
-    noise = rng.normal(0, 8, out.shape)
-    return np.clip(out + noise, 0, 255).astype(np.uint8)
 
 
 def write_cifar_like(root: Path, n: int, rng: np.random.Generator) -> Path:
@@ -166,7 +154,6 @@ print(json.dumps({"images": n, "s": time.perf_counter() - t0, "cpu_s": time.proc
 def against(ref: str, args: argparse.Namespace) -> dict:
     """This checkout against ``ref``, interleaved run by run, in separate processes."""
     import subprocess
-    import sys
 
     repo = Path(__file__).resolve().parents[1]
     rng = np.random.default_rng(0)

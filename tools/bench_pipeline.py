@@ -22,18 +22,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import numpy as np
 import torch
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
 from ensiam_fast.data.torch import build_reference_loader  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard  # noqa: E402

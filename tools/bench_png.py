@@ -13,33 +13,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from common import photo_like  # tools/common.py: the checkout first on sys.path
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from ensiam_fast.shards.encode import encode_png  # noqa: E402
 from ensiam_fast.shards.sources import digits_arrays  # noqa: E402
-
-
-def photo_like(n: int = 600, side: int = 32) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:side, 0:side]
-    grey = np.stack(
-        [
-            128 + 60 * np.sin(xx / 5 + i) + 40 * np.cos(yy / 7 + 2 * i) + rng.normal(0, 12, (side, side))
-            for i in range(n)
-        ]
-    )
-    img = np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=3)
-    img[..., 1] = np.roll(img[..., 1], 3, axis=2)
-    return img
 
 
 def pillow(level: int):
@@ -56,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes per writer; the best counts")
     args = ap.parse_args(argv)
     results = {}
-    sets = {"digits": digits_arrays()[0], "photo32": photo_like()}
+    sets = {"digits": digits_arrays()[0], "photo32": photo_like(np.random.default_rng(0), 600, 32, 32)}
     writers = [("ours", encode_png)] + [(f"pillow{level}", pillow(level)) for level in (0, 1, 3, 6, 9)]
     for name, images in sets.items():
         for label, encode in writers:

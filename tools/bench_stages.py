@@ -17,15 +17,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
-
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from ensiam_fast.shards import shard_paths  # noqa: E402

@@ -35,10 +35,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 

@@ -39,10 +39,10 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, last_json  # noqa: E402  (tools/common.py: the checkout first on sys.path)
 from compare_grid import AXES, Grid, GridError, RunSpec, grid_from_flags, read_grid_file  # noqa: E402
 from compare_report import ReportError, write_report  # noqa: E402
-from runlog import ROOT, read_run  # noqa: E402  (runlog puts the project on sys.path)
+from runlog import read_run  # noqa: E402
 
 MARKER = "compare.json"
 
@@ -110,16 +110,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def last_json(log: Path) -> dict | None:
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
-
-
 def last_error(log: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.startswith("error:")]
@@ -163,7 +153,7 @@ def run_one(runner: Runner, grid: Grid, spec: RunSpec, out: Path) -> tuple[dict,
     train_s = time.perf_counter() - start
     if rc != 0:
         raise GridError(f"run {spec.name}: training failed (exit {rc}): {last_error(logs / f'{spec.name}.train.log')}")
-    summary = last_json(logs / f"{spec.name}.train.log") or {}
+    summary = last_json((logs / f"{spec.name}.train.log").read_text(errors="replace")) or {}
     start = time.perf_counter()
     rc = runner.command(linear_argv(grid, run_dir), logs / f"{spec.name}.linear.log")
     linear_s = time.perf_counter() - start

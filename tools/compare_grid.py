@@ -19,8 +19,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import yaml
-from runlog import ROOT  # noqa: F401  (runlog puts the project on sys.path)
 
 from ensiam_fast.config import ConfigError, load_config
 from ensiam_fast.shards import ShardFormatError, read_manifest

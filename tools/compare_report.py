@@ -24,6 +24,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from runlog import RunError, read_run
 
 METHOD_ORDER = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")

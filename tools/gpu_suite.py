@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, last_json  # tools/common.py: the checkout first on sys.path
+
 PY = sys.executable
 TINY_MODEL = ["--set", "model.proj_hidden=32", "--set", "model.proj_dim=32", "--set", "model.pred_hidden=8"]
 
@@ -105,16 +106,6 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         plan.append(("dali_gpu", [PY, str(ROOT / "tools" / "bench_pipeline.py"), "--device", "gpu", "--quick"], 60))
     return plan
-
-
-def last_json(text: str) -> dict | None:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                return None
-    return None
 
 
 def run_step(name: str, cmd: list[str], limit: float, log_dir: Path | None) -> dict:

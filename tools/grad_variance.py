@@ -14,10 +14,8 @@ The last line printed is one JSON object. The work is done by ``ensiam_fast.anal
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 
 from ensiam_fast.analysis.gradvar_cli import main
 

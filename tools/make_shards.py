@@ -12,10 +12,8 @@ Running the same command again resumes an interrupted conversion. The work is do
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# the checkout this script sits in, first on the path: it runs without an install (or with one elsewhere)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 
 from ensiam_fast.shards.cli import main
 

@@ -18,9 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import matplotlib.pyplot as plt  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runlog import Run, RunError, read_run, unique_labels  # noqa: E402
 
 from ensiam_fast.curves import PANELS  # noqa: E402  (the trainer's curves.png panels, against the epoch here)

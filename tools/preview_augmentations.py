@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageDraw
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
 from ensiam_fast.data.torch import IMAGE_EXTS, build_reference_loader, decode_rgb  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, read_manifest, shard_paths, write_manifest, write_shard  # noqa: E402

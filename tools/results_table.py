@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from runlog import Run, RunError, read_run  # noqa: E402
 
 HEADER = ("run", "dataset", "method", "K", "batch", "epochs", "kNN top-1", "linear top-1", "images/s")

@@ -15,34 +15,17 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
+from ensiam_fast.metrics import MetricsError, read_metrics
 
 
 class RunError(ValueError):
     """A run directory that cannot be read; the message names the file."""
-
-
-def read_metrics(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RunError(f"{path}:{number} is not JSON ({e})") from e
-        if not isinstance(record, dict) or "step" not in record:
-            raise RunError(f"{path}:{number} has no 'step'")
-        records.append(record)
-    return records
 
 
 def steps_per_epoch(records: list[dict], config: dict) -> float | None:
@@ -131,7 +114,10 @@ def read_run(path: str | Path) -> Run:
         config = yaml.safe_load(config_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RunError(f"{config_path} is not valid YAML ({e})") from e
-    records = read_metrics(metrics_path)
+    try:
+        records = read_metrics(metrics_path)
+    except MetricsError as e:
+        raise RunError(str(e)) from None
     return Run(
         path,
         config,

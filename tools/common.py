@@ -1,0 +1,45 @@
+"""What the scripts in tools/ share: the path set-up, the JSON last line, synthetic images.
+
+Importing this module is the path set-up: it puts the checkout it sits in first on ``sys.path``, so
+``python tools/X.py`` runs from a checkout that is not installed (or with an install elsewhere). A
+script in tools/ therefore starts with ``import common`` (Python puts the script's folder, tools/,
+on the path), before it imports ``ensiam_fast`` or ``pipelines``. ``metrics.jsonl`` is read by
+``ensiam_fast.metrics.read_metrics``, for the tools as for the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def last_json(text: str) -> dict | None:
+    """The JSON object on the last line of ``text`` that starts with ``{`` (a command's result line);
+    None when there is none or it is not complete JSON (a process killed while printing it)."""
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                found = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return found if isinstance(found, dict) else None
+    return None
+
+
+def photo_like(rng, n: int, h: int, w: int):
+    """``n`` RGB uint8 images ``(n, h, w, 3)`` that compress and decode like photographs: smooth
+    colour fields (a 4x4 random grid upscaled bicubically) plus sensor-like Gaussian noise."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        out[i] = np.asarray(Image.fromarray(coarse[i]).resize((w, h), Image.BICUBIC))
+    noise = rng.normal(0, 8, out.shape)
+    return np.clip(out + noise, 0, 255).astype(np.uint8)
