@@ -8,8 +8,8 @@ so the K views need not go through the network together: a no-grad pass computes
 (hence the targets, and it makes the step's BatchNorm running-statistics updates, K per layer in view
 order, as the fused step does), then the views go through n at a time, each chunk's share of the loss
 against the fixed targets backpropagated with the running statistics frozen, the gradients adding
-up. The sum is the fused step's gradient up to float rounding; memory is one chunk's activations;
-the cost is one extra forward.
+up. The sum is the fused step's gradient up to float rounding; memory is one chunk's activations
+(the no-grad pass goes in chunks too); the cost is one extra forward.
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ class SSLMethod(nn.Module):
         return {"loss": loss, "collapse_std": collapse_std(z)}
 
     @torch.no_grad()
-    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The no-grad pass over all K views: the stop-gradient targets (``(K, B, D)``, or ``(1, B, D)``
-        for EnSiam's shared mean) and the projections ``z``. In training mode it makes the BatchNorm
-        running-statistics updates of the step."""
+    def targets(self, x: torch.Tensor, views_per_pass: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The no-grad pass over all K views, ``views_per_pass`` at a time (default all): the
+        stop-gradient targets (``(K, B, D)``, or ``(1, B, D)`` for EnSiam's shared mean) and the
+        projections ``z``. In training mode it makes the step's BatchNorm running-statistics updates:
+        per-view statistics do not depend on the other views, and the chunks go in view order, so
+        every layer gets the K updates of the fused step in its order."""
         if x.ndim != 5 or x.shape[0] != self.views:
             raise ValueError(f"{self.method} expects {self.views} views shaped (K, B, 3, H, W), got {tuple(x.shape)}")
-        z, _ = self.model(x)  # the predictor runs too: its BatchNorms update here, like the others
+        n = views_per_pass or self.views
+        # the predictor runs too: its BatchNorms update here, like the others
+        z = torch.cat([self.model(x[i : i + n])[0] for i in range(0, self.views, n)])
         return TARGETS[self.method](z.float()), z
 
     def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor, first_view: int) -> dict[str, torch.Tensor]:
@@ -117,7 +121,7 @@ def train_views(
     if k % views_per_pass:
         raise ValueError(f"views_per_pass={views_per_pass} does not divide the {k} views")
     with autocast():
-        targets, z = method.targets(x)
+        targets, z = method.targets(x, views_per_pass)
     losses = []
     with freeze_running_stats(method):  # the no-grad pass made this step's updates
         for first in range(0, k, views_per_pass):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"tests", "e2e_r18_b256", "e2e_r18_b1024", "e2e_r50_224", "train_step_eager", "train_step_compiled"}
+STEPS = {"tests", "e2e_r18_b256", "e2e_r18_b1024", "e2e_r50_224", "train_step_eager", "train_step_compiled",
+         "memory_views"}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -27,6 +28,8 @@ def test_dry_run_runs_every_step(tmp_path):
     row = head["train_step_eager"][0]
     assert all(row[f"{impl}_images_per_s"] > 0 for impl in ("fused", "loop", "joint"))
     assert set(head["train_step_eager_bn_layer_ms"][0]) >= {"joint", "per_view", "per_view_cat"}
+    assert {(r["views_per_pass"], r["grad_checkpointing"]) for r in head["memory_views"]} == {
+        (2, False), (1, False), (2, True), (1, True)}  # fmt: skip
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(report["steps"]) == STEPS and (tmp_path / "logs" / "tests.log").is_file()
     assert "| e2e_r18_b256 |" in (tmp_path / "gpu_suite.md").read_text()

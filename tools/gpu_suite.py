@@ -17,7 +17,9 @@ overrun costs only its own figures; steps that no longer fit ``--budget`` are sk
    (per-view, the previous concatenating layer, joint).
 4. ``train_step_compiled``: the same with ``torch.compile`` (K=4, bf16, channels_last) and the
    compiled BatchNorm layer.
-5. ``dali_gpu``: the DALI GPU pipeline (``tools/bench_pipeline.py --device gpu``), only when
+5. ``memory_views``: ``tools/bench_memory.py`` at Tiny-ImageNet's size (64x64, batch 256, K 4, 8, 16):
+   peak memory and step time fused, one view per pass and K/2, with and without grad checkpointing.
+6. ``dali_gpu``: the DALI GPU pipeline (``tools/bench_pipeline.py --device gpu``), only when
    ``nvidia.dali`` imports.
 
 Writes ``gpu_suite.json`` (every step's full JSON) and ``gpu_suite.md`` (the headline table) under
@@ -59,6 +61,29 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
             ("e2e_r50_224", [PY, e2e, "--runs", "imagenet", "--imagenet-batch", "2", *e2e_tiny], 300),
             ("train_step_eager", [PY, bench, *train_tiny, "--bn-layer"], 300),
             ("train_step_compiled", [PY, bench, *train_tiny, "--bn-layer-only"], 300),
+            (
+                "memory_views",
+                [
+                    PY,
+                    str(ROOT / "tools" / "bench_memory.py"),
+                    "--backbone",
+                    "test_resnet",
+                    "--size",
+                    "8",
+                    "--batch",
+                    "2",
+                    "--views",
+                    "2",
+                    "--settings",
+                    "fused",
+                    "1",
+                    "nockpt",
+                    "ckpt",
+                    "--cpu-steps",
+                    "1",
+                ],
+                300,
+            ),
         ]
     train = [PY, bench, "--device", "cuda", "--batch", "256", "--impls", "fused", "loop", "joint",
              "--steps", "10", "--warmup", "3"]  # fmt: skip
@@ -103,6 +128,11 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
             120,
         ),  # fmt: skip
     ]
+    # views_per_pass and grad checkpointing at Tiny-ImageNet's size: peak memory and step time (fused K=16
+    # is 4,096 images in one pass; a setting that runs out of memory is reported as such)
+    plan.append(("memory_views", [PY, str(ROOT / "tools" / "bench_memory.py"), "--device", "cuda", "--size", "64",
+                                  "--batch", "256", "--views", "4", "8", "16", "--settings", "fused", "1", "half",
+                                  "nockpt", "ckpt", "--precision", "bf16", "--channels-last"], 150))  # fmt: skip
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         plan.append(("dali_gpu", [PY, str(ROOT / "tools" / "bench_pipeline.py"), "--device", "gpu", "--quick"], 60))
     return plan
@@ -167,6 +197,9 @@ def headline(report: dict) -> dict:
             head[f"{name}_bn_layer_ms"] = [
                 {"format": b["format"], "precision": b["precision"], **b["median_ms"]} for b in layers
             ]
+    res = (report["steps"].get("memory_views") or {}).get("result") or {}
+    if res.get("results"):
+        head["memory_views"] = res["results"]
     head["status"] = {name: step["status"] for name, step in report["steps"].items()}
     return head
 
@@ -211,6 +244,13 @@ def markdown(head: dict) -> str:
                 f"BatchNorm layer {b['format']} {b['precision']} (ms fwd+bwd): "
                 + ", ".join(f"{k} {v:.3f}" for k, v in b.items() if isinstance(v, float))
             )
+        lines.append("")
+    if head.get("memory_views"):
+        lines += ["| K | views_per_pass | grad_checkpointing | peak MB | step s |", "|---|---|---|---|---|"]
+        for r in head["memory_views"]:
+            peak = "out of memory" if r.get("peak_mb") is None else f"{r['peak_mb']:.0f}"
+            step = "-" if r.get("step_s") is None else f"{r['step_s']:.3f}"
+            lines.append(f"| {r['views']} | {r['views_per_pass']} | {r['grad_checkpointing']} | {peak} | {step} |")
         lines.append("")
     return "\n".join(lines)
 
