@@ -114,6 +114,12 @@ def test_image_header_is_checked_before_decoding():
     truncated = image_problem(jpeg(0, 64)[:300])
     assert truncated.startswith("the image does not decode")
     assert "BytesIO" not in image_problem(b"not an image at all") and "not an image" in image_problem(b"x" * 20)
+    gif = io.BytesIO()
+    Image.new("RGB", (20, 20)).save(gif, "GIF")
+    big = bytearray(gif.getvalue())
+    big[6:10] = (65000).to_bytes(2, "little") * 2  # a format image_dims does not read: Pillow's header
+    assert "decompression bomb" in image_problem(bytes(big), decode=False)
+    assert image_problem(gif.getvalue(), decode=False) is None
 
 
 # --------------------------------------------------------------------------- the verdict gates the loaders

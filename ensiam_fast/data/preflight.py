@@ -80,11 +80,12 @@ def _member_problem(f, m: IndexEntry, num_classes: int, decode: bool, max_pixels
         if label >= num_classes:
             return f"label {label} is outside 0..{num_classes - 1} (the manifest has {num_classes} classes)"
         return None
-    if problem := pixel_problem(read_image_dims(f, m.offset, m.size), max_pixels):
+    dims = read_image_dims(f, m.offset, m.size)
+    if problem := pixel_problem(dims, max_pixels):
         return problem
-    if decode:
+    if decode or dims is None:  # a format (or a header) only Pillow reads: it reads the header
         f.seek(m.offset)
-        return image_problem(f.read(m.size), max_pixels)
+        return image_problem(f.read(m.size), max_pixels, decode)
     return None
 
 

@@ -307,27 +307,30 @@ def describe_image_error(e: BaseException, data: bytes | None = None) -> str:
 
 def image_problem(data: bytes, max_pixels: int = MAX_PIXELS, decode: bool = True) -> str | None:
     """What is wrong with one image's bytes, or None: its header dimensions over ``max_pixels``
-    (checked before anything is decoded), then, with ``decode``, a decode (Pillow; JPEGs at 1/8 scale,
+    (checked before anything is decoded; without ``decode``, that is all), then a decode (Pillow; JPEGs at 1/8 scale,
     which still reads every entropy-coded byte, so truncation and corruption show) to one of the
     modes the loaders read as RGB."""
     import warnings
 
     from PIL import Image
 
-    problem = pixel_problem(image_dims(data[:HEADER_BYTES]), max_pixels)
-    if problem or not decode:
+    dims = image_dims(data[:HEADER_BYTES])
+    problem = pixel_problem(dims, max_pixels)
+    if problem or (dims is not None and not decode):
         return problem
-    try:
+    try:  # Pillow reads the header of the formats image_dims does not know (or a JPEG's late frame header)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                if problem := pixel_problem(img.size, max_pixels):
+                if (problem := pixel_problem(img.size, max_pixels)) or not decode:
                     return problem
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG: DCT scaling
                 img.load()
                 if img.mode not in DECODED_MODES:
                     return (f"the image is {img.mode}, not one of the 8-bit modes the loaders read as RGB "
                             f"({', '.join(DECODED_MODES)})")  # fmt: skip
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"the image header claims too many pixels, a decompression bomb ({e})"
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for a broken image
         return f"the image does not decode ({describe_image_error(e, data)})"
     return None
