@@ -29,7 +29,7 @@ from ensiam_fast.shards.format import (
     TAR_BLOCK,
     ShardFormatError,
     image_problem,
-    parse_label,
+    label_problem,
     pixel_problem,
     read_image_dims,
 )
@@ -73,13 +73,7 @@ def check_structure(
 def _member_problem(f, m: IndexEntry, num_classes: int, decode: bool, max_pixels: int) -> str | None:
     if m.ext == LABEL_EXT:
         f.seek(m.offset)
-        try:
-            label = parse_label(f.read(min(m.size, 64)))
-        except ValueError as e:
-            return str(e)
-        if label >= num_classes:
-            return f"label {label} is outside 0..{num_classes - 1} (the manifest has {num_classes} classes)"
-        return None
+        return label_problem(f.read(min(m.size, 64)), num_classes)
     dims = read_image_dims(f, m.offset, m.size)
     if problem := pixel_problem(dims, max_pixels):
         return problem

@@ -175,6 +175,17 @@ def parse_label(data: bytes) -> int:
     return int(text)
 
 
+def label_problem(data: bytes, num_classes: int) -> str | None:
+    """What is wrong with a ``.cls`` member of a dataset of ``num_classes`` classes, or None."""
+    try:
+        label = parse_label(data)
+    except ValueError as e:
+        return str(e)
+    if label >= num_classes:
+        return f"label {label} is outside 0..{num_classes - 1} (the manifest has {num_classes} classes)"
+    return None
+
+
 def parse_labels(raw: np.ndarray) -> np.ndarray:
     """:func:`parse_label` over a batch: ``.cls`` bytes zero-padded to (B, L) -> int64 labels, in a
     handful of vector steps (the DALI loader's per-batch path)."""

@@ -19,6 +19,7 @@ from ensiam_fast.shards.format import (
     image_dims,
     image_problem,
     index_name,
+    label_problem,
     parse_label,
     pixel_problem,
 )
@@ -67,12 +68,8 @@ def sample_problems(f, where: str, key: str, sample: list[IndexEntry], labeled: 
             problems.append(f"{where}: sample {key!r} has no .{LABEL_EXT} but its split is labelled")
         else:
             f.seek(cls[0].offset)
-            try:
-                label = parse_label(f.read(min(cls[0].size, 64)))
-                if label >= num_classes:
-                    problems.append(f"{where}: sample {key!r} has label {label}, outside 0..{num_classes - 1}")
-            except ValueError as e:
-                problems.append(f"{where}: sample {key!r}: {e}")
+            if problem := label_problem(f.read(min(cls[0].size, 64)), num_classes):
+                problems.append(f"{where}: sample {key!r}: {problem}")
     elif cls:
         problems.append(f"{where}: sample {key!r} has a .{LABEL_EXT} but its split is unlabelled")
     image = images[0]
