@@ -16,20 +16,17 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import photo_like  # tools/common.py: the checkout first on sys.path
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_make_shards import photo_like  # noqa: E402  (tools/ is on the path when run as a script)
-from PIL import Image  # noqa: E402
-
-from ensiam_fast.shards.format import shard_name, write_shard  # noqa: E402
-from ensiam_fast.shards.manifest import Manifest, SplitInfo, write_manifest  # noqa: E402
-from ensiam_fast.shards.verify import verify_dataset  # noqa: E402
+from ensiam_fast.shards.format import shard_name, write_shard
+from ensiam_fast.shards.manifest import Manifest, SplitInfo, write_manifest
+from ensiam_fast.shards.verify import verify_dataset
 
 
 def make_dataset(root: Path, n: int, shard_size: int, quality: int) -> list[bytes]:
