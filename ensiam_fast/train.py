@@ -48,6 +48,7 @@ from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device
 from ensiam_fast.runtime import configure_runtime
+from ensiam_fast.schedule import cosine_lr
 from ensiam_fast.stopping import Interrupted, StopRequest
 from pipelines.presets import get_preset
 
@@ -69,14 +70,6 @@ def build_accelerator(cfg: TrainConfig):
 def build_optimizer(method, cfg: TrainConfig, peak_lr: float) -> torch.optim.Optimizer:
     groups = method.param_groups(peak_lr, cfg.optim.fix_pred_lr)
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
-    """Linear warm-up to ``peak_lr``, then cosine decay to 0, per optimizer step."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +250,7 @@ class Trainer:
         acc.wait_for_everyone()
 
     def train_step(self, x: torch.Tensor) -> tuple[dict, float]:
-        lr = lr_at(self.pos.step, self.schedule_steps, self.warmup_steps, self.peak_lr)
+        lr = cosine_lr(self.pos.step, self.schedule_steps, self.peak_lr, self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.peak_lr if group.get("fix_lr") else lr
         # accumulate(): gradients of gradient_accumulation_steps batches add up (backward divides the loss by

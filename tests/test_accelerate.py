@@ -19,7 +19,7 @@ from ensiam_fast import train
 from ensiam_fast.checkpoint import latest_checkpoint
 from ensiam_fast.methods import SSLMethod
 from ensiam_fast.models import SiameseNet
-from ensiam_fast.placement import resolve_mixed_precision
+from ensiam_fast.placement import DeviceError, resolve_device, resolve_mixed_precision
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -40,6 +40,21 @@ def test_mixed_precision_auto_defers_to_accelerate(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     if not torch.cuda.is_available():
         assert resolve_mixed_precision("auto") == "no"  # without a launcher setting: none on a CPU
+
+
+def test_one_device_rule(monkeypatch):
+    """placement.resolve_device reads every device string of the loaders and the tools."""
+    assert resolve_device("cpu") == ("cpu", None, torch.device("cpu"))
+    for bad in ("tpu", "cpu:0", "cuda:x", "gpu:-1", ""):
+        with pytest.raises(
+            DeviceError, match=f"--device must be 'auto', 'cpu', 'gpu', 'cuda' or 'cuda:N', got {bad!r}"
+        ):
+            resolve_device(bad, what="--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only host, whatever this one is
+    assert resolve_device("auto") == ("cpu", None, torch.device("cpu"))
+    for gpu in ("gpu", "cuda", "cuda:1", "gpu:0"):
+        with pytest.raises(DeviceError, match=f"device={gpu!r} asks for a GPU but torch sees no CUDA device"):
+            resolve_device(gpu)
 
 
 @pytest.mark.slow

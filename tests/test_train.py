@@ -8,6 +8,7 @@ import torch
 from ensiam_fast import train
 from ensiam_fast.checkpoint import latest_checkpoint
 from ensiam_fast.config import load_config
+from ensiam_fast.schedule import cosine_lr
 
 # A CPU-sized network and run: small heads, batch 8, 16x16 crops of the tiny 32x32 dataset.
 TINY = [
@@ -96,11 +97,11 @@ def test_empty_dataset_dir_is_reported(tmp_path, capsys):
 
 def test_lr_schedule_warmup_then_cosine():
     peak = 0.2
-    assert train.lr_at(0, 100, 10, peak) == pytest.approx(0.02)
-    assert train.lr_at(9, 100, 10, peak) == pytest.approx(peak)
-    assert train.lr_at(10, 100, 10, peak) == pytest.approx(peak)
-    assert train.lr_at(55, 100, 10, peak) == pytest.approx(peak / 2)
-    assert train.lr_at(99, 100, 10, peak) < 0.001
+    assert cosine_lr(0, 100, peak, 10) == pytest.approx(0.02)
+    assert cosine_lr(9, 100, peak, 10) == pytest.approx(peak)
+    assert cosine_lr(10, 100, peak, 10) == pytest.approx(peak)
+    assert cosine_lr(55, 100, peak, 10) == pytest.approx(peak / 2)
+    assert cosine_lr(99, 100, peak, 10) < 0.001
     assert load_config("demo").optim.base_lr > 0
 
 

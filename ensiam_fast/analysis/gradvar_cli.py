@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ensiam_fast import placement
 from ensiam_fast.analysis.gradvar import Settings, check_settings, measure
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
 from ensiam_fast.command import command_name
@@ -103,18 +104,8 @@ def resolve_model_config(args) -> tuple[TrainConfig, dict | None, str]:
 
 def resolve_device(text: str) -> tuple[torch.device, str]:
     """The torch device and the loader's device (DALI augments where the network runs)."""
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {text!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {text} asks for a GPU but torch sees no CUDA device; use --device cpu")
+    _, _, device = placement.resolve_device(text, what="--device")
     if device.type == "cuda":
-        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)  # DALI's GPU pipeline uses the current device
         return device, f"cuda:{device.index}"
     return device, "cpu"

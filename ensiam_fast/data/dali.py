@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ensiam_fast.data.preflight import preflight
-from ensiam_fast.data.spec import LoaderSpec, derive_seed, resolve_device
+from ensiam_fast.data.spec import LoaderSpec, derive_seed
+from ensiam_fast.placement import resolve_device
 from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, image_problem, parse_labels
 from ensiam_fast.shards.index import read_index, write_index
 

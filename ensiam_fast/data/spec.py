@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ensiam_fast.errors import UserError
 from ensiam_fast.shards.format import ShardFormatError, shard_bounds
@@ -26,20 +25,6 @@ from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed from a tuple of non-negative ints (statistically independent streams)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-def resolve_device(device: str | torch.device) -> tuple[str, int | None, torch.device]:
-    """'cpu' | 'gpu' | 'cuda' | 'cuda:N' | 'gpu:N' -> (DALI kind, device_id, torch device)."""
-    text = str(device)
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index:
-        return "cpu", None, torch.device("cpu")
-    if kind in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device={text!r} asks for a GPU but torch sees no CUDA device; use device='cpu'")
-        device_id = int(index) if index else torch.cuda.current_device()
-        return "gpu", device_id, torch.device("cuda", device_id)
-    raise ValueError(f"device must be 'cpu', 'gpu', 'cuda' or 'cuda:N', got {text!r}")
 
 
 def resolve_preset(preset: str | AugPreset, train: bool) -> AugPreset:

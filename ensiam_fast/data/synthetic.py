@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ensiam_fast.data.spec import derive_seed, resolve_device
+from ensiam_fast.data.spec import derive_seed
+from ensiam_fast.placement import resolve_device
 
 DEFAULT_SAMPLES = 50_000  # images per synthetic epoch unless asked otherwise (CIFAR-10's train split)
 POOL = 2  # distinct batches held on the device

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 
 from ensiam_fast.data.preflight import preflight
-from ensiam_fast.data.spec import LoaderSpec, loader_spec, resolve_device
+from ensiam_fast.data.spec import LoaderSpec, loader_spec
+from ensiam_fast.placement import resolve_device
 from ensiam_fast.shards.format import IMAGE_EXTS, ShardFormatError, parse_label, shard_bounds
 from ensiam_fast.shards.index import index_count
 from pipelines.reference import ViewAugment

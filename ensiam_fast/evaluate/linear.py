@@ -20,7 +20,6 @@ augmentation, so its numbers are close to, not equal to, the protocol's.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -34,6 +33,7 @@ from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.errors import UserError
 from ensiam_fast.evaluate.knn import extract_features, gather_uneven, topk_correct
 from ensiam_fast.paths import resolve_data_root
+from ensiam_fast.schedule import cosine_lr
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from pipelines.presets import get_preset
 
@@ -83,11 +83,6 @@ def linear_classifier(
     nn.init.zeros_(fc.bias)
     norm = [nn.BatchNorm1d(feature_dim, affine=False)] if feature_norm == "bn" else []
     return nn.Sequential(*norm, fc)
-
-
-def cosine_lr(step: int, total_steps: int, peak_lr: float) -> float:
-    """Cosine decay from ``peak_lr`` at step 0 to 0 at ``total_steps``, no warm-up."""
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
 
 
 def linear_optimizer(head: nn.Module, settings: LinearSettings) -> torch.optim.SGD:
