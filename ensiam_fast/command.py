@@ -4,6 +4,7 @@ a script path was run (directly or by ``accelerate launch``)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -27,3 +28,11 @@ def command_name(fallback: str) -> str:
 
 def _project_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def argument_parser(fallback: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The parser of one of the project's commands: its usage line names the command as typed
+    (``command_name(fallback)``) and its help starts with ``doc`` laid out as written."""
+    return argparse.ArgumentParser(
+        prog=command_name(fallback), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )

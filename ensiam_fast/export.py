@@ -48,7 +48,7 @@ import torch
 import torch.nn as nn
 
 from ensiam_fast.checkpoint import resolve_checkpoint
-from ensiam_fast.command import command_name
+from ensiam_fast.command import argument_parser
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict
 from ensiam_fast.errors import UserError
 from ensiam_fast.models import apply_cifar_stem, create_backbone
@@ -353,11 +353,7 @@ def load_torchvision_backbone(path: str | os.PathLike) -> nn.Module:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=command_name("python -m ensiam_fast.export"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("python -m ensiam_fast.export", __doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--run", help="run directory: its newest complete checkpoint is exported")
     source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")

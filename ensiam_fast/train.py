@@ -8,7 +8,6 @@ Running the same command again resumes from the run directory's newest complete 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import signal
@@ -35,7 +34,7 @@ from ensiam_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from ensiam_fast.command import command_name
+from ensiam_fast.command import argument_parser
 from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.curves import write_curves
 from ensiam_fast.data import build_loader, normalize
@@ -359,12 +358,7 @@ def run(cfg: TrainConfig) -> dict | None:
 
 def parse_args(argv=None):
     epilog = "config keys (key=default, then what it sets):\n" + "\n".join(describe_keys())
-    parser = argparse.ArgumentParser(
-        prog=command_name("python -m ensiam_fast.train"),
-        description=__doc__,
-        epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("python -m ensiam_fast.train", __doc__, epilog=epilog)
     parser.add_argument(
         "--config", default=None, help="a YAML file or a preset name from ensiam_fast/configs (cifar10, demo, ...)"
     )

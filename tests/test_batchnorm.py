@@ -128,6 +128,7 @@ def test_compiled_formulation_equals_separate_forwards(case):
     assert_same(run(layer, x, grad), separate(bn, x, grad), layer, bn)
 
 
+@pytest.mark.slow  # torch.compile's first compile in a process: 30 s to 100 s on the 2-core VM
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_compile_equals_eager(channels_last):
     # Under torch.compile the layer switches to the fused formulation: same outputs, gradients, buffers.

@@ -152,24 +152,16 @@ def bench_config(roots, backends, *, size, preset, views, batch, threads, device
 
 
 def check_targets(rows: list[dict], device: str) -> dict:
+    """Each default-preset K=4 row against its target: the CPU's DALI/torch ratio or the GPU's views/s."""
+    name, field, targets = {
+        "cpu": ("cpu_ratio", "ratio_dali_over_torch", CPU_RATIO_TARGET),
+        "gpu": ("gpu_views_s", "dali_views_s", GPU_VIEWS_TARGET),
+    }[device]
     out = {}
     for r in rows:
-        if r["preset"] != "default" or r["views"] != 4:
-            continue
-        if device == "cpu" and "ratio_dali_over_torch" in r:
-            target = CPU_RATIO_TARGET[r["size"]]
-            out[f"cpu_ratio_{r['size']}"] = {
-                "target": target,
-                "got": r["ratio_dali_over_torch"],
-                "met": r["ratio_dali_over_torch"] >= target,
-            }
-        if device == "gpu" and "dali_views_s" in r:
-            target = GPU_VIEWS_TARGET[r["size"]]
-            out[f"gpu_views_s_{r['size']}"] = {
-                "target": target,
-                "got": r["dali_views_s"],
-                "met": r["dali_views_s"] >= target,
-            }
+        if r["preset"] == "default" and r["views"] == 4 and field in r:
+            target = targets[r["size"]]
+            out[f"{name}_{r['size']}"] = {"target": target, "got": r[field], "met": r[field] >= target}
     return out
 
 

@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import matplotlib.pyplot as plt  # noqa: E402
-from runlog import Run, RunError, read_run, unique_labels  # noqa: E402
+from runlog import Run, read_runs, unique_labels  # noqa: E402
 
 from ensiam_fast.curves import PANELS  # noqa: E402  (the trainer's curves.png panels, against the epoch here)
 
@@ -63,10 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output image (.png, .pdf, .svg)")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)
-    try:
-        runs = [read_run(r) for r in args.runs]
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    runs = read_runs(args.runs)
+    if runs is None:
         return 2
     out = plot_runs(runs, Path(args.out), args.title)
     print(

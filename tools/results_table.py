@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
-from runlog import Run, RunError, read_run  # noqa: E402
+from runlog import Run, read_runs  # noqa: E402
 
 HEADER = ("run", "dataset", "method", "K", "batch", "epochs", "kNN top-1", "linear top-1", "images/s")
 MISSING = "-"
@@ -76,10 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="run directories")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
-    try:
-        runs = [read_run(r) for r in args.runs]
-    except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+    runs = read_runs(args.runs)
+    if runs is None:
         return 2
     table = markdown_table(runs)
     if args.out:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,15 @@ def read_run(path: str | Path) -> Run:
         _read_json(path / "knn.json"),
         steps_per_epoch(records, config),
     )
+
+
+def read_runs(paths) -> list[Run] | None:
+    """The run directories named on a tool's command line; None once the one error line is printed."""
+    try:
+        return [read_run(p) for p in paths]
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
 
 
 def unique_labels(runs: list[Run]) -> list[str]:

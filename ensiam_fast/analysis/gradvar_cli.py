@@ -30,7 +30,7 @@ import torch
 from ensiam_fast import placement
 from ensiam_fast.analysis.gradvar import Settings, check_settings, measure
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
-from ensiam_fast.command import command_name
+from ensiam_fast.command import argument_parser
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict, load_config
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.spec import derive_seed
@@ -56,11 +56,7 @@ def parse_views(text: str) -> tuple[int, ...]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog=command_name("python tools/grad_variance.py"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("python tools/grad_variance.py", __doc__)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a checkpoint file (RUN/checkpoints/step-XXXXXXXX.pt)")
     source.add_argument("--run", help="a run directory: its newest complete checkpoint")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ensiam_fast.checkpoint import resolve_checkpoint
-from ensiam_fast.command import command_name
+from ensiam_fast.command import argument_parser
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.distributed import report_first
 from ensiam_fast.errors import UserError
@@ -135,11 +135,7 @@ def run_command(args: argparse.Namespace) -> dict | None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=command_name("python -m ensiam_fast.evaluate"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = argument_parser("python -m ensiam_fast.evaluate", __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = LinearSettings()
     for name, help_text in (
