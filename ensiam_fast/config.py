@@ -25,7 +25,7 @@ from ensiam_fast.models import BN_MODES
 from ensiam_fast.paths import resolve_data_root
 from ensiam_fast.placement import DATA_DEVICES, MIXED_PRECISION
 from pipelines.kernels import CHOICES as CPU_KERNELS
-from pipelines.presets import MAX_VIEWS
+from pipelines.presets import MAX_VIEWS, check_jigsaw, check_views
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # every set of choices is defined by the module that implements it
@@ -53,7 +53,9 @@ class DataConfig:
     synthetic_samples: int = 50_000  # images per epoch with backend=synthetic
     device: str = "auto"  # auto (gpu when the process has one) | cpu | gpu: where DALI augments
     num_threads: int | None = None  # None: the cores available to this process
-    cpu_kernels: str = "auto"  # DALI on the CPU: auto (Numba when usable) | numba | dali (pipelines/kernels)
+    cpu_kernels: str = (
+        "auto"  # DALI on the CPU: auto = numba (per-view kernels) | gpu_graph (the GPU graph's CPU proxy)
+    )
 
 
 @dataclass
@@ -245,8 +247,10 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data: the rest (dataset, splits, sizes) is checked when the data is opened."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is unknown{_close(cfg.method, METHODS)}; one of {METHODS}")
-    if not 2 <= cfg.views <= MAX_VIEWS:
-        raise ConfigError(f"views={cfg.views}: every method needs 2 to {MAX_VIEWS} views")
+    try:
+        check_views(cfg.views, minimum=2)
+    except ValueError as e:
+        raise ConfigError(f"views={cfg.views!r}: every method needs 2 to {MAX_VIEWS} views ({e})") from None
     if cfg.method == "simsiam" and cfg.views != 2:
         raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
     if cfg.method == "simsiam_kaug" and cfg.views % 2:
@@ -328,16 +332,6 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} {rule}")
-
-
-def check_jigsaw(size: int, grid: int) -> None:
-    """The jigsaw cuts a view into grid x grid equal tiles (here, not in pipelines/dali_ops.py, so a
-    run without DALI can check it)."""
-    if grid > 0 and size % grid:
-        raise ValueError(
-            f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
-            f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0"
-        )
 
 
 def _validate_augmentation(cfg: TrainConfig) -> None:

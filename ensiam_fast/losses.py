@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from pipelines.presets import check_views
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -34,9 +36,11 @@ def _check_views(p: torch.Tensor, z: torch.Tensor) -> int:
         raise ValueError(f"p must be shaped (K, B, D), got ndim={p.ndim} with shape {tuple(p.shape)}")
     if z.shape != p.shape:
         raise ValueError(f"p and z must have the same (K, B, D) shape, got p {tuple(p.shape)} and z {tuple(z.shape)}")
-    k = p.shape[0]
-    if k < 2:
-        raise ValueError(f"a Siamese loss needs K >= 2 views, got K={k}")
+    k = int(p.shape[0])
+    try:
+        check_views(k, minimum=2)
+    except ValueError as e:
+        raise ValueError(f"a Siamese loss needs K >= 2 views, got K={k}: {e}") from None
     return k
 
 

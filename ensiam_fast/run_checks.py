@@ -3,13 +3,13 @@ found (on every process) before anything is built."""
 
 from __future__ import annotations
 
-from ensiam_fast.config import TrainConfig, check_jigsaw
+from ensiam_fast.config import TrainConfig
 from ensiam_fast.data.synthetic import check_synthetic
 from ensiam_fast.errors import TrainingError
 from ensiam_fast.placement import resolve_data_device
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from ensiam_fast.shards.verdict import gate_split
-from pipelines.presets import get_preset
+from pipelines.presets import check_jigsaw, get_preset
 
 
 def check_data(cfg: TrainConfig, num_processes: int) -> dict:

@@ -27,7 +27,7 @@ import threading
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import dali_ops as ops
-from pipelines.dali_ops import check_jigsaw
+from pipelines.fused import fused_views
 from pipelines.kernels import backend as cpu_backend
 from pipelines.kernels import blur as k_blur
 from pipelines.kernels import colour as k_colour
@@ -35,7 +35,7 @@ from pipelines.kernels import crop as k_crop
 from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels import layout as k_layout
 from pipelines.kernels import randaugment as k_randaugment
-from pipelines.presets import MAX_VIEWS, AugPreset
+from pipelines.presets import MAX_VIEWS, AugPreset, check_jigsaw, check_views
 
 # The image members a sample may have (one of them); ensiam_fast.shards.format.IMAGE_EXTS, which this
 # package may not import, lists the same (tests/test_adopt.py checks that they agree).
@@ -89,27 +89,26 @@ def decode(encoded, device: str):
     return fn.decoders.image(encoded, device=decoder_backend(device), output_type=types.RGB)
 
 
-def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto") -> list[tuple[str, object]]:
-    """The stages of one view in the preset's order, as (name, function of the views), then the
-    HWC->CHW transpose. ``kernels`` (``data.cpu_kernels``: 'auto', 'numba' or 'dali') picks the CPU
-    implementation; the GPU always uses DALI's operators. ``tools/bench_stages.py`` times them."""
-    numba = device == "cpu" and cpu_backend(kernels) == "numba"
-    if numba:
-        impl = {
-            "colour": lambda v: k_colour.stage(v, preset),
-            "blur": lambda v: k_blur.stage(v, preset),
-            "randaugment": lambda v: k_randaugment.stage(v, preset),
-            "jigsaw": lambda v: k_jigsaw.stage(v, preset, size),
-        }
-    else:
-        impl = {
-            "colour": lambda v: ops.colour(v, preset, device),
-            "blur": lambda v: ops.blur(v, preset, device),
-            "randaugment": lambda v: ops.rand_augment(v, preset, size),
-            "jigsaw": lambda v: ops.jigsaw(v, preset, size),
-        }
-    impl["flip"] = lambda v: ops.flip(v, preset.flip_p)
-    if numba and preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
+def uses_fused_graph(device: str, kernels: str = "auto") -> bool:
+    """Whether the K views are made by the fused GPU graph (``pipelines.fused``): always on the
+    GPU; on the CPU when ``kernels`` (``data.cpu_kernels``) is 'gpu_graph', the CPU proxy of it."""
+    return device == "gpu" or cpu_backend(kernels) == "gpu_graph"
+
+
+def view_stages(preset: AugPreset, size: int, device: str = "cpu", kernels: str = "auto") -> list[tuple[str, object]]:
+    """The stages of one view on the CPU in the preset's order, as (name, function of the views),
+    then the HWC->CHW transpose: the fused Numba kernels, one operator per view and stage
+    (``tools/bench_stages.py`` times them). The GPU graph has no per-view stages (``fused``)."""
+    if uses_fused_graph(device, kernels):
+        raise ValueError("the GPU graph (pipelines.fused) makes all K views at once: use augment_views")
+    impl = {
+        "colour": lambda v: k_colour.stage(v, preset),
+        "blur": lambda v: k_blur.stage(v, preset),
+        "randaugment": lambda v: k_randaugment.stage(v, preset),
+        "jigsaw": lambda v: k_jigsaw.stage(v, preset, size),
+        "flip": lambda v: ops.flip(v, preset.flip_p),
+    }
+    if preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
         impl["crop"] = lambda v: k_crop.stage(v, preset, size, flip=False)
         impl["crop+flip"] = lambda v: k_crop.stage(v, preset, size, flip=True)
     else:
@@ -118,20 +117,24 @@ def view_stages(preset: AugPreset, size: int, device: str, kernels: str = "auto"
     names = list(preset.stages)
     if preset.crop and names[:2] == ["crop", "flip"]:  # adjacent: one resampling does both
         names[:2] = ["crop+flip"]
-    return [(name, impl[name]) for name in names] + [("chw", k_layout.stage if numba else ops.to_chw)]
+    return [(name, impl[name]) for name in names] + [("chw", k_layout.stage)]
 
 
-def augment_view(images, preset: AugPreset, size: int, device: str, kernels: str = "auto"):
-    """One augmented view (uint8, 3 x size x size) of every decoded image in the batch."""
+def augment_view(images, preset: AugPreset, size: int, device: str = "cpu", kernels: str = "auto"):
+    """One augmented view (uint8, 3 x size x size) of every decoded image in the batch (CPU
+    kernels, one operator per stage)."""
     view = images
     for _, stage in view_stages(preset, size, device, kernels):
         view = stage(view)
     return view
 
 
-def check_views(views: int) -> None:
-    if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
-        raise ValueError(f"views (K) must be an integer in 1..{MAX_VIEWS}, got {views!r}")
+def augment_views(images, preset: AugPreset, size: int, views: int, device: str, kernels: str = "auto") -> list:
+    """K augmented views (each uint8, 3 x size x size) of every decoded image: the fused GPU graph
+    (``uses_fused_graph``), or K chains of per-view CPU kernels."""
+    if uses_fused_graph(device, kernels):
+        return fused_views(images, preset, size, views, device)
+    return [augment_view(images, preset, size, device, kernels) for _ in range(views)]
 
 
 def label_bytes(cls):
@@ -168,7 +171,7 @@ def kview_pipeline(
         seed=reader_seed,
     )
     images = decode(encoded, device)
-    outputs = [augment_view(images, preset, size, device, cpu_kernels) for _ in range(views)]
+    outputs = augment_views(images, preset, size, views, device, cpu_kernels)
     if labeled:
         outputs.append(label_bytes(cls))
     return tuple(outputs)
@@ -264,6 +267,7 @@ def build_kview_pipeline(
 __all__ = [
     "MAX_VIEWS",
     "augment_view",
+    "augment_views",
     "build_kview_pipeline",
     "check_jigsaw",
     "check_views",
@@ -272,5 +276,6 @@ __all__ = [
     "kview_pipeline",
     "origin_traces_off",
     "read_shards",
+    "uses_fused_graph",
     "view_stages",
 ]

@@ -151,6 +151,22 @@ def get_preset(name: str | AugPreset, **overrides) -> AugPreset:
     return preset.replace(**overrides) if overrides else preset
 
 
+def check_views(views, minimum: int = 1) -> None:
+    """The number of views K: an integer in minimum..MAX_VIEWS (the pipelines make 1 or more,
+    training needs 2 or more). The one home of this rule (config, losses, loaders, pipelines)."""
+    if isinstance(views, bool) or not isinstance(views, int) or not minimum <= views <= MAX_VIEWS:
+        raise ValueError(f"views (K) must be an integer in {minimum}..{MAX_VIEWS}, got {views!r}")
+
+
+def check_jigsaw(size: int, grid: int) -> None:
+    """The jigsaw cuts a size x size view into grid x grid equal tiles."""
+    if grid > 0 and size % grid:
+        raise ValueError(
+            f"image size {size} is not divisible by the jigsaw grid {grid}: pick image_size a "
+            f"multiple of {grid} (e.g. {grid * max(1, round(size / grid))}) or set jigsaw_grid=0"
+        )
+
+
 # The normalisation every consumer applies to the uint8 views (ImageNet statistics, as SimSiam).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

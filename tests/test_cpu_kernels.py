@@ -132,10 +132,10 @@ def test_blur_kernel_matches_torchvision(size, sigma):
 
 
 def test_backend_choice_is_the_config_value():
-    assert kernels.backend("dali") == "dali"
+    assert kernels.backend("gpu_graph") == "gpu_graph"
     assert kernels.backend("numba") == "numba"
     assert kernels.backend("auto") == "numba"
-    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, numba, dali, got 'fast'"):
+    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, numba, gpu_graph, got 'fast'"):
         kernels.backend("fast")
 
 
@@ -243,8 +243,9 @@ def test_chw_kernel_equals_dalis_transpose():
     for i, img in enumerate(images):
         a, b = np.asarray(ours[i]), np.asarray(dalis[i])
         assert a.shape == (3, *img.shape[:2]) and (a == b).all() and (a == img.transpose(2, 0, 1)).all()
-    for choice, last in (("numba", KL.stage), ("dali", D.ops.to_chw)):
-        assert D.view_stages(get_preset("default"), 32, "cpu", choice)[-1] == ("chw", last)
+    assert D.view_stages(get_preset("default"), 32, "cpu", "numba")[-1] == ("chw", KL.stage)
+    with pytest.raises(ValueError, match="use augment_views"):  # the GPU graph has no per-view stages
+        D.view_stages(get_preset("default"), 32, "cpu", "gpu_graph")
 
 
 def test_crop_kernel_resamples_as_torchvision():

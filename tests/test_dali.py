@@ -10,10 +10,11 @@ from nvidia.dali import fn, pipeline_def
 from ensiam_fast.shards import shard_paths
 from pipelines import dali as D
 from pipelines import dali_ops as O
+from pipelines import fused
 from pipelines.kernels import backend as cpu_backend
 from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels.colour_maths import GREY_WEIGHTS
-from pipelines.presets import get_preset
+from pipelines.presets import check_jigsaw, check_views, get_preset
 
 SIZE = 32
 # Only the stage under test is on; crop=False + resize_ratio 1 leaves a 32x32 image untouched.
@@ -41,7 +42,7 @@ def views_and_reference(root, preset, views: int, batch_size: int = 48, seed: in
         )
         images = D.decode(encoded, "cpu")
         reference = O.to_chw(images)
-        return (reference, *[D.augment_view(images, preset, SIZE, "cpu", kernels) for _ in range(views)])
+        return (reference, *D.augment_views(images, preset, SIZE, views, "cpu", kernels))
 
     outs = run_once(pipe())
     return outs[0], np.stack(outs[1:])  # (B, 3, H, W), (K, B, 3, H, W)
@@ -96,7 +97,7 @@ def test_crop_flip_is_the_crop_then_the_flip():
     assert (near_plain ^ near_mirror).all(), "every view is its window or the window mirrored"
     lo, hi = binomial_bounds(0.5, near_mirror.size)
     assert lo < near_mirror.mean() < hi, near_mirror.mean()
-    names = [name for name, _ in D.view_stages(get_preset("default"), SIZE, "cpu", "dali")]
+    names = [name for name, _ in D.view_stages(get_preset("default"), SIZE, "cpu", "numba")]
     assert names[0] == "crop+flip" and "flip" not in names
 
 
@@ -104,10 +105,11 @@ def numba_usable() -> bool:
     return cpu_backend() == "numba"
 
 
-@pytest.fixture(params=["dali", "numba"])
+@pytest.fixture(params=["gpu_graph", "numba"])
 def kernels(request):
-    """Run a test through both CPU implementations: DALI's operators (the GPU graph) and Numba."""
-    if request.param == "numba" and not numba_usable():
+    """Run a test through both CPU pipelines: the GPU graph's CPU proxy (K views as frames, one
+    operator per stage) and the per-view Numba kernels."""
+    if not numba_usable():
         pytest.skip("Numba is not usable here")
     return request.param
 
@@ -162,8 +164,9 @@ def jigsaw_moves(kernels: str, preset, batch: int = 64) -> list[tuple[int, ...]]
     @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7, enable_conditionals=True)
     def pipe():
         images = fn.external_source(source=lambda: [known] * batch, batch=True, layout="HWC")
-        if kernels == "dali":
-            return O.jigsaw(images, preset, size)
+        if kernels == "gpu_graph":  # one frame per sample through the fused stage
+            frames = fn.stack(images, axis=0, axis_name="F")
+            return fused.stage(frames, "jigsaw", preset, size, 1, "cpu")[0]
         return k_jigsaw.stage(images, preset, size)
 
     (out,) = run_once(pipe())
@@ -209,11 +212,11 @@ def test_jigsaw_modes_permute_tiles_as_documented(kernels):
 
 def test_jigsaw_and_views_reject_bad_arguments():
     with pytest.raises(ValueError, match="not divisible by the jigsaw grid 4"):
-        O.check_jigsaw(30, 4)
-    O.check_jigsaw(30, 0)
+        check_jigsaw(30, 4)
+    check_jigsaw(30, 0)
     for bad in (0, 17, 2.0):
         with pytest.raises(ValueError, match=r"views \(K\) must be an integer in 1\.\.16"):
-            D.check_views(bad)
+            check_views(bad)
     with pytest.raises(ValueError, match="device must be 'cpu' or 'gpu'"):
         D.decoder_backend("tpu")
     with pytest.raises(ValueError, match="jigsaw_mode must be one of global, local, got 'tiles'"):
@@ -224,19 +227,19 @@ def test_jigsaw_and_views_reject_bad_arguments():
 
 def test_cpu_kernels_config_key_reaches_the_pipeline(tiny_dataset):
     """data.cpu_kernels from the config to the DALI loader: a bad name fails when the loader is
-    built, naming the key's choices; 'dali' runs the DALI-operator stages."""
+    built, naming the key's choices; 'gpu_graph' runs the GPU graph's CPU proxy."""
     from ensiam_fast.config import ConfigError, load_config
     from ensiam_fast.data import build_loader
 
-    cfg = load_config("demo", ["data.cpu_kernels=dali"])
+    cfg = load_config("demo", ["data.cpu_kernels=gpu_graph"])
     loader = build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="default", num_threads=1,
                           cpu_kernels=cfg.data.cpu_kernels)  # fmt: skip
-    assert loader.cpu_kernels == "dali"
+    assert loader.cpu_kernels == "gpu_graph"
     x, _ = next(iter(loader))
     assert x.shape == (2, 8, 3, SIZE, SIZE)
     with pytest.raises(ConfigError, match=r"data\.cpu_kernels='fast' is not one of"):
         load_config("demo", ["data.cpu_kernels=fast"])
-    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, numba, dali, got 'fast'"):
+    with pytest.raises(ValueError, match="cpu_kernels must be one of auto, numba, gpu_graph, got 'fast'"):
         build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="default", cpu_kernels="fast")
 
 

@@ -1,11 +1,13 @@
 """Augmentation fidelity: every DALI path draws its views from the torchvision reference's distribution.
 
-Paths: the CPU pipeline's Numba kernels and DALI's operators (the GPU pipeline's graph, run on the
-CPU). Each builds one DALI pipeline over a fixed set of images (solid colours and textured ones)
-and is compared with ``pipelines.reference.ViewAugment`` on the same images. Tolerances come from
-the samples: two-sample z-tests, |mean_a - mean_b| <= Z * sqrt(sa^2/na + sb^2/nb), Z = 4.5 (a false
-alarm has probability ~7e-6 per statistic). Statistics are paired with the original image (a view
-minus its source), so the image-to-image spread cancels and only the augmentation's remains.
+Paths: the CPU pipeline's per-view Numba kernels and the GPU pipeline's graph run on the CPU
+(``gpu_graph``: the K views as frames, one operator per stage; its CUDA kernels equal these CPU
+kernels bit for bit, ``tests/test_cuda_kernels.py``). Each builds one DALI pipeline over a fixed
+set of images (solid colours and textured ones) and is compared with
+``pipelines.reference.ViewAugment`` on the same images. Tolerances come from the samples:
+two-sample z-tests, |mean_a - mean_b| <= Z * sqrt(sa^2/na + sb^2/nb), Z = 4.5 (a false alarm has
+probability ~7e-6 per statistic). Statistics are paired with the original image (a view minus its
+source), so the image-to-image spread cancels and only the augmentation's remains.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ SIZE = 16
 # a dark and a light desaturated colour, grey (no hue at all)
 SOLIDS = [(255, 0, 0), (0, 200, 0), (30, 60, 230), (240, 220, 20), (200, 150, 120), (40, 25, 60),
           (180, 200, 210), (128, 128, 128)]  # fmt: skip
-PATHS = ["numba", "dali"]
+PATHS = ["numba", "gpu_graph"]
 DRAWS = 256  # views per image and path
 
 
@@ -46,7 +48,7 @@ def fidelity_images() -> list[np.ndarray]:
 
 
 def path_usable(path: str) -> None:
-    if path == "numba" and cpu_backend() != "numba":
+    if cpu_backend() != "numba":
         pytest.skip("Numba is not usable here")
 
 
@@ -60,7 +62,7 @@ def dali_views(images: list[np.ndarray], preset, path: str, *, draws: int, views
     @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=seed, enable_conditionals=True)
     def pipe():
         x = fn.external_source(source=lambda: [img for img in images for _ in range(reps)], batch=True, layout="HWC")
-        return tuple(D.augment_view(x, preset, SIZE, "cpu", path) for _ in range(views))
+        return tuple(D.augment_views(x, preset, SIZE, views, "cpu", path))
 
     p = pipe()
     p.build()
@@ -228,7 +230,7 @@ GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 
 @pytest.mark.parametrize("path", PATHS)
 def test_randaugment_after_the_flip_is_torchvisions_composition(path):
-    """Flip then RandAugment(1, 9) through each path (Numba kernels; DALI operators, the GPU graph):
+    """Flip then RandAugment(1, 9) through each path (per-view Numba kernels; the GPU graph):
     every view is torchvision's operation
     applied to the (possibly flipped) image, for every one of the 14 operations; a view made in
     the other order (the operation, then the flip) would not match for ShearY, whose shear about
@@ -255,35 +257,3 @@ def test_randaugment_after_the_flip_is_torchvisions_composition(path):
         seen.add(best[0])
     # Identity and AutoContrast can give the same view (a full-range image): either may be matched
     assert seen >= set(KR.RA_OPS) - {"Identity", "AutoContrast"}, sorted(set(KR.RA_OPS) - seen)
-
-
-def gpu_graph_randaugment(img: np.ndarray, op_index: int, m: int, bins: int, draws: int = 16) -> list[np.ndarray]:
-    """The GPU pipeline's RandAugment graph (``pipelines.dali_randaugment``), run on the CPU, with
-    one of its 14 operations allowed: ``draws`` views of ``img``."""
-    from pipelines.dali_randaugment import rand_augment
-
-    @pipeline_def(batch_size=draws, num_threads=1, device_id=None, seed=5, enable_conditionals=True)
-    def pipe():
-        x = fn.external_source(source=lambda: [img] * draws, batch=True, layout="HWC")
-        return rand_augment(x, 1, m, bins, SIZE, only=(op_index,))
-
-    p = pipe()
-    p.build()
-    return [np.asarray(t) for t in p.run()[0]]
-
-
-@pytest.mark.parametrize("op", KR.RA_OPS)
-def test_gpu_graph_randaugment_operations_are_torchvisions(op):
-    """Each operation of the DALI-operator RandAugment (the GPU graph) equals torchvision's for both
-    signs: pixel and colour operations exactly, geometric ones up to rounding ties of the grid."""
-    m, bins = 9, 31
-    img = textured(np.random.default_rng(9))
-    views = gpu_graph_randaugment(img, KR.RA_OPS.index(op), m, bins)
-    cands = {key[1]: want for key, want in candidates(img, m, bins).items() if key[0] == op and not key[2]}
-    signs = set()
-    for view in views:
-        off, sign = min(((view != want).any(axis=2).mean(), s) for s, want in cands.items())
-        tolerance = 0.01 if op in GEOMETRIC else 0.0  # rounding ties of the sampling grid
-        assert off <= tolerance, f"{op}: a view differs from torchvision's in {off:.3f} of its pixels"
-        signs.add(sign)
-    assert signs == set(cands), f"{op}: signs seen {signs}"  # both signs drawn and each one exact

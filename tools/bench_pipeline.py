@@ -37,7 +37,7 @@ from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, 
 # Targets from the issue: DALI/reference on the 2-core CPU box, views/s on one H100.
 CPU_RATIO_TARGET = {32: 6.0, 224: 2.0}
 GPU_VIEWS_TARGET = {32: 100_000, 224: 8_000}
-SOURCE_SIZE = {32: (32, 32), 224: (500, 375)}  # (W, H) of the stored JPEGs
+SOURCE_SIZE = {32: (32, 32), 64: (64, 64), 224: (500, 375)}  # (W, H) of the stored JPEGs
 
 
 def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, quality: int) -> bytes:

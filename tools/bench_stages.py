@@ -1,13 +1,14 @@
-"""Where the CPU time of a DALI view goes: per-stage cost of the K-view pipeline, DALI's own CPU
-operators against the fused Numba kernels (``pipelines.kernels``), side by side in one run.
+"""Where the CPU time of a DALI view goes: per-stage cost of the K-view pipeline's fused Numba
+kernels (``pipelines.kernels``; the DALI-operator stages they were compared with are gone: the GPU
+graph's stages are kernels too, ``tools/bench_gpu_graph.py``).
 
     python tools/bench_stages.py                                  # 224x224 from 500x375 JPEGs, default, K=4
     python tools/bench_stages.py --size 32 --preset very_strong   # CIFAR-like, with RandAugment and jigsaw
 
 The pipeline is cut after each stage (decode, crop, colour, blur, RandAugment, jigsaw, flip +
 HWC->CHW) and run on one DALI thread; a stage's cost is the CPU time per image (K views) of the
-pipeline up to it minus that of the pipeline before it. The two kernel back ends alternate per
-repeat; medians over ``--repeats``. The last line printed is one JSON object.
+pipeline up to it minus that of the pipeline before it; medians over ``--repeats``. The last
+line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -82,14 +83,14 @@ def main(argv=None) -> dict:
         raise SystemExit("Numba is not usable here, so there is nothing to compare (pip install numba)")
     preset = get_preset(args.preset)
     batch = args.batch or (128 if args.size == 32 else 32)
-    labels = ["decode", *(name for name, _ in D.view_stages(preset, args.size, "cpu", "dali"))]
+    labels = ["decode", *(name for name, _ in D.view_stages(preset, args.size, "cpu", "numba"))]
     stops = list(range(len(labels)))  # 0: decode only; k: decode and the first k view stages
-    cumulative: dict[str, dict[int, list[float]]] = {"dali": {}, "numba": {}}
+    cumulative: dict[str, dict[int, list[float]]] = {"numba": {}}
     with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
         root = write_bench_dataset(Path(tmp) / "data", args.size, batch * (args.iters + 2))
         tars, idxs = shard_paths(root, "train")
-        for rep in range(args.repeats):
-            for kernels in ("dali", "numba") if rep % 2 == 0 else ("numba", "dali"):
+        for _ in range(args.repeats):
+            for kernels in ("numba",):
                 for s in stops:
                     ms = cpu_ms_per_image(tars, idxs, preset=preset, size=args.size, views=args.views, stop=s,
                                           kernels=kernels, batch=batch, iters=args.iters)  # fmt: skip
@@ -112,7 +113,6 @@ def main(argv=None) -> dict:
         "size": args.size, "preset": args.preset, "views": args.views, "batch": batch, "repeats": args.repeats,
         "stages": rows,
         "total_ms_cpu_per_image": totals,
-        "ratio_dali_over_numba": round(totals["dali"] / totals["numba"], 2),
     }  # fmt: skip
     print(json.dumps(result))
     return result

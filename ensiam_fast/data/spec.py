@@ -19,7 +19,7 @@ from ensiam_fast.errors import UserError
 from ensiam_fast.shards.format import ShardFormatError, shard_bounds
 from ensiam_fast.shards.manifest import read_manifest, split_files
 from ensiam_fast.shards.verdict import gate_split
-from pipelines.presets import MAX_VIEWS, AugPreset, get_preset
+from pipelines.presets import AugPreset, check_views, get_preset
 
 
 def derive_seed(*parts: int) -> int:
@@ -123,8 +123,7 @@ def loader_spec(
     shuffle: bool | None = None,
 ) -> LoaderSpec:
     """Check the loader arguments against ``split`` of the dataset at ``root`` (read once)."""
-    if not isinstance(views, int) or not 1 <= views <= MAX_VIEWS:
-        raise ValueError(f"views (K) must be an integer in 1..{MAX_VIEWS}, got {views!r}")
+    check_views(views)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_id < num_shards):

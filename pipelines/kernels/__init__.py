@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-CHOICES = ("auto", "numba", "dali")
+CHOICES = ("auto", "numba", "gpu_graph")
 
 _LOCK = threading.Lock()
 _OPS: dict[str, object] = {}
@@ -42,20 +42,19 @@ def numba_available() -> tuple[bool, str]:
 
 
 def backend(choice: str = "auto") -> str:
-    """'numba' when the fused kernels can run here, else 'dali' (DALI's own CPU operators).
-
-    ``choice`` is the config key ``data.cpu_kernels``: 'dali' forces DALI's operators (e.g. to
-    compare the two), 'numba' makes a missing Numba an error instead of a silent fallback.
-    """
+    """The CPU pipeline's kernels: 'numba' (per-view fused kernels, the default) or 'gpu_graph'
+    (the GPU pipeline's graph on the CPU: the K views as frames, one operator per stage,
+    ``pipelines.fused``). ``choice`` is the config key ``data.cpu_kernels``; 'auto' is 'numba'.
+    Both need Numba (a dependency): without it this fails, naming why."""
     want = str(choice).strip().lower()
     if want not in CHOICES:
         raise ValueError(f"cpu_kernels must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if want == "dali":
-        return "dali"
     ok, why = numba_available()
-    if want == "numba" and not ok:
-        raise RuntimeError(f"cpu_kernels=numba but Numba cannot be used here ({why})")
-    return "numba" if ok else "dali"
+    if not ok:
+        raise RuntimeError(
+            f"the DALI pipelines need Numba and DALI's numba_function, which cannot be used here ({why})"
+        )
+    return "gpu_graph" if want == "gpu_graph" else "numba"
 
 
 def numba_op(name: str, run_fn, setup_fn=None, n_params: int = 2, layout: str = "HWC"):

@@ -6,8 +6,15 @@ import numpy as np
 
 from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.common import copy_image, jit
+from pipelines.kernels.twin import fmul, twin
 
 BLUR_DRAWS = 2  # uniform [0, 1) draws per view: apply, sigma
+
+
+def blur_params_len(preset) -> int:
+    """The length of a view's parameter vector (``blur_params``): apply, radius, then the taps of
+    the widest kernel the preset draws."""
+    return 3 + int(np.ceil(np.float32(3.0) * np.float32(preset.blur_sigma[1])))
 
 
 def blur_constants(preset) -> np.ndarray:
@@ -16,24 +23,17 @@ def blur_constants(preset) -> np.ndarray:
 
 
 @jit
-def blur_run(out, img, draws, consts):
-    """One view: Gaussian blur with probability consts[0] and sigma ~ U(consts[1], consts[2]).
-
-    The kernel is the one torchvision's GaussianBlur uses: 2 * ceil(3 sigma) + 1 taps of a
-    normalised Gaussian, reflect-101 borders; a row pass into float rows, then a column pass,
-    rounded once. The inner loops run over whole rows of the interleaved HWC image (views
-    starting at offset 0, so Numba vectorises them).
-    """
-    h, w, ch = img.shape
-    row_len = w * ch
-    src = img.reshape(h, row_len)
-    dst = out.reshape(h, row_len)
+def blur_params(draws, consts, params):
+    """One view's blur: ``params`` = [apply (0/1), r, taps[0..r], 0...], the taps torchvision's
+    GaussianBlur uses (2 r + 1 of a normalised Gaussian, r = ceil(3 sigma), symmetric: taps[k]
+    weighs offsets +k and -k), with probability consts[0] and sigma ~ U(consts[1], consts[2])."""
+    for i in range(params.size):
+        params[i] = 0.0
     if not draws[0] < consts[0]:
-        copy_image(out, img)
         return
     sigma = np.float32(consts[1] + draws[1] * (consts[2] - consts[1]))
     r = int(np.ceil(np.float32(3.0) * sigma))
-    taps = np.empty(r + 1, dtype=np.float32)  # symmetric: taps[k] weighs offsets +k and -k
+    taps = params[2 : 3 + r]
     total = np.float32(0.0)
     for k in range(r + 1):
         v = np.float32(np.exp(np.float32(-0.5) * np.float32(k * k) / (sigma * sigma)))
@@ -41,6 +41,59 @@ def blur_run(out, img, draws, consts):
         total += v if k == 0 else np.float32(2.0) * v
     for k in range(r + 1):
         taps[k] /= total
+    params[0] = 1.0
+    params[1] = r
+
+
+@twin
+def reflect(i, n):
+    """Index ``i`` of a side of ``n`` samples, reflect-101 (for -n < i < 2 n - 1)."""
+    if i < 0:
+        return -i
+    if i > n - 1:
+        return 2 * (n - 1) - i
+    return i
+
+
+@twin
+def blur_row(src, y, x, c, taps, rx):
+    """The row pass of ``blur_apply`` at one place: the float32 sum over the row, in its order."""
+    w = src.shape[1]
+    t = taps[0] * np.float32(src[y, x, c])
+    for k in range(1, rx + 1):
+        a = np.float32(src[y, reflect(x - k, w), c])
+        b = np.float32(src[y, reflect(x + k, w), c])
+        t += fmul(taps[k], a + b)
+    return t
+
+
+@twin
+def blur_value(src, y, x, c, taps, rx, ry):
+    """One output value of ``blur_apply`` (its row sums recomputed, in the same order)."""
+    h = src.shape[0]
+    acc = taps[0] * blur_row(src, y, x, c, taps, rx)
+    for k in range(1, ry + 1):
+        a = blur_row(src, reflect(y - k, h), x, c, taps, rx)
+        b = blur_row(src, reflect(y + k, h), x, c, taps, rx)
+        acc += fmul(taps[k], a + b)
+    return np.uint8(min(max(acc, np.float32(0.0)), np.float32(255.0)) + np.float32(0.5))
+
+
+@jit
+def blur_apply(out, img, params):
+    """One view blurred with ``params`` (``blur_params``): a row pass into float rows, then a column
+    pass, rounded once, reflect-101 borders. The inner loops run over whole rows of the interleaved
+    HWC image (views starting at offset 0, so Numba vectorises them); ``blur_value`` is the same
+    sum for one output value (the CUDA kernel's)."""
+    h, w, ch = img.shape
+    row_len = w * ch
+    src = img.reshape(h, row_len)
+    dst = out.reshape(h, row_len)
+    if params[0] == 0.0:
+        copy_image(out, img)
+        return
+    r = int(params[1])
+    taps = params[2 : 3 + r]
     # reflect-101 needs r <= side - 1; a wider kernel is clipped there (only for images < 13 px)
     rx = min(r, w - 1)
     ry = min(r, h - 1)
@@ -65,7 +118,7 @@ def blur_run(out, img, draws, consts):
             a = row[pad - k * ch : pad - k * ch + row_len]
             b = row[pad + k * ch : pad + k * ch + row_len]
             for j in range(row_len):
-                t[j] += wk * (a[j] + b[j])
+                t[j] += fmul(wk, a[j] + b[j])
     for k in range(1, ry + 1):
         rows[ry - k] = rows[ry + k]
         rows[ry + h - 1 + k] = rows[ry + h - 1 - k]
@@ -82,10 +135,19 @@ def blur_run(out, img, draws, consts):
             a = rows[y + ry - k]
             b = rows[y + ry + k]
             for j in range(row_len):
-                acc[j] += wk * (a[j] + b[j])
+                acc[j] += fmul(wk, a[j] + b[j])
         d = dst[y]
         for j in range(row_len):
             d[j] = np.uint8(min(max(acc[j], lo), hi) + half)
+
+
+@jit
+def blur_run(out, img, draws, consts):
+    """One view: Gaussian blur with probability consts[0] and sigma ~ U(consts[1], consts[2])
+    (``blur_params``, then ``blur_apply``)."""
+    params = np.empty(3 + int(np.ceil(np.float32(3.0) * np.float32(consts[2]))), dtype=np.float32)
+    blur_params(draws, consts, params)
+    blur_apply(out, img, params)
 
 
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache

@@ -64,16 +64,18 @@ def _apply(op, f, dst, src):
         grey_to(dst, src)
 
 
-@jit
-def colour_run(out, img, draws, consts):
-    """One view: ``out`` (H, W, 3) uint8 = the colour stage applied to ``img`` (H, W, 3) uint8.
+# The per-view parameter vector (``colour_params``): the number of operations, then (op, factor)
+# for each of at most five (four jitter operations in their drawn order, then grey).
+N_PARAMS = 11
 
-    ``draws``: N_DRAWS uniforms in [0, 1) for this view; ``consts``: ``colour_constants``.
-    Each operation reads one array and writes another (``img`` -> ``out`` <-> a scratch view):
-    the compiler vectorises a loop only where its input and output do not overlap.
-    """
-    steps = np.full(5, -1, dtype=np.int64)  # the operations this view applies, in order
-    factors = np.zeros(5, dtype=np.float32)
+
+@jit
+def colour_params(draws, consts, params):
+    """The operations one view applies, drawn from ``draws`` (N_DRAWS uniforms in [0, 1)) and the
+    preset's ``consts`` (``colour_constants``): ``params`` = [n, op_0, factor_0, ..., op_4,
+    factor_4], op 0 brightness, 1 contrast, 2 saturation, 3 hue, 4 grey."""
+    for i in range(N_PARAMS):
+        params[i] = 0.0
     n = 0
     if draws[_D_APPLY] < consts[_P_JITTER]:
         order = np.argsort(draws[_D_ORDER : _D_ORDER + 4])  # a uniformly random permutation
@@ -86,24 +88,45 @@ def colour_run(out, img, draws, consts):
             f = np.float32(lo + draws[_D_FACTOR + op] * (hi - lo))
             if op == 3 and f == 0.0:  # torchvision returns the image unchanged at hue 0
                 continue
-            steps[n] = op
-            factors[n] = f
+            params[1 + 2 * n] = op
+            params[2 + 2 * n] = f
             n += 1
     if draws[_D_GREY] < consts[_P_GREY]:
-        steps[n] = 4
+        params[1 + 2 * n] = 4
         n += 1
+    params[0] = n
+
+
+@jit
+def colour_apply(out, img, params):
+    """One view: ``out`` (H, W, 3) uint8 = the operations of ``params`` (``colour_params``) applied
+    to ``img`` (H, W, 3) uint8. Each operation reads one array and writes another (``img`` -> ``out``
+    <-> a scratch view): the compiler vectorises a loop only where its input and output do not
+    overlap."""
+    n = int(params[0])
     if n == 0:
         copy_image(out, img)
         return
-    _apply(steps[0], factors[0], out, img)
+    _apply(int(params[1]), np.float32(params[2]), out, img)
     scratch = np.empty(out.shape, dtype=np.uint8)  # (not touched when n == 1)
     for k in range(1, n):
+        op = int(params[1 + 2 * k])
+        f = np.float32(params[2 + 2 * k])
         if k % 2 == 1:
-            _apply(steps[k], factors[k], scratch, out)
+            _apply(op, f, scratch, out)
         else:
-            _apply(steps[k], factors[k], out, scratch)
+            _apply(op, f, out, scratch)
     if n % 2 == 0:  # the last operation wrote the scratch view
         copy_image(out, scratch)
+
+
+@jit
+def colour_run(out, img, draws, consts):
+    """One view: ``out`` (H, W, 3) uint8 = the colour stage applied to ``img`` (H, W, 3) uint8.
+    ``draws``: N_DRAWS uniforms in [0, 1) for this view; ``consts``: ``colour_constants``."""
+    params = np.empty(N_PARAMS, dtype=np.float32)
+    colour_params(draws, consts, params)
+    colour_apply(out, img, params)
 
 
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
@@ -117,4 +140,14 @@ def stage(images, preset):
     return run_kernel(numba_op("colour", _entry), images, N_DRAWS, colour_constants(preset))
 
 
-__all__ = ["N_DRAWS", "colour_constants", "colour_run", "factor_ranges", "has_colour", "stage"]
+__all__ = [
+    "N_DRAWS",
+    "N_PARAMS",
+    "colour_apply",
+    "colour_constants",
+    "colour_params",
+    "colour_run",
+    "factor_ranges",
+    "has_colour",
+    "stage",
+]

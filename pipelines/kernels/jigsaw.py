@@ -8,7 +8,7 @@ import numpy as np
 
 from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.common import copy_image, jit
-from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES
+from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES, check_jigsaw
 
 
 def jigsaw_draws(grid: int) -> int:
@@ -50,21 +50,36 @@ def tile_sources(grid, draws, local, k):
 
 
 @jit
-def jigsaw_run(out, img, draws, consts):
-    """One view, moved tile by tile (``tile_sources``) when draws[0] < jigsaw_p, else copied."""
+def jigsaw_params(draws, consts, params):
+    """One view's jigsaw: ``params`` = [apply (0/1), the source tile of each place (row-major)],
+    applied when draws[0] < jigsaw_p (``tile_sources``)."""
     grid = int(consts[0])
+    n = grid * grid
+    for p in range(n):
+        params[1 + p] = p
+    params[0] = 0.0
     if not draws[0] < consts[1]:
+        return
+    order = tile_sources(grid, draws, int(consts[2]), np.float64(consts[3]))
+    for p in range(n):
+        params[1 + p] = order[p]
+    params[0] = 1.0
+
+
+@jit
+def jigsaw_apply(out, img, params, grid):
+    """One view moved tile by tile (``jigsaw_params``), or copied."""
+    if params[0] == 0.0:
         copy_image(out, img)
         return
     h, w, ch = img.shape
     th = h // grid
     tw = w // grid
-    order = tile_sources(grid, draws, int(consts[2]), np.float64(consts[3]))
     src_rows = img.reshape(h, w * ch)
     dst_rows = out.reshape(h, w * ch)
     span = tw * ch
     for p in range(grid * grid):
-        t = order[p]
+        t = int(params[1 + p])
         sy = (t // grid) * th
         sx = (t % grid) * span
         dy = (p // grid) * th
@@ -76,17 +91,32 @@ def jigsaw_run(out, img, draws, consts):
                 dst[j] = src[j]
 
 
+@jit
+def jigsaw_run(out, img, draws, consts):
+    """One view, moved tile by tile when draws[0] < jigsaw_p, else copied."""
+    grid = int(consts[0])
+    params = np.empty(1 + grid * grid, dtype=np.float32)
+    jigsaw_params(draws, consts, params)
+    jigsaw_apply(out, img, params, grid)
+
+
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
     jigsaw_run(out, img, draws, consts)
 
 
 def stage(images, preset, size: int):
     """The jigsaw of every view as this kernel."""
-    from pipelines.dali_ops import check_jigsaw
-
     check_jigsaw(size, preset.jigsaw_grid)
     grid = preset.jigsaw_grid
     return run_kernel(numba_op("jigsaw", _entry), images, jigsaw_draws(grid), jigsaw_constants(preset))
 
 
-__all__ = ["jigsaw_constants", "jigsaw_draws", "jigsaw_run", "stage", "tile_sources"]
+__all__ = [
+    "jigsaw_apply",
+    "jigsaw_constants",
+    "jigsaw_draws",
+    "jigsaw_params",
+    "jigsaw_run",
+    "stage",
+    "tile_sources",
+]
