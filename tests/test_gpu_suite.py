@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"tests", "e2e_r18_b256", "e2e_r18_b1024", "e2e_r50_224", "train_step_eager", "train_step_compiled",
-         "memory_views"}  # fmt: skip
+         "memory_views", "cuda_stages"}  # fmt: skip
 
 
 @pytest.mark.slow
@@ -30,6 +30,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert set(head["train_step_eager_bn_layer_ms"][0]) >= {"joint", "per_view", "per_view_cat"}
     assert {(r["views_per_pass"], r["grad_checkpointing"]) for r in head["memory_views"]} == {
         (2, False), (1, False), (2, True), (1, True)}  # fmt: skip
+    assert head["cuda_stages"]["bit_exact"] is True  # through Numba's CUDA simulator in the dry run
     report = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert set(report["steps"]) == STEPS and (tmp_path / "logs" / "tests.log").is_file()
     assert "| e2e_r18_b256 |" in (tmp_path / "gpu_suite.md").read_text()

@@ -1,7 +1,7 @@
 """The CUDA stages of the GPU graph against the CPU kernels: bit for bit, and their time.
 
     python tools/bench_cuda_stages.py                             # on a GPU (torch + Numba, no DALI needed)
-    NUMBA_ENABLE_CUDASIM=1 python tools/bench_cuda_stages.py --size 20 --threads 16 --repeats 0
+    python tools/bench_cuda_stages.py --simulate --size 20 --threads 16 --repeats 0   # a CPU-only machine
 
 Each stage (colour, blur, RandAugment, jigsaw) runs on a set of views chosen to cover every
 operation the presets use (each jitter operation at factors below and above 1, hue both ways,
@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+if "--simulate" in sys.argv[1:]:  # before Numba is imported: it reads the switch once
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -195,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--time-size", type=int, default=224, help="view side of the timing")
     ap.add_argument("--views", type=int, default=1024, help="frames per timed launch (batch x K)")
     ap.add_argument("--preset", default="default")
+    ap.add_argument("--simulate", action="store_true", help="Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1)")
     ap.add_argument("--perturb", action="store_true", help="give the CUDA kernels slightly wrong parameters")
     args = ap.parse_args(argv)
     result = {"check": check(args.size, args.threads, args.stages, args.perturb), "size": args.size,

@@ -62,6 +62,24 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
             ("train_step_eager", [PY, bench, *train_tiny, "--bn-layer"], 300),
             ("train_step_compiled", [PY, bench, *train_tiny, "--bn-layer-only"], 300),
             (
+                "cuda_stages",
+                [
+                    PY,
+                    str(ROOT / "tools" / "bench_cuda_stages.py"),
+                    "--simulate",
+                    "--size",
+                    "8",
+                    "--threads",
+                    "4",
+                    "--repeats",
+                    "0",
+                    "--stages",
+                    "colour",
+                    "jigsaw",
+                ],
+                300,
+            ),  # fmt: skip
+            (
                 "memory_views",
                 [
                     PY,
@@ -133,6 +151,10 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
     plan.append(("memory_views", [PY, str(ROOT / "tools" / "bench_memory.py"), "--device", "cuda", "--size", "64",
                                   "--batch", "256", "--views", "4", "8", "16", "--settings", "fused", "1", "half",
                                   "nockpt", "ckpt", "--precision", "bf16", "--channels-last"], 150))  # fmt: skip
+    # the GPU graph's CUDA stages against the CPU kernels: bit for bit at 32x32, then timed on 1,024 views of
+    # 224x224 (batch 256 x K=4), DALI not needed
+    plan.append(("cuda_stages", [PY, str(ROOT / "tools" / "bench_cuda_stages.py"), "--size", "32", "--repeats", "20",
+                                 "--views", "1024", "--time-size", "224"], 90))  # fmt: skip
     if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
         plan.append(("dali_gpu", [PY, str(ROOT / "tools" / "bench_pipeline.py"), "--device", "gpu", "--quick"], 60))
     return plan
@@ -200,6 +222,9 @@ def headline(report: dict) -> dict:
     res = (report["steps"].get("memory_views") or {}).get("result") or {}
     if res.get("results"):
         head["memory_views"] = res["results"]
+    res = (report["steps"].get("cuda_stages") or {}).get("result") or {}
+    if res:
+        head["cuda_stages"] = {"bit_exact": res.get("bit_exact"), "timing": res.get("timing")}
     head["status"] = {name: step["status"] for name, step in report["steps"].items()}
     return head
 
