@@ -5,14 +5,17 @@ Layout: ``RUN/checkpoints/step-00001234.pt``, a ``torch.save`` dict with ``forma
 SiameseNet state dict, unwrapped from DDP and ``torch.compile``), ``optimizer``, ``scaler`` and
 ``rng``, all tensors and plain types, so files load with ``torch.load(weights_only=True)``: opening
 a planted file cannot run code. A file is written under a temporary name and renamed when
-complete, so a crash mid-save leaves the previous checkpoint as the newest complete one (the
-half-written ``.tmp`` is removed by the next save). Discovery opens files newest first and stops
+complete (``ensiam_fast.rundir.atomic_write``), so a crash mid-save leaves the previous checkpoint as
+the newest complete one (a half-written temporary is removed by the next save). Files are opened only
+when they are regular files: a FIFO or a link named like a checkpoint is skipped with a
+warning. Discovery opens files newest first and stops
 at the first that loads (when none does, that is an error); pruning keeps the newest files that load.
 Format /1 files (the RNG states as numpy arrays) load too, upgraded in memory. ``check_compatible`` decides
 whether a checkpoint can be resumed under a config."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -24,6 +27,16 @@ import numpy as np
 import torch
 
 from ensiam_fast.errors import UserError
+from ensiam_fast.rundir import (
+    RunDirError,
+    StorageError,
+    atomic_write,
+    check_target,
+    is_regular,
+    open_regular,
+    remove_stale_tmp,
+    storage_error,
+)
 
 FORMAT = "ensiam_fast-ckpt/2"  # /2: everything stored as tensors and plain types (loads with weights_only)
 # /1 (before 2026-12): the same keys, but the numpy and Python RNG states as numpy arrays and tuples
@@ -70,22 +83,24 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], keep: int
     if missing:
         raise CheckpointError(f"checkpoint state lacks {missing}")
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(run_dir)
+    what = f"checkpoint step {state['step']} to {run_dir}"
+    if not folder.is_dir():
+        check_target(folder)  # a link or FIFO named checkpoints: refused, not followed
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise storage_error(e, what) from e
+    remove_stale_tmp(folder)
     path = folder / f"step-{state['step']:08d}.pt"
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        with atomic_write(path, what=what) as f:
+            torch.save({"format": FORMAT, **state}, f)
+    except StorageError as e:
+        done = [int(m.group(1)) for p in list_checkpoints(run_dir) if (m := NAME.fullmatch(p.name))]
+        newest = f"the newest complete checkpoint is step {done[-1]}" if done else "no checkpoint was completed yet"
+        raise StorageError(f"{e}; {newest}", e.errno) from e
     prune(run_dir, keep)
     return path
-
-
-def remove_stale_tmp(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete half-written ``*.pt.tmp`` files (a save cut short by a crash); call from the one writer."""
-    stale = sorted(checkpoint_dir(run_dir).glob("step-*.pt.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -126,8 +141,14 @@ def read_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> dict[str,
     so a planted or tampered file cannot run code when it is opened. ``mmap=True`` maps the tensors
     instead of reading them (a cheap validity check). Format /1 files are read and upgraded."""
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap:  # torch maps by name: a regular file checked just before (a FIFO is never opened)
+            if not is_regular(path):
+                raise RunDirError(f"{path} is not a regular file")
+            source = contextlib.nullcontext(path)
+        else:
+            source = open_regular(path)
+        with source as f, torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, forbidden global, I/O error: all mean "unusable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from e
@@ -249,3 +270,54 @@ def check_compatible(cfg, state: dict, path: Path, num_processes: int) -> None:
             f"the saved data position is per process shard; resume with {saved_procs} process(es) "
             "or use a new output_dir"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the resume fingerprint: every setting that changes what is computed
+
+
+def fingerprint(cfg, data_identity: dict, num_processes: int, mixed_precision: str) -> dict[str, Any]:
+    """The settings a resumed run must share with the checkpoint, as ``key -> value`` (config keys,
+    dotted, plus ``num_processes`` and the data's identity: the manifest's dataset name, split, sample
+    count and content hash, not its path, so a moved dataset resumes). Not in it: ``max_steps`` (it
+    caps the run; the schedule spans ``epochs``), logging, checkpointing, the kNN monitor, threads."""
+    m, o, d = cfg.model, cfg.optim, cfg.data
+    found = {
+        "method": cfg.method, "views": cfg.views, "batch_size": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_processes": num_processes,
+        "epochs": cfg.epochs, "seed": cfg.seed, "mixed_precision": mixed_precision,
+        **{f"model.{k}": getattr(m, k) for k in ("backbone", "cifar_stem", "pretrained", "proj_layers", "proj_hidden",
+                                                 "proj_dim", "pred_hidden", "bn_mode", "sync_bn")},
+        **{f"optim.{k}": getattr(o, k)
+           for k in ("base_lr", "momentum", "weight_decay", "warmup_epochs", "fix_pred_lr")},
+        "data.preset": d.preset, "data.preset_overrides": dict(sorted(d.preset_overrides.items())),
+        "data.image_size": d.image_size, "data.backend": d.backend,
+        **{f"data.{k}": v for k, v in data_identity.items()},
+    }  # fmt: skip
+    return found
+
+
+def check_fingerprint(saved: dict | None, current: dict, allow: list[str], path: Path) -> list[str]:
+    """Refuse a resume whose settings differ from the checkpoint's (one line naming each changed key,
+    old -> new, and what to do); the keys in ``allow`` (``resume.allow_changes``) may differ. Returns
+    the notes to print (the changes allowed, or a checkpoint written before fingerprints)."""
+    from ensiam_fast.config import RESUMABLE_CHANGES
+
+    if saved is None:
+        return [f"note: {path} has no settings fingerprint (written before 2026-12): only the network, method, "
+                "batch and processes were compared; make sure the other settings are the run's"]  # fmt: skip
+    changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    changed.update({k: (v, None) for k, v in saved.items() if k not in current})
+    refused = {k: c for k, c in changed.items() if k not in allow}
+    if refused:
+        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        safe = [k for k in refused if k in RESUMABLE_CHANGES]
+        how = f"to continue on purpose with the new value, add resume.allow_changes=[{','.join(safe)}]" if safe else ""
+        fixed = [k for k in refused if k not in RESUMABLE_CHANGES]
+        if fixed:
+            how += ("; " if how else "") + f"{', '.join(fixed)} cannot change within a run"
+        raise CheckpointError(
+            f"{path} was trained with other settings: {listed}; nothing was written. Resume with the run's settings "
+            f"(its config.yaml), start a new run with another output_dir, or {how}"
+        )
+    return [f"note: resuming with {k} changed on purpose ({old!r} -> {new!r})" for k, (old, new) in changed.items()]

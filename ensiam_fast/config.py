@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +32,17 @@ from pipelines.presets import MAX_VIEWS, check_jigsaw, check_views
 CONFIG_DIR = Path(__file__).parent / "configs"
 # every set of choices is defined by the module that implements it
 METHODS = tuple(LOSSES)
+
+
+# The fingerprint keys a resume may change on purpose (resume.allow_changes; ensiam_fast/checkpoint.py):
+# the others (method, views, network, batch, accumulation, processes) would reinterpret the weights or
+# the stored data position. Changing epochs recomputes the cosine schedule over the new length from the
+# step reached (the lr jumps to the new curve's value there).
+RESUMABLE_CHANGES = (
+    "epochs", "seed", "mixed_precision", "optim.base_lr", "optim.momentum", "optim.weight_decay",
+    "optim.warmup_epochs", "optim.fix_pred_lr", "data.preset", "data.preset_overrides", "data.image_size",
+    "data.backend", "data.dataset", "data.split", "data.samples", "data.content", "model.sync_bn", "model.pretrained",
+)  # fmt: skip
 
 
 class ConfigError(UserError, ValueError):
@@ -86,6 +99,13 @@ class OptimConfig:
 
 
 @dataclass
+class ResumeConfig:
+    # fingerprint keys a resume may change on purpose, e.g. [epochs] to extend a finished run (the cosine
+    # schedule is recomputed over the new length); without it a changed setting is refused
+    allow_changes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     method: str = "ensiam"  # ensiam | simsiam_kaug | simsiam | fastsiam
     views: int = 4  # K, the augmented views per image (2 to 16)
@@ -115,6 +135,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,11 +162,17 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key {key!r} expects a list of names such as [epochs], got {value!r}")
+        return list(value)
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key {key!r} expects a mapping, got {value!r}")
         return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # no setting means anything at inf or nan (a timeout is a number of seconds)
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         return float(value)
     if tp in (int, float, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
@@ -173,6 +200,40 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             setattr(obj, key, _check_type(name, value, hints[key]))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users type numbers (PyYAML follows YAML 1.1, which reads ``1e-3`` and ``5E-4`` as text:
+    its floats need a dot and a signed exponent), and a key given twice in one mapping is an error."""
+
+    source = "the command line"
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"{self.source}: key {key!r} is given twice (lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str, source=None) -> Any:
+    loader = _Loader(text)
+    if source is not None:
+        loader.source = str(source)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 class _Raw(str):
     """A command-line value, parsed once the type of its key is known: a ``str`` key takes the text
     as it is (so ``mixed_precision=no`` stays "no" rather than YAML's False), others parse as YAML."""
@@ -181,7 +242,7 @@ class _Raw(str):
         args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
         if str in args and not (type(None) in args and self in ("null", "~", "None")):
             return str(self)
-        return yaml.safe_load(self) if self != "" else None
+        return _load_yaml(self) if self != "" else None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -220,7 +281,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
     if config is not None:
         path = resolve_preset_path(config)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = _load_yaml(path.read_text(), path) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
         if not isinstance(values, dict):
@@ -286,6 +347,11 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{key}={value!r} is not one of {allowed}")
     if cfg.model.proj_layers not in (2, 3):
         raise ConfigError(f"model.proj_layers={cfg.model.proj_layers}: SimSiam's projector has 2 or 3 layers")
+    unknown = [k for k in cfg.resume.allow_changes if k not in RESUMABLE_CHANGES]
+    if unknown:
+        raise ConfigError(
+            f"resume.allow_changes names {unknown}: a resume may change only {', '.join(RESUMABLE_CHANGES)}"
+        )
     _validate_ranges(cfg)
     _validate_augmentation(cfg)
     _validate_backbone(cfg)
@@ -386,7 +452,9 @@ def _validate_backbone(cfg: TrainConfig) -> None:
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from ensiam_fast.rundir import write_text  # the one writer (light: standard library only)
+
+    write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _comments(cls) -> dict[str, str]:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ensiam_fast.metrics import read_metrics
+from ensiam_fast.rundir import atomic_write
 
 PANELS = (
     ("loss", "training loss"),
@@ -43,7 +44,6 @@ def write_curves(run_dir: str | os.PathLike, title: str | None = None) -> Path:
     fig.suptitle(title or run_dir.name)
     fig.tight_layout()
     out = run_dir / "curves.png"
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, out)
+    with atomic_write(out) as f:
+        fig.savefig(f, dpi=110, format="png")
     return out

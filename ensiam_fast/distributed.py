@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ensiam_fast.errors import UserError
+from ensiam_fast.rundir import write_text
 
 
 class DistributedError(UserError):
@@ -134,7 +135,7 @@ def check_shared_output_dir(accelerator, out: Path) -> None:
     created = accelerator.is_main_process and not out.exists()
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        probe.write_text(token[0])
+        write_text(probe, token[0])
     accelerator.wait_for_everyone()
     try:
         seen = probe.read_text() == token[0]

@@ -52,6 +52,7 @@ from ensiam_fast.command import argument_parser
 from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict
 from ensiam_fast.errors import UserError
 from ensiam_fast.models import apply_cifar_stem, create_backbone
+from ensiam_fast.rundir import atomic_write, check_target, owning
 
 FORMATS = ("timm", "torchvision", "detectron2")
 META_FORMAT = "ensiam_fast-backbone/1"
@@ -157,9 +158,9 @@ def source_info(path: Path, state: dict[str, Any], cfg: TrainConfig) -> dict[str
         "checkpoint": str(path),
         "step": int(state["step"]),
         "epoch": int(state["epoch"]),
-        "method": cfg.method,
-        "views": cfg.views,
-        "data": cfg.data.root,
+        "method": cfg.method if cfg else state["config"].get("method"),
+        "views": cfg.views if cfg else state["config"].get("views"),
+        "data": cfg.data.root if cfg else state["config"].get("data", {}).get("root"),
     }
 
 
@@ -173,28 +174,25 @@ def meta_path(out: str | os.PathLike) -> Path:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(f)`` into ``path`` through the one writer (ensiam_fast/rundir.py)."""
+    check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    # the usual mode for a new file (some writers create 0600): others on the host may load the weights
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        write(f)
 
 
 def write_meta(out: Path, meta: dict[str, Any]) -> Path:
     path = meta_path(out)
-    _write_atomic(path, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    _write_atomic(path, lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
     return path
 
 
 def export_timm(backbone: nn.Module, out: Path) -> None:
-    from safetensors.torch import save_file
-
     # safetensors refuses shared or strided storage: give it plain contiguous copies
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
-    _write_atomic(out, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    from safetensors.torch import save
+
+    _write_atomic(out, lambda f: f.write(save(tensors, metadata={"format": "pt"})))
 
 
 def torchvision_model(name: str, cifar_stem: bool) -> nn.Module:
@@ -228,7 +226,7 @@ def export_torchvision(backbone: nn.Module, name: str, cifar_stem: bool, out: Pa
         )
     except ExportError as e:
         raise ExportError(f"{e} timm's {name!r} is not torchvision's architecture: use --format timm") from None
-    _write_atomic(out, lambda p: torch.save(weights, p))
+    _write_atomic(out, lambda f: torch.save(weights, f))
 
 
 def detectron2_key(key: str) -> str:
@@ -268,11 +266,7 @@ def export_detectron2(backbone: nn.Module, name: str, cifar_stem: bool, out: Pat
         "matching_heuristics": True,
     }
 
-    def write(p: Path) -> None:
-        with open(p, "wb") as f:
-            pickle.dump(payload, f)
-
-    _write_atomic(out, write)
+    _write_atomic(out, lambda f: pickle.dump(payload, f))
 
 
 def export_backbone(run=None, checkpoint=None, *, fmt: str, out: str | os.PathLike) -> dict[str, Any]:
@@ -281,7 +275,15 @@ def export_backbone(run=None, checkpoint=None, *, fmt: str, out: str | os.PathLi
         raise ExportError(f"unknown export format {fmt!r}; one of {FORMATS}")
     path, state = resolve_checkpoint(run, checkpoint)
     backbone, cfg = load_backbone(state, path)
-    name, cifar, out = cfg.model.backbone, cfg.model.cifar_stem, Path(out)
+    out = Path(out)
+    for target in (out, meta_path(out)):  # both refused before either is written
+        check_target(target)
+    with owning(out.parent):  # a run directory written into has one owner
+        return _export(backbone, cfg, path, state, fmt, out)
+
+
+def _export(backbone, cfg, path, state, fmt: str, out: Path) -> dict[str, Any]:
+    name, cifar = cfg.model.backbone, cfg.model.cifar_stem
     if fmt == "timm":
         export_timm(backbone, out)
     elif fmt == "torchvision":

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ensiam_fast.errors import UserError
+from ensiam_fast.rundir import LOCK_NAME, TMP_SUFFIX, open_append, open_regular, write_text
 
 
 class MetricsError(UserError):
@@ -25,7 +26,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     by a run killed while writing it, and is skipped; any other line that is not a JSON object with a
     ``step`` raises ``MetricsError`` naming the file and line (something other than the trainer wrote
     it). Empty lines are skipped."""
-    lines = Path(path).read_text(errors="replace").splitlines()
+    with open_regular(path, "rb") as f:  # a regular file only: never through a link, never waiting on a FIFO
+        lines = f.read().decode(errors="replace").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     records = []
@@ -60,13 +62,11 @@ class MetricsLog:
                 for record in read_metrics(path)  # without a torn last line
                 if record["step"] < resume_step or (record["step"] == resume_step and "loss" in record)
             ]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with open_append(self.path) as f:
                 f.write(json.dumps(record) + "\n")
 
 
@@ -134,6 +134,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def run_files(out: Path) -> list[str]:
     """The run directory's entries (folders with a trailing /) and its newest checkpoint."""
-    files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.endswith(".tmp"))
+    files = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in out.iterdir()
+        if not p.name.endswith(TMP_SUFFIX) and p.name != LOCK_NAME
+    )
     newest = sorted((out / "checkpoints").glob("step-*.pt"))
     return files + [f"checkpoints/{newest[-1].name}"] if newest else files

@@ -3,11 +3,16 @@ found (on every process) before anything is built."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from ensiam_fast.config import TrainConfig
 from ensiam_fast.data.synthetic import check_synthetic
-from ensiam_fast.errors import TrainingError
+from ensiam_fast.errors import TrainingError, UserError
 from ensiam_fast.placement import resolve_data_device
+from ensiam_fast.rundir import open_regular
 from ensiam_fast.shards import ShardFormatError, read_manifest
+from ensiam_fast.shards.format import index_name
 from ensiam_fast.shards.verdict import gate_split
 from pipelines.presets import check_jigsaw, get_preset
 
@@ -16,13 +21,15 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     """Every data problem that would stop the run, found before anything is built."""
     if cfg.data.backend == "synthetic":  # no shards: random views on the device (ensiam_fast.data.synthetic)
         try:
-            return check_synthetic(
+            info = check_synthetic(
                 image_size=cfg.data.image_size,
                 num_samples=cfg.data.synthetic_samples,
                 batch_size=cfg.batch_size,
                 num_processes=num_processes,
                 knn_every=cfg.knn_every,
             )
+            info["data_identity"] = {"dataset": "synthetic", "samples": cfg.data.synthetic_samples}
+            return info
         except ValueError as e:
             raise TrainingError(str(e)) from e
     try:
@@ -58,7 +65,33 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
         check_jigsaw(size, get_preset(cfg.data.preset, **cfg.data.preset_overrides).jigsaw_grid)
     except ValueError as e:
         raise TrainingError(f"the images of {cfg.data.root} are {size}x{size}, set data.image_size: {e}") from e
-    return {"image_size": size, "num_samples": train.num_samples, "dataset": manifest.dataset}
+    identity = data_identity(cfg.data.root, manifest, cfg.data.split)
+    return {
+        "image_size": size,
+        "num_samples": train.num_samples,
+        "dataset": manifest.dataset,
+        "data_identity": identity,
+    }
+
+
+def data_identity(root: str, manifest, split: str) -> dict:
+    """What a dataset is, not where: the manifest's dataset name, the split, its sample count, and a
+    hash of its shards' names and DALI indices (every member's name, offset and size), so a dataset
+    moved to another path resumes and one re-made with other images does not."""
+    info = manifest.split(split)
+    digest = hashlib.sha256()
+    for name in info.shards:
+        digest.update(name.encode() + b"\0")
+        index = Path(root) / index_name(name)
+        try:
+            with open_regular(index) as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except (OSError, UserError) as e:
+            raise TrainingError(f"cannot read the index {index} of {root}: {e}; check the dataset with "
+                                f"`python tools/make_shards.py --verify {root}`") from e  # fmt: skip
+    return {"dataset": manifest.dataset, "split": split, "samples": info.num_samples,
+            "content": digest.hexdigest()[:16]}  # fmt: skip
 
 
 def data_device(cfg: TrainConfig, accelerator) -> str:

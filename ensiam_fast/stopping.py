@@ -1,8 +1,19 @@
-"""Stopping a run cleanly on SIGTERM/SIGINT: the signal becomes a flag, the loop checkpoints at the
-next step boundary and raises ``Interrupted``."""
+"""Stopping a run cleanly on SIGTERM/SIGINT, from the first start check to the last byte written.
+
+One ``StopRequest`` covers the whole run. What a signal does depends on the phase it arrives in:
+
+- an *abortable* phase (the start checks, a kNN evaluation) ends at once: ``Interrupted`` is raised
+  where the program is, nothing half-written is left (every file goes through the one writer, whose
+  temporary is removed), and what is on disk is the newest state;
+- a *deferred* phase (a training step, a checkpoint being written, the curves) runs to its end: the
+  signal becomes a flag that the loop checks at the next step boundary (it then checkpoints) or that
+  is checked right after the write.
+
+A second signal stops at once (``KeyboardInterrupt``) in any phase."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -10,31 +21,62 @@ import torch
 
 
 class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT arrived: a checkpoint was written at the next step boundary."""
+    """SIGTERM or SIGINT arrived; ``str(e)`` says in which phase and what is saved."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+    def __init__(self, signum: int, step: int | None = None, detail: str | None = None):
+        name = signal.Signals(signum).name
         self.signum, self.step = signum, step
+        if detail is None:
+            detail = f"at step {step}; a checkpoint was written. Run the same command again to resume."
+        super().__init__(f"stopped by {name} {detail}")
 
 
 class StopRequest:
-    """Turns SIGTERM/SIGINT (a cluster's pre-emption, Ctrl-C) into a flag the loop checks between
-    steps, so the run ends with a checkpoint instead of losing the work since the last one."""
+    """Turns SIGTERM/SIGINT (a cluster's pre-emption, Ctrl-C) into an exception at once in an abortable
+    phase, or into a flag the loop checks between steps (see the module's docstring)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        # what an abortable phase says when a signal ends it (None: the phase is deferred)
+        self._abort_detail: str | None = "during the start checks; nothing was written. Run the same command again."
 
     def _handler(self, signum, frame):
         if self.signum is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
         self.signum = signum
+        if self._abort_detail is not None:
+            raise Interrupted(signum, detail=self._abort_detail)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handler)
         return self
+
+    @contextlib.contextmanager
+    def abortable(self, detail: str):
+        """A signal in this block ends it at once with ``Interrupted(detail)``."""
+        previous, self._abort_detail = self._abort_detail, detail
+        try:
+            self.raise_if_signalled()
+            yield
+        finally:
+            self._abort_detail = previous
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal in this block only sets the flag; the block runs to its end."""
+        previous, self._abort_detail = self._abort_detail, None
+        try:
+            yield
+        finally:
+            self._abort_detail = previous
+
+    def raise_if_signalled(self, detail: str | None = None) -> None:
+        """After a deferred phase: a signal that arrived during it ends the run now."""
+        if self.signum is not None:
+            raise Interrupted(self.signum, detail=detail or self._abort_detail or "")
 
     def agreed(self, accelerator) -> bool:
         """True on every process once any of them was signalled (a collective: call it on all)."""

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from ensiam_fast import distributed, memory
 from ensiam_fast.checkpoint import (
     check_compatible,
+    check_fingerprint,
+    fingerprint,
     latest_checkpoint,
-    remove_stale_tmp,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -42,10 +43,11 @@ from ensiam_fast.distributed import agreed, report, report_first
 from ensiam_fast.errors import TrainingError, UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.methods import build_method, train_views
-from ensiam_fast.metrics import MetricsLog, Window, flatten, run_files
+from ensiam_fast.metrics import MetricsLog, Window, flatten, read_metrics, run_files
 from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device
+from ensiam_fast.rundir import RunLock, check_storage, remove_stale_tmp
 from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.schedule import cosine_lr
 from ensiam_fast.stopping import Interrupted, StopRequest
@@ -83,17 +85,19 @@ class Position:
 
 
 class Trainer:
-    """Everything one run needs, built once (``__init__``), then ``fit()``: the loop."""
+    """Everything one run needs, built once (``__init__``), then ``fit()``: the loop.
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    ``stop`` is the run's one signal scope (ensiam_fast/stopping.py); ``lock`` the run directory's owner,
+    taken by the main process before anything is read or written there (ensiam_fast/rundir.py)."""
+
+    def __init__(self, cfg: TrainConfig, stop: StopRequest, lock: RunLock):
+        self.cfg, self.stop, self.lock = cfg, stop, lock
         self.accelerator = acc = build_accelerator(cfg)
         self.out = Path(cfg.output_dir)
         # Each check runs on every process; if any fails, all stop together with one message.
+        agreed(acc, self.own_run_dir)  # a writable directory with one owner, before the data or model is built
         distributed.check_shared_output_dir(acc, self.out)
         self.info = agreed(acc, check_data, cfg, acc.num_processes)
-        if acc.is_main_process:
-            remove_stale_tmp(self.out)  # a save cut short by a crash
         if acc.device.type == "cuda":
             torch.cuda.set_device(acc.device)  # DALI's GPU pipeline uses the current device
             torch.backends.cudnn.benchmark = True
@@ -111,19 +115,61 @@ class Trainer:
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
         self.pos = Position()
+        self.fingerprint = fingerprint(cfg, self.info["data_identity"], acc.num_processes, acc.mixed_precision)
         self.build_model_and_optimizer()
-        if acc.is_main_process:  # every check passed: only now is the run directory written
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
-        # wandb keeps its files in the run directory too (WANDB_MODE=offline runs without an account)
-        acc.init_trackers(
-            "ensiam_fast",
-            config=flatten(cfg.to_dict()),
-            init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}},
+        self.last_finite = self.pos.step  # the newest step whose state was checked finite
+        # what is left: train, only the final evaluation (a signal ended the last run there), or nothing
+        self.phase = self.remaining()
+        if self.phase == "train":
+            if acc.is_main_process:  # every check passed: only now is the run directory written
+                for folder in (self.out, self.out / "checkpoints"):
+                    remove_stale_tmp(folder)  # a write cut short by a crash
+                save_config(cfg, self.out / "config.yaml")
+            # wandb keeps its files in the run directory too (WANDB_MODE=offline runs without an account)
+            acc.init_trackers(
+                "ensiam_fast",
+                config=flatten(cfg.to_dict()),
+                init_kwargs={"wandb": {"dir": str(self.out), "name": self.out.name}},
+            )
+        # a finished run that is run again writes nothing; one that trains cuts its log back to the checkpoint
+        self.log = MetricsLog(
+            self.out / "metrics.jsonl", acc.is_main_process, self.pos.step if self.phase == "train" else None
         )
-        # a finished run that is run again trains nothing and keeps its log as it is
-        done = self.resumed is not None and self.pos.step >= self.total_steps
-        self.log = MetricsLog(self.out / "metrics.jsonl", acc.is_main_process, None if done else self.pos.step)
+
+    def own_run_dir(self) -> None:
+        """Main process: the storage check (a directory, writable, room for two checkpoints), then the lock."""
+        if not self.accelerator.is_main_process:
+            return
+        for warning in check_storage(self.out, 2 * self.checkpoint_bytes()):
+            self.say(f"warning: {warning}")
+        self.lock.acquire()
+        for note in self.lock.notes:
+            self.say(note)
+
+    def checkpoint_bytes(self) -> int:
+        """About one checkpoint's size: the weights and SGD's momentum, from the network built on the meta
+        device (no memory, no weights read)."""
+        m = self.cfg.model
+        with torch.device("meta"):
+            method = build_method(
+                self.cfg.method, self.cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem,
+                proj_layers=m.proj_layers, bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
+                pred_hidden=m.pred_hidden, pretrained=False,
+            )  # fmt: skip
+        params = sum(p.numel() * p.element_size() for p in method.parameters())
+        return 2 * params + sum(b.numel() * b.element_size() for b in method.buffers())
+
+    def remaining(self) -> str:
+        """``train``; ``evaluate`` when the final checkpoint is saved but not the final kNN (a signal ended
+        the last run there); ``done`` when nothing is left (a finished run run again writes nothing)."""
+        if self.resumed is None or self.pos.step < self.total_steps:
+            return "train"
+        if self.cfg.knn_every:
+            path = self.out / "metrics.jsonl"
+            rows = read_metrics(path) if path.exists() else []
+            if not any(r["step"] == self.pos.step and "knn_top1" in r for r in rows):
+                return "evaluate"
+        return "done"
 
     def build_train_loader(self):
         cfg, acc = self.cfg, self.accelerator
@@ -156,6 +202,9 @@ class Trainer:
         if self.resumed is not None:
             path, state = self.resumed
             agreed(acc, check_compatible, cfg, state, path, acc.num_processes)
+            saved = state.get("fingerprint")
+            for note in agreed(acc, check_fingerprint, saved, self.fingerprint, cfg.resume.allow_changes, path):
+                self.say(note)
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -199,6 +248,7 @@ class Trainer:
     def knn(self, epoch: int) -> dict:
         cfg, acc = self.cfg, self.accelerator
         distributed.sync_buffers(self.raw_method, acc)  # every rank scores with the same statistics
+        self.check_finite()
         self.raw_method.eval()
         result = knn_evaluate(
             self.features, root=cfg.data.root, train_split=cfg.data.knn_train_split,
@@ -209,9 +259,27 @@ class Trainer:
             num_threads=cfg.data.num_threads,
         )  # fmt: skip
         self.raw_method.train()
-        self.log.write({"step": self.pos.step, "epoch": epoch, **result})
-        acc.log(result, step=self.pos.step)
+        with self.stop.deferred():  # the line is written whole
+            self.log.write({"step": self.pos.step, "epoch": epoch, **result})
+            acc.log(result, step=self.pos.step)
         return result
+
+    def check_finite(self) -> None:
+        """Before every checkpoint and kNN evaluation: every parameter and buffer (BatchNorm statistics
+        too) finite, or the run stops naming the first bad tensor (the non-finite loss stop's rule)."""
+        named = [(n, t) for n, t in self.raw_method.model.state_dict().items() if t.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one device sync
+        if not all(ok):
+            bad = named[ok.index(False)][0]
+            raise self.non_finite(f"the model's {bad} became non-finite (inf or NaN)", self.last_finite)
+
+    def non_finite(self, what: str, since: int) -> TrainingError:
+        """The one stop for a diverged run: nothing non-finite is saved, the newest checkpoint stays."""
+        return TrainingError(
+            f"{what} between steps {since} and {self.pos.step}; stopping. The newest checkpoint in "
+            f"{self.out / 'checkpoints'} is from before it (nothing non-finite is saved). Lower optim.base_lr or "
+            "try mixed_precision=no."
+        )
 
     def say(self, line: str) -> None:
         """One line from the main process, through tqdm's writer so a progress bar stays intact."""
@@ -226,9 +294,10 @@ class Trainer:
             except (OSError, ValueError) as e:
                 self.say(f"warning: could not draw {self.out / 'curves.png'}: {e}")
 
-    def finish(self, summary: dict) -> dict:
+    def finish(self, summary: dict, draw: bool = True) -> dict:
         """curves.png, then the run directory and what it holds (the main process writes and says it)."""
-        self.draw_curves()
+        if draw:
+            self.draw_curves()
         if self.accelerator.is_main_process:
             summary.update(run_dir=str(self.out), files=run_files(self.out))
         return summary
@@ -237,10 +306,12 @@ class Trainer:
         acc, pos = self.accelerator, self.pos
         acc.wait_for_everyone()
         distributed.sync_buffers(self.raw_method, acc)  # what is saved is what every rank holds
+        self.check_finite()
+        self.last_finite = pos.step
         if acc.is_main_process:
             save_checkpoint(self.out, {
                 "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
-                "num_processes": acc.num_processes,
+                "num_processes": acc.num_processes, "fingerprint": self.fingerprint,
                 "config": self.cfg.to_dict(), "model": self.raw_method.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
@@ -275,11 +346,7 @@ class Trainer:
         """Log the steps since the last line; a non-finite loss ends the run before any checkpoint."""
         record = window.flush(self.accelerator)
         if not math.isfinite(record["loss"]):
-            raise TrainingError(
-                f"the loss became non-finite ({record['loss']}) between steps {last_good} and {self.pos.step}; "
-                f"stopping. The newest checkpoint in {self.out / 'checkpoints'} is from before it. "
-                "Lower optim.base_lr or try mixed_precision=no."
-            )
+            raise self.non_finite(f"the loss became non-finite ({record['loss']})", last_good)
         record.update(step=self.pos.step, epoch=self.pos.epoch, lr=lr)
         self.log.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.pos.step)
@@ -287,25 +354,30 @@ class Trainer:
                         wait=f"{record['data_wait']:.0%}")  # fmt: skip
 
     def fit(self) -> dict:
-        cfg, acc, pos = self.cfg, self.accelerator, self.pos
+        cfg, acc, pos, stop = self.cfg, self.accelerator, self.pos, self.stop
         summary: dict = {"steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                          "num_processes": acc.num_processes, "device": str(acc.device),
                          "mixed_precision": acc.mixed_precision,
                          "gradient_accumulation_steps": acc.gradient_accumulation_steps}  # fmt: skip
-        if self.resumed is not None and pos.step >= self.total_steps:
-            # Nothing to train: no kNN, no metrics line, no checkpoint (they would duplicate the finished run's).
-            self.say(f"run already complete at step {pos.step} (raise epochs or max_steps to train further)")
-            acc.end_training()
+        if self.phase == "done":
+            # Nothing to do: no kNN, no metrics line, no checkpoint, no config.yaml, curves or logs rewritten.
+            self.say(f"run already complete at step {pos.step} (raise epochs with resume.allow_changes=[epochs] "
+                     "to train further); nothing was written")  # fmt: skip
             summary.update(already_complete=True, final_step=pos.step, final_epoch=pos.epoch)
-            return self.finish(summary)
+            return self.finish(summary, draw=False)
+        if self.phase == "evaluate":
+            self.say(f"the final checkpoint (step {pos.step}) is saved; finishing the final kNN evaluation")
+            return self.finish_run(summary)
         if cfg.knn_every and pos.step == 0:
-            summary["knn_start"] = self.knn(0)["knn_top1"]
+            with stop.abortable("during the kNN evaluation at step 0 (before any training); nothing was lost. "
+                                "Run the same command again."):  # fmt: skip
+                summary["knn_start"] = self.knn(0)["knn_top1"]
             self.say(f"kNN top-1 at step 0 (random initialisation): {summary['knn_start']:.2f}%")
         self.method.train()
         bar = tqdm(total=self.total_steps, initial=pos.step, disable=not acc.is_main_process,
                    desc=f"{cfg.method} K={cfg.views}", dynamic_ncols=True)  # fmt: skip
         window, last_good = Window(), pos.step
-        with StopRequest() as stop, bar:  # closing the bar ends its line, also when an error ends the run
+        with stop.deferred(), bar:  # a signal becomes a checkpoint at the next step boundary
             while pos.step < self.total_steps:
                 self.loader.set_epoch(pos.epoch)
                 window.restart()
@@ -329,30 +401,70 @@ class Trainer:
                     if save_now or stopping:
                         self.checkpoint()
                     if stopping:
-                        bar.close()
-                        self.draw_curves()  # a stopped run shows its curves so far too
-                        raise Interrupted(stop.signum or signal.SIGTERM, pos.step)
+                        self.stopped(bar)
                     if pos.step >= self.total_steps or pos.batch_in_epoch >= self.batches_per_epoch:
                         break
                 if pos.batch_in_epoch >= self.batches_per_epoch:  # the epoch ran to its end
                     pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
                     line = f"epoch {pos.epoch}/{cfg.epochs} step {pos.step}: loss {window.epoch_loss():.4f}"
                     if cfg.knn_every and pos.epoch % cfg.knn_every == 0 and pos.step < self.total_steps:
-                        line += f", kNN top-1 {self.knn(pos.epoch)['knn_top1']:.2f}%"
+                        line += f", kNN top-1 {self.monitor_knn(bar):.2f}%"
                     self.say(line)
         bar.close()
+        # The final checkpoint first, whole (a signal waits for it), then the final evaluation.
+        with stop.deferred():
+            self.checkpoint()
         if cfg.knn_every:
-            summary["knn_end"] = self.knn(pos.epoch)["knn_top1"]
-        self.checkpoint()
-        acc.end_training()
-        summary.update(final_step=pos.step, final_epoch=pos.epoch)
-        return self.finish(summary)
+            stop.raise_if_signalled(f"at step {pos.step} while the final checkpoint was written; it is complete. "
+                                    "Run the same command again to finish the evaluation.")  # fmt: skip
+        else:
+            stop.raise_if_signalled(f"at step {pos.step} while the final checkpoint was written; it is complete "
+                                    "and the run is finished.")  # fmt: skip
+        return self.finish_run(summary)
+
+    def monitor_knn(self, bar) -> float:
+        """The kNN monitor inside the loop: a signal ends the evaluation at once, then checkpoints."""
+        try:
+            with self.stop.abortable(""):
+                return self.knn(self.pos.epoch)["knn_top1"]
+        except Interrupted:
+            self.raw_method.train()
+            with self.stop.deferred():
+                self.checkpoint()
+            self.stopped(bar)
+
+    def stopped(self, bar) -> None:
+        """After the checkpoint a signal asked for: the curves so far, then ``Interrupted``."""
+        bar.close()
+        with self.stop.deferred():
+            self.draw_curves()  # a stopped run shows its curves so far too
+        raise Interrupted(self.stop.signum or signal.SIGTERM, self.pos.step)
+
+    def finish_run(self, summary: dict) -> dict:
+        """After the final checkpoint: the final kNN (a signal ends it at once; the checkpoint is saved and
+        a rerun only finishes the evaluation), then the curves and the trackers' last write."""
+        cfg, acc, pos = self.cfg, self.accelerator, self.pos
+        if cfg.knn_every:
+            with self.stop.abortable(f"during the final kNN evaluation; the final checkpoint (step {pos.step}) is "
+                                     "saved. Run the same command again to finish the evaluation."):  # fmt: skip
+                summary["knn_end"] = self.knn(pos.epoch)["knn_top1"]
+        with self.stop.deferred():
+            acc.end_training()
+            summary.update(final_step=pos.step, final_epoch=pos.epoch)
+            summary = self.finish(summary)
+        self.stop.raise_if_signalled("after the run finished; everything is saved.")
+        return summary
 
 
-def run(cfg: TrainConfig) -> dict | None:
-    """Train; the summary on the main process, None on the others (so it is printed once)."""
-    trainer = Trainer(cfg)
-    summary = trainer.fit()
+def run(cfg: TrainConfig, stop: StopRequest | None = None) -> dict | None:
+    """Train; the summary on the main process, None on the others (so it is printed once). ``stop``: the
+    signal scope ``main`` entered (a fresh one, installing no handler, when called from Python)."""
+    lock = RunLock(cfg.output_dir)
+    try:
+        trainer = Trainer(cfg, stop or StopRequest(), lock)
+        summary = trainer.fit()
+    finally:
+        lock.release()
     return summary if trainer.accelerator.is_main_process else None
 
 
@@ -368,13 +480,23 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    with StopRequest() as stop:  # one signal scope, from the first check to the last byte (stopping.py)
+        try:
+            return train_command(args, stop)
+        except Interrupted as e:
+            if distributed.global_rank() == 0:
+                print(str(e), file=sys.stderr, flush=True)
+            return 128 + e.signum
+
+
+def train_command(args, stop: StopRequest) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as e:  # every process parses the same command line: the first one says it
         report_first(str(e))
         return 2
     try:
-        summary = run(cfg)
+        summary = run(cfg, stop)
     except UserError as e:
         # Trainer runs its start checks through `agreed`: those errors are the same on every process.
         shared = getattr(e, "shared", True)
@@ -382,10 +504,6 @@ def main(argv=None) -> int:
         if shared:
             distributed.settle()
         return 2
-    except Interrupted as e:
-        if distributed.global_rank() == 0:
-            print(f"{e}; a checkpoint was written. Run the same command again to resume.", file=sys.stderr)
-        return 128 + e.signum
     except Exception as e:
         if distributed.requested_world_size() == 1 or not distributed.is_peer_failure(e):
             raise

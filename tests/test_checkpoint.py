@@ -1,3 +1,4 @@
+import os
 import random
 import subprocess
 import sys
@@ -65,7 +66,12 @@ def test_newest_first_opens_only_what_it_needs(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, _state(step), keep=5)
     opened = []
     real_load = torch.load
-    monkeypatch.setattr(ckpt.torch, "load", lambda path, **kw: opened.append(Path(path).name) or real_load(path, **kw))
+
+    def load(f, **kw):  # a path, or the file object open_regular gave (named through /proc on Linux)
+        opened.append(Path(f if isinstance(f, (str, Path)) else os.readlink(f"/proc/self/fd/{f.fileno()}")).name)
+        return real_load(f, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "load", load)
     path, state = latest_checkpoint(tmp_path)
     assert state["step"] == 3 and opened == ["step-00000003.pt"]
 

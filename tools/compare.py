@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from common import ROOT, last_json  # noqa: E402  (tools/common.py: the checkout
 from compare_grid import AXES, Grid, GridError, RunSpec, grid_from_flags, read_grid_file  # noqa: E402
 from compare_report import ReportError, write_report  # noqa: E402
 from runlog import read_run  # noqa: E402
+
+from ensiam_fast.rundir import open_append, write_text  # noqa: E402
 
 MARKER = "compare.json"
 
@@ -84,7 +85,7 @@ class Runner:
 
     def command(self, argv: list[str], log: Path) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as f:
+        with open_append(log) as f:
             f.write(f"$ {' '.join(argv)}\n")
             f.flush()
             with self.lock:
@@ -163,9 +164,9 @@ def run_one(runner: Runner, grid: Grid, spec: RunSpec, out: Path) -> tuple[dict,
     linear = json.loads((run_dir / "linear.json").read_text())
     marker = {"complete": True, "name": spec.name, "settings": settings, "train": summary,
               "linear": linear, "train_s": round(train_s, 1), "linear_s": round(linear_s, 1)}  # fmt: skip
-    tmp = run_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps(marker, indent=2) + "\n")
-    os.replace(tmp, run_dir / MARKER)  # written last: its presence means the run is finished
+    write_text(
+        run_dir / MARKER, json.dumps(marker, indent=2) + "\n"
+    )  # written last: its presence means the run is finished
     return marker, True
 
 

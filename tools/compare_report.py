@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from runlog import RunError, read_run
+
+from ensiam_fast.rundir import atomic_write, write_text
 
 METHOD_ORDER = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")
 PRESET_ORDER = ("default", "strong", "very_strong")
@@ -221,9 +222,8 @@ def plot_figure3(results: list[Result], ref: dict, path: Path) -> list[str]:
     axes[0].set_ylabel("kNN top-1 (%)")
     fig.suptitle("kNN top-1 during pretraining (mean over seeds; band: lowest to highest seed)")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=100, format="png")
     return presets
 
 
@@ -258,9 +258,7 @@ def write_report(out: Path) -> dict:
     sections += ["### Every setting (mean over seeds)", "", settings_table(results)]
     sections += ["### Every run", "", runs_table(results)]
     text = "\n".join(sections)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.md")
+    write_text(out / "results.md", text)
     figure = out / "figure3.png"
     presets = plot_figure3(results, ref, figure)
     summary = [

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from runlog import Run, read_runs, unique_labels  # noqa: E402
 
 from ensiam_fast.curves import PANELS  # noqa: E402  (the trainer's curves.png panels, against the epoch here)
+from ensiam_fast.rundir import atomic_write  # noqa: E402
 
 
 def plot_runs(runs: list[Run], out: Path, title: str | None = None) -> Path:
@@ -52,7 +53,8 @@ def plot_runs(runs: list[Run], out: Path, title: str | None = None) -> Path:
         fig.suptitle(title, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    with atomic_write(out) as f:
+        fig.savefig(f, dpi=120, format="png")
     plt.close(fig)
     return out
 

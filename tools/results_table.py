@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from runlog import Run, read_runs  # noqa: E402
+
+from ensiam_fast.rundir import write_text  # noqa: E402
 
 HEADER = ("run", "dataset", "method", "K", "batch", "epochs", "kNN top-1", "linear top-1", "images/s")
 MISSING = "-"
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         return 2
     table = markdown_table(runs)
     if args.out:
-        Path(args.out).write_text(table)
+        write_text(args.out, table)
     print(table, end="")
     print(json.dumps({"out": args.out, "rows": [dict(zip(HEADER, row(r))) for r in runs]}))
     return 0

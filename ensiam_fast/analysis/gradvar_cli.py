@@ -38,6 +38,7 @@ from ensiam_fast.errors import UserError
 from ensiam_fast.export import load_weights_strict
 from ensiam_fast.models import build_model
 from ensiam_fast.paths import resolve_data_root
+from ensiam_fast.rundir import atomic_write
 from pipelines.presets import get_preset
 
 
@@ -183,7 +184,8 @@ def plot(record: dict, path: Path) -> None:
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    with atomic_write(path) as f:
+        fig.savefig(f, dpi=90, format="png")
     plt.close(fig)
 
 

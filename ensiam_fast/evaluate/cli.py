@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 from ensiam_fast.checkpoint import resolve_checkpoint
 from ensiam_fast.command import argument_parser
 from ensiam_fast.config import TrainConfig
-from ensiam_fast.distributed import report_first
+from ensiam_fast.distributed import global_rank, report_first
 from ensiam_fast.errors import UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
@@ -32,6 +31,7 @@ from ensiam_fast.evaluate.linear import (
 )
 from ensiam_fast.export import load_backbone, source_info
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
+from ensiam_fast.rundir import owning, write_text
 
 
 def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
@@ -51,14 +51,18 @@ def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
 
 def write_json_atomic(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
 
 
 def run_command(args: argparse.Namespace) -> dict | None:
     """The result record on the main process (which also writes it), None on the others."""
     path, state = resolve_checkpoint(args.run, args.checkpoint)
+    run = Path(args.out).parent if args.out else Path(source_info(path, state, None)["run"])
+    with owning(run, main_process=global_rank() == 0):  # a run directory written into has one owner
+        return evaluate(args, path, state)
+
+
+def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
     backbone, cfg = load_backbone(state, path)
     data = resolve_eval_data(
         cfg, root=args.data, train_split=args.train_split, test_split=args.test_split, image_size=args.image_size

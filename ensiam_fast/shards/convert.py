@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ensiam_fast.rundir import open_append
 from ensiam_fast.shards.encode import EncodeOptions, encode_sample
 from ensiam_fast.shards.format import MANIFEST, MAX_PIXELS, describe_image_error, shard_name, write_shard
 from ensiam_fast.shards.manifest import Manifest, SplitInfo, read_manifest, write_manifest
@@ -172,7 +173,7 @@ def convert(
 
     total = sum(t.end - t.start for t in tasks)
     with (
-        open(out / PROGRESS, "a") as log,
+        open_append(out / PROGRESS) as log,
         tqdm(total=total, unit="img", disable=not progress, desc=source.dataset) as bar,
     ):
         for rec in _run_tasks(tasks, source, out, opts, strict, workers, max_pixels):

@@ -8,9 +8,7 @@ shares: names, writing one tar (with its index) atomically, safe file writing. T
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ensiam_fast.errors import UserError
+from ensiam_fast.rundir import atomic_write, write_bytes
 
 MANIFEST = "manifest.json"
 FORMAT = "ensiam_fast-shards/1"
@@ -89,33 +88,26 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> 
     """
     path = Path(path)
     idx_path = path.with_suffix(".idx")
-    tmp_tar = path.with_name(path.name + TMP_SUFFIX)
     index_lines: list[str] = []
     offset = 0
-    try:
-        with open_exclusive(tmp_tar, replace=True) as f:
-            for key, parts in samples:
-                if "." in key or "/" in key:
-                    raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
-                entries = []
-                for ext, data in parts.items():
-                    member = f"{key}.{ext}"
-                    f.write(_ustar_header(member.encode(), len(data)))
-                    f.write(data)
-                    f.write(bytes(-len(data) % TAR_BLOCK))
-                    entries.append(f"{ext} {offset + TAR_BLOCK} {len(data)} {member}")
-                    offset += TAR_BLOCK + len(data) + (-len(data) % TAR_BLOCK)
-                index_lines.append(" ".join(entries))
-            end = offset + 2 * TAR_BLOCK  # two zero blocks mark the end of the archive
-            f.write(bytes(end - offset + (-end % _RECORD)))
-    except BaseException:
-        tmp_tar.unlink(missing_ok=True)
-        raise
-    if not index_lines:
-        tmp_tar.unlink(missing_ok=True)
-        raise ShardFormatError(f"refusing to write an empty shard {path}")
-    write_atomic(idx_path, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
-    os.replace(tmp_tar, path)
+    with atomic_write(path, buffering=1 << 20) as f:  # the one writer (ensiam_fast/rundir.py): renamed into place last
+        for key, parts in samples:
+            if "." in key or "/" in key:
+                raise ShardFormatError(f"sample key {key!r} must not contain '.' or '/'")
+            entries = []
+            for ext, data in parts.items():
+                member = f"{key}.{ext}"
+                f.write(_ustar_header(member.encode(), len(data)))
+                f.write(data)
+                f.write(bytes(-len(data) % TAR_BLOCK))
+                entries.append(f"{ext} {offset + TAR_BLOCK} {len(data)} {member}")
+                offset += TAR_BLOCK + len(data) + (-len(data) % TAR_BLOCK)
+            index_lines.append(" ".join(entries))
+        end = offset + 2 * TAR_BLOCK  # two zero blocks mark the end of the archive
+        f.write(bytes(end - offset + (-end % _RECORD)))
+        if not index_lines:
+            raise ShardFormatError(f"refusing to write an empty shard {path}")
+        write_atomic(idx_path, f"{INDEX_VERSION} {len(index_lines)}\n" + "\n".join(index_lines) + "\n")
     return ShardRecord(path.name, len(index_lines))
 
 
@@ -128,30 +120,11 @@ def shard_bounds(num_samples: int, shard_id: int, num_shards: int) -> tuple[int,
 # --------------------------------------------------------------------------- safe writing
 
 
-def open_exclusive(path: Path, replace: bool = False):
-    """A new file opened for binary writing that is never a link: created with O_EXCL|O_NOFOLLOW, so
-    a file or symlink planted at ``path`` makes it fail instead of being written through. With
-    ``replace`` an entry already there (ours from an interrupted run, or planted) is removed first."""
-    if replace:
-        Path(path).unlink(missing_ok=True)  # removes a link itself, never its target
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    return os.fdopen(fd, "wb", buffering=1 << 20)
-
-
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` through a fresh, exclusively created temporary file in the same folder, then
-    rename it into place (a rename replaces a link at ``path``, never writes through it). UTF-8, with
-    the bytes of a non-UTF-8 tar member name (read as surrogates) written back as they were."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "surrogateescape"))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``path`` through the project's one writer (ensiam_fast/rundir.py: a fresh exclusive temporary in
+    the same folder, fsynced, renamed; a link or FIFO at ``path`` is refused). UTF-8, with the bytes of
+    a non-UTF-8 tar member name (read as surrogates) written back as they were."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 # --------------------------------------------------------------------------- labels (.cls)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ensiam_fast.errors import UserError
 from ensiam_fast.shards.encode import EncodeOptions
-from ensiam_fast.shards.format import MANIFEST, TMP_SUFFIX, ShardFormatError, index_name
+from ensiam_fast.shards.format import MANIFEST, TMP_SUFFIX, ShardFormatError, index_name, write_atomic
 from ensiam_fast.shards.index import index_count
 from ensiam_fast.shards.sources import Source
 
@@ -90,7 +90,7 @@ def prepare_output(out: Path, plan: dict, overwrite: bool) -> dict[tuple[str, in
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / PLAN
     if overwrite or not any(out.iterdir()):
-        plan_file.write_text(json.dumps(plan) + "\n")
+        write_atomic(plan_file, json.dumps(plan) + "\n")
         return {}
     if not plan_file.is_file():
         what = "a dataset written by another tool" if (out / MANIFEST).exists() else "other files"

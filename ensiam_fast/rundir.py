@@ -1,0 +1,379 @@
+"""A run directory's owner: the one way to write a file, the one way to read one from a run
+directory, the lock that gives a run directory one owner, and the storage check at start.
+
+Writing (``atomic_write``, ``write_bytes``, ``write_text``): the temporary file is created
+``O_CREAT|O_EXCL|O_NOFOLLOW`` with a unique name in the target's own directory, written, fsynced and
+renamed over the target, so a reader sees the old file or the new one, never half of one. The target
+must be a regular file or absent: a symbolic link, FIFO, socket, device or directory there is refused,
+naming it (nothing is written through a planted link). The temporary file is removed on any failure;
+a full or read-only disk or an I/O error (ENOSPC, EDQUOT, EROFS, EIO) becomes a ``StorageError`` (a
+user error: one line, exit 2). ``open_append`` is the one appender (metrics.jsonl): the existing file
+is opened ``O_APPEND|O_NOFOLLOW|O_NONBLOCK`` and must be a regular file.
+
+Reading (``open_regular``): ``O_NOFOLLOW|O_NONBLOCK``, then ``fstat``: only a regular file is read; a
+FIFO is never waited on.
+
+Links in the parent directories of a path are followed: the user names the directory (a run directory
+may be a link to a larger disk); the rule is about the file this project creates or replaces.
+
+The lock (``RunLock``): ``RUN/.lock`` holds the host, PID and start time of the process that owns the
+run directory, and an exclusive ``fcntl.flock`` on it is held for that process's life (the kernel drops
+it when the process dies, however it dies). A second process is refused with ``RUN is in use by PID N
+on HOST since T``; a lock file left by a process that died (the flock is free) is taken over with a
+note. The lock file is removed when its owner ends cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import socket
+import stat
+import time
+from pathlib import Path
+
+from ensiam_fast.errors import UserError
+
+# the errors a disk gives rather than a bug: a user error naming the path, not a traceback
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+TMP_PREFIX = "."
+TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
+
+
+class RunDirError(UserError):
+    """A path that cannot be written or read as the run needs (a link, a FIFO, a directory, a file
+    where a directory goes); the message names it."""
+
+
+class StorageError(RunDirError):
+    """The disk refused a write (full, read-only, an I/O error); ``errno`` says which."""
+
+    def __init__(self, message: str, errno_: int | None = None):
+        super().__init__(message)
+        self.errno = errno_
+
+
+def describe_errno(e: OSError) -> str:
+    return os.strerror(e.errno).lower() if e.errno else str(e)
+
+
+def kind_of(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_target(path: Path) -> bool:
+    """True when ``path`` is a regular file, False when absent; anything else is refused."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(st.st_mode):
+        raise RunDirError(
+            f"{path} is {kind_of(st.st_mode)}; refusing to write there (nothing was written): remove it or "
+            "choose another path"
+        )
+    return True
+
+
+def storage_error(e: OSError, what: str) -> UserError | OSError:
+    """``e`` as a user error when the disk caused it, else ``e`` itself (a bug: a traceback)."""
+    if e.errno in STORAGE_ERRNOS:
+        return StorageError(f"could not write {what}: {describe_errno(e)}", e.errno)
+    if e.errno == errno.ELOOP:
+        return RunDirError(f"could not write {what}: a symbolic link is in the way")
+    return e
+
+
+class _Recording:
+    """A file object that remembers the first OSError of a write: a library that turns it into its own
+    exception (torch.save's RuntimeError on a full disk) cannot hide it."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", what: str | None = None, buffering: int = -1):
+    """``with atomic_write(path) as f: f.write(...)``: the file appears complete at ``path`` on a clean
+    exit, and not at all (the previous one untouched, no temporary left) on any failure."""
+    path, what = Path(path), what or str(path)
+    check_target(path)
+    tmp = _tmp_name(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise RunDirError(f"could not write {what}: the folder {path.parent} does not exist") from e
+        if e.errno == errno.ENOTDIR:
+            raise RunDirError(f"could not write {what}: {path.parent} is not a directory") from e
+        raise storage_error(e, what) from e
+    recording = None
+    try:
+        with os.fdopen(fd, mode, buffering=buffering) as f:
+            recording = _Recording(f)
+            yield recording
+            f.flush()
+            os.fsync(f.fileno())
+        check_target(path)  # again just before the rename: a link planted meanwhile is refused too
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        cause = recording.error if recording is not None and recording.error is not None else e
+        if isinstance(cause, OSError):
+            converted = storage_error(cause, what)
+            if converted is not cause:
+                raise converted from e
+            if cause is not e:
+                raise cause from e
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """The rename itself on disk (best effort: some filesystems cannot fsync a directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, what: str | None = None) -> None:
+    with atomic_write(path, "wb", what) as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str, what: str | None = None) -> None:
+    with atomic_write(path, "w", what) as f:
+        f.write(text)
+
+
+def open_append(path: str | os.PathLike, what: str | None = None):
+    """A text file opened for appending: created when absent, refused when not a regular file."""
+    path = Path(path)
+    check_target(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO):  # a link or a FIFO planted after the check
+            raise RunDirError(f"{path} is not a regular file; refusing to write there") from e
+        raise storage_error(e, what or str(path)) from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file; refusing to write there")
+    return os.fdopen(fd, "a")
+
+
+def open_regular(path: str | os.PathLike, mode: str = "rb"):
+    """A file opened for reading only when it is a regular file (never through a final link, never
+    waiting on a FIFO); ``RunDirError`` naming what it is otherwise."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise RunDirError(f"{path} is a symbolic link; not reading it") from e
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise RunDirError(f"{path} is {kind_of(st.st_mode)}; not reading it")
+    return os.fdopen(fd, mode)
+
+
+def is_regular(path: str | os.PathLike) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the writer's temporary files left by a process that died mid-write (only the owner of
+    the run directory calls this)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX) and p.name.endswith(TMP_SUFFIX))
+    stale += sorted(folder.glob("*.pt.tmp"))  # the name used before this writer
+    for p in stale:
+        if is_regular(p):
+            p.unlink(missing_ok=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------------------------
+# the storage check
+
+
+def check_storage(out: Path, need_bytes: int = 0) -> list[str]:
+    """Before data or model are built: ``out`` is (or can be made) a writable directory. Returns the
+    warnings (too little free space for ``need_bytes``)."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError as e:
+        raise RunDirError(f"output_dir={out}: a parent of it is a file, not a directory; choose another") from e
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"output_dir={out} is {kind_of(st.st_mode)}, not a directory; choose another output_dir")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RunDirError(f"output_dir={out}: {probe} is a file, not a directory; choose another output_dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise RunDirError(
+            f"output_dir={out} is not writable ({probe}: permission denied or a read-only file system); "
+            "choose another output_dir"
+        )
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise RunDirError(f"output_dir={out} is on a read-only file system; choose another output_dir")
+    warnings = []
+    free = shutil.disk_usage(probe).free
+    if need_bytes and free < need_bytes:
+        warnings.append(
+            f"{probe} has {free / 2**20:.0f} MiB free but two checkpoints need about {need_bytes / 2**20:.0f} MiB "
+            f"({(need_bytes - free) / 2**20:.0f} MiB missing): a save may fail with a full disk"
+        )
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# the lock
+
+
+class RunLock:
+    """The exclusive owner of a run directory (see the module's docstring). ``acquire`` creates the
+    directory when needed; ``release`` removes the lock file and, when this lock created the directory
+    and nothing else was put there, the directory too (a refused run leaves nothing behind)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out / LOCK_NAME
+        self.fd: int | None = None
+        self.created_dir = False
+        self.notes: list[str] = []
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        if not self.out.exists():
+            try:
+                self.out.mkdir(parents=True)
+                self.created_dir = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise storage_error(e, f"output_dir={self.out}") from e
+        for _ in range(10):  # the file may be removed by its owner between our open and our flock
+            check_target(self.path)
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(self.path, flags, 0o644)
+            except OSError as e:
+                raise storage_error(e, f"the lock file {self.path}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise RunDirError(f"{self.out} is in use by {holder}; wait for it to end, stop it, or choose "
+                                  "another output_dir") from None  # fmt: skip
+            except OSError as e:  # a filesystem without locks (some network mounts)
+                os.close(fd)
+                raise RunDirError(
+                    f"cannot lock {self.path} ({describe_errno(e)}): this file system does not support "
+                    "locks; put output_dir on a local disk or one that supports flock"
+                ) from e
+            try:
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise RunDirError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
+        self.fd = fd
+        previous = _read_holder(fd, raw=True)
+        if previous:
+            self.notes.append(f"note: taking over the lock of {_describe(previous)}, which is no longer running")
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # before the unlock: a process that opened it sees the change and retries
+        os.close(self.fd)  # drops the flock
+        self.fd = None
+        if self.created_dir:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only when empty: a refused run leaves no folder behind
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd: int, raw: bool = False):
+    try:
+        data = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        record = json.loads(data) if data else None
+    except (OSError, ValueError):
+        record = {"pid": "?", "host": "?", "since": "?"} if not raw else None
+    if raw:
+        return record if isinstance(record, dict) else None
+    return _describe(record) if isinstance(record, dict) else "another process (its lock file is empty)"
+
+
+def _describe(record: dict) -> str:
+    return f"PID {record.get('pid', '?')} on {record.get('host', '?')} since {record.get('since', '?')}"
+
+
+def is_run_dir(folder: str | os.PathLike) -> bool:
+    """A training run's directory (it holds checkpoints/ or config.yaml)."""
+    folder = Path(folder)
+    return (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file()
+
+
+def owning(folder: str | os.PathLike, main_process: bool = True):
+    """The lock of ``folder`` when it is a run directory and this is the main process (evaluation and
+    export writing into a run directory), else nothing to hold."""
+    if main_process and is_run_dir(folder):
+        return RunLock(folder)
+    return contextlib.nullcontext()
