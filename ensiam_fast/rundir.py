@@ -216,6 +216,17 @@ def is_regular(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_folder(path: Path) -> None:
+    """A folder this project creates (``checkpoints/``) must be a real directory or absent: a link or
+    file planted there is refused, naming it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"{path} is {kind_of(st.st_mode)}, not a directory; refusing to write there: remove it")
+
+
 def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
     """Delete the writer's temporary files left by a process that died mid-write (only the owner of
     the run directory calls this)."""

@@ -29,6 +29,7 @@ from ensiam_fast import distributed, memory
 from ensiam_fast.checkpoint import (
     check_compatible,
     check_fingerprint,
+    checkpoint_dir,
     fingerprint,
     latest_checkpoint,
     rng_state,
@@ -47,7 +48,7 @@ from ensiam_fast.metrics import MetricsLog, Window, flatten, read_metrics, run_f
 from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device
-from ensiam_fast.rundir import RunLock, check_storage, remove_stale_tmp
+from ensiam_fast.rundir import RunLock, check_folder, check_storage, check_target, remove_stale_tmp
 from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.schedule import cosine_lr
 from ensiam_fast.stopping import Interrupted, StopRequest
@@ -55,6 +56,8 @@ from pipelines.presets import get_preset
 
 # ---------------------------------------------------------------------------------------------
 # set-up
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "curves.png")  # what the trainer writes in the run directory
 
 
 def build_accelerator(cfg: TrainConfig):
@@ -98,6 +101,8 @@ class Trainer:
         agreed(acc, self.own_run_dir)  # a writable directory with one owner, before the data or model is built
         distributed.check_shared_output_dir(acc, self.out)
         self.info = agreed(acc, check_data, cfg, acc.num_processes)
+        self.fingerprint = fingerprint(cfg, self.info["data_identity"], acc.num_processes, acc.mixed_precision)
+        self.find_checkpoint()  # a resume that would change the math is refused before anything is built
         if acc.device.type == "cuda":
             torch.cuda.set_device(acc.device)  # DALI's GPU pipeline uses the current device
             torch.backends.cudnn.benchmark = True
@@ -115,7 +120,6 @@ class Trainer:
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
         self.pos = Position()
-        self.fingerprint = fingerprint(cfg, self.info["data_identity"], acc.num_processes, acc.mixed_precision)
         self.build_model_and_optimizer()
         self.last_finite = self.pos.step  # the newest step whose state was checked finite
         # what is left: train, only the final evaluation (a signal ended the last run there), or nothing
@@ -136,6 +140,25 @@ class Trainer:
             self.out / "metrics.jsonl", acc.is_main_process, self.pos.step if self.phase == "train" else None
         )
 
+    def find_checkpoint(self) -> None:
+        """The newest checkpoint, checked against this config: the network, the data position's meaning and
+        the settings fingerprint (ensiam_fast/checkpoint.py)."""
+        cfg, acc = self.cfg, self.accelerator
+        self.resumed = agreed(acc, latest_checkpoint, self.out)  # unreadable files stop the run, not restart it
+        distributed.agree_on(
+            acc,
+            "the checkpoint step to resume from",
+            self.resumed and self.resumed[1]["step"],
+            advice="every process must see the same checkpoints (one shared output_dir)",
+        )
+        if self.resumed is not None:
+            path, state = self.resumed
+            saved = state.get("fingerprint")
+            if saved is None:  # written before fingerprints: the structural checks, then a note
+                agreed(acc, check_compatible, cfg, state, path, acc.num_processes)
+            for note in agreed(acc, check_fingerprint, saved, self.fingerprint, cfg.resume.allow_changes, path):
+                self.say(note)
+
     def own_run_dir(self) -> None:
         """Main process: the storage check (a directory, writable, room for two checkpoints), then the lock."""
         if not self.accelerator.is_main_process:
@@ -145,6 +168,9 @@ class Trainer:
         self.lock.acquire()
         for note in self.lock.notes:
             self.say(note)
+        for name in RUN_FILES:  # a link or FIFO planted where the run will write: refused now, not at the end
+            check_target(self.out / name)
+        check_folder(checkpoint_dir(self.out))
 
     def checkpoint_bytes(self) -> int:
         """About one checkpoint's size: the weights and SGD's momentum, from the network built on the meta
@@ -192,19 +218,8 @@ class Trainer:
             pretrained=m.pretrained,
         )  # fmt: skip
         optimizer = build_optimizer(method, cfg, self.peak_lr)
-        self.resumed = agreed(acc, latest_checkpoint, self.out)  # unreadable files stop the run, not restart it
-        distributed.agree_on(
-            acc,
-            "the checkpoint step to resume from",
-            self.resumed and self.resumed[1]["step"],
-            advice="every process must see the same checkpoints (one shared output_dir)",
-        )
         if self.resumed is not None:
             path, state = self.resumed
-            agreed(acc, check_compatible, cfg, state, path, acc.num_processes)
-            saved = state.get("fingerprint")
-            for note in agreed(acc, check_fingerprint, saved, self.fingerprint, cfg.resume.allow_changes, path):
-                self.say(note)
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
@@ -291,7 +306,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             try:
                 write_curves(self.out, f"{self.cfg.method} K={self.cfg.views}: {self.out.name}")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, UserError) as e:
                 self.say(f"warning: could not draw {self.out / 'curves.png'}: {e}")
 
     def finish(self, summary: dict, draw: bool = True) -> dict:
