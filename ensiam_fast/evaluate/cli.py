@@ -31,7 +31,7 @@ from ensiam_fast.evaluate.linear import (
 )
 from ensiam_fast.export import load_backbone, source_info
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
-from ensiam_fast.rundir import owning, write_text
+from ensiam_fast.rundir import check_target, owning, write_text
 
 
 def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
@@ -57,8 +57,9 @@ def write_json_atomic(path: Path, record: dict) -> None:
 def run_command(args: argparse.Namespace) -> dict | None:
     """The result record on the main process (which also writes it), None on the others."""
     path, state = resolve_checkpoint(args.run, args.checkpoint)
-    run = Path(args.out).parent if args.out else Path(source_info(path, state, None)["run"])
-    with owning(run, main_process=global_rank() == 0):  # a run directory written into has one owner
+    out = Path(args.out) if args.out else Path(source_info(path, state, None)["run"]) / f"{args.command}.json"
+    check_target(out)  # a link or FIFO there: refused before the evaluation, not after it
+    with owning(out.parent, main_process=global_rank() == 0):  # a run directory written into has one owner
         return evaluate(args, path, state)
 
 
