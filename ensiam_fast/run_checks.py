@@ -99,3 +99,21 @@ def data_device(cfg: TrainConfig, accelerator) -> str:
         return resolve_data_device(cfg.data.device, accelerator)
     except ValueError as e:
         raise TrainingError(str(e)) from e
+
+
+def estimate_checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About one checkpoint's size (the weights, buffers and SGD's momentum), from the network built on
+    the meta device: no memory, no weights read, before the data or the model is built."""
+    import torch
+
+    from ensiam_fast.methods import build_method
+
+    m = cfg.model
+    with torch.device("meta"):
+        method = build_method(
+            cfg.method, cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem, proj_layers=m.proj_layers,
+            bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim, pred_hidden=m.pred_hidden,
+            pretrained=False,
+        )  # fmt: skip
+    params = sum(p.numel() * p.element_size() for p in method.parameters())
+    return 2 * params + sum(b.numel() * b.element_size() for b in method.buffers())

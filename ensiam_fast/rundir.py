@@ -77,6 +77,8 @@ def check_target(path: Path) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
+    except NotADirectoryError:
+        raise RunDirError(f"cannot write {path}: a folder on its path is a file") from None
     if not stat.S_ISREG(st.st_mode):
         raise RunDirError(
             f"{path} is {kind_of(st.st_mode)}; refusing to write there (nothing was written): remove it or "

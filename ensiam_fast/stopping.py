@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from ensiam_fast.errors import TrainingError
+
 
 class Interrupted(RuntimeError):
     """SIGTERM or SIGINT arrived; ``str(e)`` says in which phase and what is saved."""
@@ -86,3 +88,22 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer (BatchNorm statistics too) holding inf or NaN; None when
+    every one is finite. Checked before every checkpoint and kNN evaluation: nothing non-finite is saved."""
+    named = [(n, t) for n, t in module.state_dict().items() if t.is_floating_point()]
+    if not named:
+        return None
+    ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one device sync
+    return None if all(ok) else named[ok.index(False)][0]
+
+
+def non_finite_stop(what: str, since: int, step: int, checkpoints) -> TrainingError:
+    """The one stop for a diverged run (a non-finite loss, parameter or buffer): the newest checkpoint
+    on disk is from before it."""
+    return TrainingError(
+        f"{what} between steps {since} and {step}; stopping. The newest checkpoint in {checkpoints} is from "
+        "before it (nothing non-finite is saved). Lower optim.base_lr or try mixed_precision=no."
+    )

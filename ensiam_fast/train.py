@@ -47,11 +47,11 @@ from ensiam_fast.methods import build_method, train_views
 from ensiam_fast.metrics import MetricsLog, Window, flatten, read_metrics, run_files
 from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
-from ensiam_fast.run_checks import check_data, data_device
+from ensiam_fast.run_checks import check_data, data_device, estimate_checkpoint_bytes
 from ensiam_fast.rundir import RunLock, check_folder, check_storage, check_target, remove_stale_tmp
 from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.schedule import cosine_lr
-from ensiam_fast.stopping import Interrupted, StopRequest
+from ensiam_fast.stopping import Interrupted, StopRequest, first_non_finite, non_finite_stop
 from pipelines.presets import get_preset
 
 # ---------------------------------------------------------------------------------------------
@@ -163,27 +163,16 @@ class Trainer:
         """Main process: the storage check (a directory, writable, room for two checkpoints), then the lock."""
         if not self.accelerator.is_main_process:
             return
-        for warning in check_storage(self.out, 2 * self.checkpoint_bytes()):
+        for warning in check_storage(self.out, 2 * estimate_checkpoint_bytes(self.cfg)):
             self.say(f"warning: {warning}")
-        self.lock.acquire()
+        with self.stop.deferred():  # a signal during the acquisition: the lock is whole, released by run()
+            self.lock.acquire()
         for note in self.lock.notes:
             self.say(note)
+        self.stop.raise_if_signalled()
         for name in RUN_FILES:  # a link or FIFO planted where the run will write: refused now, not at the end
             check_target(self.out / name)
         check_folder(checkpoint_dir(self.out))
-
-    def checkpoint_bytes(self) -> int:
-        """About one checkpoint's size: the weights and SGD's momentum, from the network built on the meta
-        device (no memory, no weights read)."""
-        m = self.cfg.model
-        with torch.device("meta"):
-            method = build_method(
-                self.cfg.method, self.cfg.views, backbone=m.backbone, cifar_stem=m.cifar_stem,
-                proj_layers=m.proj_layers, bn_mode=m.bn_mode, proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
-                pred_hidden=m.pred_hidden, pretrained=False,
-            )  # fmt: skip
-        params = sum(p.numel() * p.element_size() for p in method.parameters())
-        return 2 * params + sum(b.numel() * b.element_size() for b in method.buffers())
 
     def remaining(self) -> str:
         """``train``; ``evaluate`` when the final checkpoint is saved but not the final kNN (a signal ended
@@ -280,21 +269,13 @@ class Trainer:
         return result
 
     def check_finite(self) -> None:
-        """Before every checkpoint and kNN evaluation: every parameter and buffer (BatchNorm statistics
-        too) finite, or the run stops naming the first bad tensor (the non-finite loss stop's rule)."""
-        named = [(n, t) for n, t in self.raw_method.model.state_dict().items() if t.is_floating_point()]
-        ok = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()  # one device sync
-        if not all(ok):
-            bad = named[ok.index(False)][0]
+        """Before every checkpoint and kNN evaluation (ensiam_fast/stopping.py has the rule)."""
+        bad = first_non_finite(self.raw_method.model)
+        if bad is not None:
             raise self.non_finite(f"the model's {bad} became non-finite (inf or NaN)", self.last_finite)
 
     def non_finite(self, what: str, since: int) -> TrainingError:
-        """The one stop for a diverged run: nothing non-finite is saved, the newest checkpoint stays."""
-        return TrainingError(
-            f"{what} between steps {since} and {self.pos.step}; stopping. The newest checkpoint in "
-            f"{self.out / 'checkpoints'} is from before it (nothing non-finite is saved). Lower optim.base_lr or "
-            "try mixed_precision=no."
-        )
+        return non_finite_stop(what, since, self.pos.step, self.out / "checkpoints")
 
     def say(self, line: str) -> None:
         """One line from the main process, through tqdm's writer so a progress bar stays intact."""
