@@ -231,7 +231,10 @@ def test_a_moved_dataset_resumes_and_an_allowed_change_continues(tmp_path, tiny_
     assert train.main(argv(short_run, moved, "max_steps=3", "knn_every=0")) == 0
     assert f"resuming from {short_run / 'checkpoints' / 'step-00000002.pt'}" in capsys.readouterr().out
     assert latest_checkpoint(short_run)[1]["step"] == 3
-    assert train.main(argv(short_run, moved, "max_steps=4", "knn_every=0", "epochs=3", "resume.allow_changes=[epochs]"))
+    assert (
+        train.main(argv(short_run, moved, "max_steps=4", "knn_every=0", "epochs=3", "resume.allow_changes=[epochs]"))
+        == 0
+    )
     out = capsys.readouterr()
     assert "epochs changed on purpose (2 -> 3)" in out.out
     assert latest_checkpoint(short_run)[1]["fingerprint"]["epochs"] == 3
