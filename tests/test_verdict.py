@@ -90,7 +90,11 @@ def errors(capsys) -> list[str]:
 
 def test_label_rules():
     assert parse_label(b" 522\n") == 522 and parse_label(b"000000007") == 7
-    for bad, says in ((b"seven", "not an ASCII decimal"), (b"12345678901234567890", "more than 9 digits")):
+    for bad, says in (
+        (b"seven", "not an ASCII decimal"),
+        (b"12345678901234567890", "more than 9 digits"),
+        (b"0" * 64 + b"5", "longer than 64 bytes"),  # what the readers read of a .cls is bounded, never cut short
+    ):
         with pytest.raises(ValueError, match=says):
             parse_label(bad)
     raw = np.zeros((2, 20), np.uint8)

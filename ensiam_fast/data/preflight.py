@@ -25,6 +25,7 @@ from ensiam_fast.data.spec import SplitSpec
 from ensiam_fast.shards.format import (
     IMAGE_EXTS,
     LABEL_EXT,
+    MAX_LABEL_BYTES,
     MAX_PIXELS,
     TAR_BLOCK,
     ShardFormatError,
@@ -73,7 +74,7 @@ def check_structure(
 def _member_problem(f, m: IndexEntry, num_classes: int, decode: bool, max_pixels: int) -> str | None:
     if m.ext == LABEL_EXT:
         f.seek(m.offset)
-        return label_problem(f.read(min(m.size, 64)), num_classes)
+        return label_problem(f.read(min(m.size, MAX_LABEL_BYTES + 1)), num_classes)
     dims = read_image_dims(f, m.offset, m.size)
     if problem := pixel_problem(dims, max_pixels):
         return problem

@@ -131,12 +131,17 @@ def write_atomic(path: Path, text: str) -> None:
 
 MAX_LABEL_DIGITS = 9  # a longer label is not a class index (and would overflow int32 heads, or memory)
 MAX_CLASSES = 100_000  # make_shards.py --max-classes: more distinct labels than this is a mistake
+MAX_LABEL_BYTES = 64  # a longer .cls is not a class index (readers read at most this + 1 bytes of one)
 _LABEL_BLANKS = b"\x00 \t\r\n"
 
 
 def parse_label(data: bytes) -> int:
     """A ``.cls`` member's class index: ASCII decimal, surrounding whitespace ignored, at most
     :data:`MAX_LABEL_DIGITS` digits. Raises ``ValueError`` saying what the text is instead."""
+    if len(data) > MAX_LABEL_BYTES:
+        raise ValueError(
+            f"the label is longer than {MAX_LABEL_BYTES} bytes ({bytes(data)[:24]!r}...): not a class index"
+        )
     text = bytes(data).strip(_LABEL_BLANKS)
     if not text or not text.isdigit() or not text.isascii():
         raise ValueError(

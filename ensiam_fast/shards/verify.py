@@ -13,6 +13,7 @@ from ensiam_fast.shards.format import (
     LABEL_EXT,
     MANIFEST,
     MAX_IMAGE_BYTES,
+    MAX_LABEL_BYTES,
     MAX_PIXELS,
     TMP_SUFFIX,
     ShardFormatError,
@@ -68,7 +69,7 @@ def sample_problems(f, where: str, key: str, sample: list[IndexEntry], labeled: 
             problems.append(f"{where}: sample {key!r} has no .{LABEL_EXT} but its split is labelled")
         else:
             f.seek(cls[0].offset)
-            if problem := label_problem(f.read(min(cls[0].size, 64)), num_classes):
+            if problem := label_problem(f.read(min(cls[0].size, MAX_LABEL_BYTES + 1)), num_classes):
                 problems.append(f"{where}: sample {key!r}: {problem}")
     elif cls:
         problems.append(f"{where}: sample {key!r} has a .{LABEL_EXT} but its split is unlabelled")
@@ -137,7 +138,7 @@ def check_shard(
             elif labeled:
                 cls = next(m for m in sample if m.ext == LABEL_EXT)
                 f.seek(cls.offset)
-                check.labels.append(parse_label(f.read(min(cls.size, 64))))
+                check.labels.append(parse_label(f.read(min(cls.size, MAX_LABEL_BYTES + 1))))
     check.num_samples = len(contents.samples)
     return check
 

@@ -27,6 +27,7 @@ from ensiam_fast.shards.format import (
     LABEL_EXT,
     MANIFEST,
     MAX_CLASSES,
+    MAX_LABEL_BYTES,
     label_set_problem,
     parse_label,
     read_image_dims,
@@ -169,7 +170,7 @@ def scan_one(root: Path, name: str, drop_duplicates: bool = False) -> TarScan:
             if cls:
                 f.seek(cls[0].offset)
                 try:
-                    label = parse_label(f.read(min(cls[0].size, 64)))
+                    label = parse_label(f.read(min(cls[0].size, MAX_LABEL_BYTES + 1)))
                 except ValueError as e:
                     raise SourceLayoutError(
                         f"{tar}: sample {key!r}: {e}; .{LABEL_EXT} must hold the class index as ASCII decimal "
