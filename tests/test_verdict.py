@@ -281,12 +281,13 @@ def test_failed_adoption_is_recorded_and_refused(tmp_path, capsys):
 BIG = 513 << 20
 
 
-def big_split(root: Path) -> Path:
+def big_split(root: Path, bad: bool = True) -> Path:
     """A split of 513 MiB in one tar (a sparse, zero-filled extra member: fast) with a bomb and a
-    truncated JPEG among good samples."""
+    truncated JPEG among good samples (``bad``)."""
     members = samples(0, 1, 0, 1)
-    members[2] = ("s1.jpg", bomb())
-    members[4] = ("s2.jpg", jpeg(80, 64)[:400])
+    if bad:
+        members[2] = ("s1.jpg", bomb())
+        members[4] = ("s2.jpg", jpeg(80, 64)[:400])
     tar = root / "x-train.tar"
     root.mkdir(parents=True)
     with open(tar, "wb") as f:
@@ -322,6 +323,24 @@ def test_big_split_checked_at_any_size(tmp_path, capsys):
         split = read_split(root, "train")
     with pytest.raises(ShardFormatError, match=r"sample 's1'.*30000x30000"):
         preflight(split)
+
+
+def test_only_tars_changed_since_the_check_are_checked_again(tmp_path, capsys):
+    root = big_split(tmp_path / "big", bad=False)
+    write_tar(root / "y-train.tar", samples(0, 1, start=10))
+    assert adopt(root) == 0, capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_split(root, "train").checked  # 513 MiB, checked once: nothing to do at a start
+    tar = root / "y-train.tar"
+    data = tar.read_bytes()
+    at = data.index(b"\xff\xd8", data.index(b"s11.jpg")) + 150
+    tar.write_bytes(data[:at] + b"\xff\xd9" * 40 + data[at + 80 :])  # s11.jpg overwritten with markers
+    with pytest.warns(UserWarning, match="1 of its tars changed since the check"):
+        split = read_split(root, "train")
+    assert split.trusted == {str(root / "x-train.tar")}
+    with pytest.raises(ShardFormatError, match=r"y-train.tar, sample 's11': the image does not decode"):
+        preflight(split)  # the changed tar is decoded in full, though the split is past 512 MiB
 
 
 # --------------------------------------------------------------------------- through the real commands

@@ -7,13 +7,13 @@ per step; whatever the Python side does after the error, the crash can come firs
 to be found before DALI reads it.
 
 * Always: every index parsed and matched to its tar's size and the manifest's counts.
-* A split whose content verdict (``shards/verdict.py``) passed, tars unchanged since, needs nothing
-  more: conversion, adoption or ``make_shards.py --verify`` checked every image and label.
-* Any other split (never checked, or changed since; ``gate_split`` refuses a failed one and warns
-  for these) is checked here, once per process: every label, and every image's header against the
-  pixel limit (a bomb slipped in after the check costs one error line, not memory); and when its
-  tars total at most ``CONTENT_CHECK_BYTES``, every image decoded (JPEGs at 1/8 scale) as well.
-  Decoding a large split at every start would cost minutes: ``--verify`` does it once and records it.
+* A tar that passed the split's content check (``shards/verdict.py``) and is unchanged since needs
+  nothing more: conversion, adoption or ``make_shards.py --verify`` checked every image and label.
+* Every other tar (never checked, or changed since; ``gate_split`` refuses a split that failed and
+  warns for these) is checked here, once per process: every label, and every image's header against
+  the pixel limit (a bomb slipped in after the check costs one error line, not memory); and when
+  those tars total at most ``CONTENT_CHECK_BYTES``, every image decoded (JPEGs at 1/8 scale) as well.
+  Decoding a large dataset at every start would cost hours: ``--verify`` does it once and records it.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def preflight(split: SplitSpec, idxs: list[str] | None = None) -> None:
     indices, e.g. regenerated ones); raises ``ShardFormatError`` naming the file."""
     idxs = split.idxs if idxs is None else idxs
     indices = check_structure(split.root, split.tars, idxs, split.shard_sizes)
-    if split.checked:
+    untrusted = [i for i, tar in enumerate(split.tars) if tar not in split.trusted]
+    if not untrusted:
         return
-    decode = sum(os.path.getsize(t) for t in split.tars) <= CONTENT_CHECK_BYTES
-    check_content(split.root, split.tars, indices, split.labeled, split.num_classes, decode)
+    decode = sum(os.path.getsize(split.tars[i]) for i in untrusted) <= CONTENT_CHECK_BYTES
+    tars, indices = [split.tars[i] for i in untrusted], [indices[i] for i in untrusted]
+    check_content(split.root, tars, indices, split.labeled, split.num_classes, decode)

@@ -72,7 +72,13 @@ class SplitSpec:
     labeled: bool
     num_classes: int
     image_size: list[int] | None  # (H, W) when every image has it
-    checked: bool = False  # its content verdict passed and its tars are unchanged (shards/verdict.py)
+    # the tars (paths as in ``tars``) that passed a content check and are unchanged since (shards/verdict.py)
+    trusted: frozenset[str] = frozenset()
+
+    @property
+    def checked(self) -> bool:
+        """Every tar passed a content check and is unchanged since."""
+        return all(t in self.trusted for t in self.tars)
 
 
 def read_split(root: str | os.PathLike, split: str) -> SplitSpec:
@@ -83,9 +89,9 @@ def read_split(root: str | os.PathLike, split: str) -> SplitSpec:
     info = manifest.split(split)
     tars, idxs = split_files(root, info)
     check_not_empty(root, split, info.num_samples)
-    checked = gate_split(root, manifest, split)
+    trusted = frozenset(str(root / name) for name in gate_split(root, manifest, split))
     return SplitSpec(root, split, tars, idxs, list(info.shard_sizes), info.num_samples, info.labeled,
-                     manifest.num_classes, manifest.image_size, checked)  # fmt: skip
+                     manifest.num_classes, manifest.image_size, trusted)  # fmt: skip
 
 
 @dataclass(frozen=True)

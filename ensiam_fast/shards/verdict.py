@@ -76,6 +76,7 @@ class Verdict:
 
     state: str
     message: str = ""
+    trusted: frozenset[str] = frozenset()  # tars that passed the check and are unchanged since
 
 
 def _valid(check: dict) -> bool:
@@ -118,34 +119,36 @@ def judge(root: Path, name: str, info: SplitInfo) -> Verdict:
             f"{check['verdict_format']}), which this one cannot read; " + CHECK.format(root=root),
         )
     now = tar_stats(root, info.shards)
-    for tar in info.shards:
-        if check["tars"].get(tar) != now.get(tar):
-            then = check["tars"].get(tar)
-            what = "was not part of it" if then is None else f"size/mtime {then} then, {now.get(tar)} now"
-            return Verdict(
-                "changed",
-                f"{where}: its tars changed since the check of {check.get('at', '?')} ({tar} {what}); "
-                + CHECK.format(root=root),
-            )
-    return Verdict("ok")
+    trusted = frozenset(t for t in info.shards if check["tars"].get(t) == now.get(t))
+    changed = [t for t in info.shards if t not in trusted]
+    if changed:
+        then = check["tars"].get(changed[0])
+        what = "was not part of it" if then is None else f"size/mtime {then} then, {now.get(changed[0])} now"
+        return Verdict(
+            "changed",
+            f"{where}: {len(changed)} of its tars changed since the check of {check.get('at', '?')} "
+            f"({changed[0]} {what}); " + CHECK.format(root=root),
+            trusted,
+        )
+    return Verdict("ok", "", trusted)
 
 
-def gate_split(root: str | os.PathLike, manifest: Manifest, split: str) -> bool:
+def gate_split(root: str | os.PathLike, manifest: Manifest, split: str) -> frozenset[str]:
     """Refuse (``ShardFormatError``) a split, or any part of ``a+b``, whose last check failed; warn
-    once per process when one was never checked or changed since. True when every part is checked
-    and unchanged (the loader then needs no content check of its own)."""
+    once per process when one was never checked or changed since. Returns the tars (names as the
+    manifest lists them) that passed a check and are unchanged: the loader checks only the others."""
     root = Path(root)
     manifest.split(split)  # an unknown name: the usual error
-    trusted = True
+    trusted: frozenset[str] = frozenset()
     for part in split.split("+"):
         verdict = judge(root, part, manifest.splits[part])
         if verdict.state == "failed":
             raise ShardFormatError(verdict.message)
+        trusted |= verdict.trusted
         if verdict.state != "ok":
-            trusted = False
             key = (str(root.resolve()), part, verdict.message)
             if key not in _warned:
                 _warned.add(key)
-                warnings.warn(verdict.message + "; until then the loader checks every image header and label it reads",
-                              stacklevel=2)  # fmt: skip
+                note = "; until then the loader checks the labels and images of those tars itself"
+                warnings.warn(verdict.message + note, stacklevel=2)
     return trusted
