@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard
+from ensiam_fast.shards.format import MAX_PIXELS
+from ensiam_fast.shards.verdict import make_verdict
 
 # tools/ importable as its scripts see it (``import common``, ``import runlog``): once, for every test file
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -52,9 +54,12 @@ def make_tiny_dataset(
     num_classes: int = 12,
     shard_size: int = 16,
     seed: int = 0,
+    checked: bool = True,
 ) -> Path:
     """Write a tiny dataset: ``splits`` maps name -> (num_samples, labeled). Labels go up to 11,
-    so multi-digit ``.cls`` values are exercised."""
+    so multi-digit ``.cls`` values are exercised. ``checked``: each split's content verdict is
+    recorded as a conversion records it (every image was just encoded here); False: a manifest
+    from before verdicts, which the loaders warn about."""
     splits = splits or {"train": (48, True), "test": (24, True)}
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -74,6 +79,8 @@ def make_tiny_dataset(
             names.append(rec.name)
             sizes.append(rec.num_samples)
         infos[split] = SplitInfo(num_samples=n, shards=names, labeled=labeled, shard_sizes=sizes)
+        if checked:
+            infos[split].check = make_verdict(root, infos[split], "conversion", [], MAX_PIXELS)
     write_manifest(
         root,
         Manifest(

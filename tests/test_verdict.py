@@ -130,7 +130,7 @@ def test_image_header_is_checked_before_decoding():
 
 
 def test_verdict_gates_every_loader(tmp_path):
-    root = make_tiny_dataset(tmp_path / "d", {"train": (32, True)})
+    root = make_tiny_dataset(tmp_path / "d", {"train": (32, True)}, checked=False)
     with pytest.warns(UserWarning, match="never content-checked"):
         assert read_split(root, "train").checked is False  # an older manifest: warned, checked by the loader
     m = read_manifest(root)
