@@ -186,6 +186,17 @@ def test_report_only_without_finished_runs_is_an_error(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+def test_linear_options_of_a_grid_become_evaluate_flags(tmp_path):
+    """The grid file's linear mapping, crop_scale included (a list in YAML), as evaluate's flags."""
+    grid = compare.Grid("demo", [], {"epochs": 5, "precomputed": False, "crop_scale": [0.2, 1.0]}, [])
+    argv = compare.linear_argv(grid, tmp_path / "run")
+    assert argv[argv.index("--crop-scale") + 1] == "0.2,1.0"
+    assert argv[argv.index("--epochs") + 1] == "5" and "--precomputed" not in argv
+    from compare_grid import LINEAR_FLAGS
+
+    assert "crop_scale" in LINEAR_FLAGS  # a grid file may set it (unknown linear options are refused)
+
+
 def test_a_finished_run_with_other_settings_is_refused(tiny_dataset, tmp_path):
     grid = build_grid("demo", [f"data.root={tiny_dataset}", *TINY], {"epochs": 3}, [{"methods": ["ensiam"]}], "t")
     run = plant_run(tmp_path, "ensiam", 4, "default", 8, 0, [30.0, 40.0], 50.0)

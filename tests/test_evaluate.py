@@ -131,6 +131,50 @@ def test_linear_protocol_keeps_the_backbone_frozen(trained_run):
     assert not backbone.training
 
 
+def test_linear_crop_scale_reaches_the_training_crops(trained_run, monkeypatch, tmp_path, capsys):
+    """--crop-scale sets the area range of the linear protocol's training crops (the other reading of
+    the paper's "random cropping"), end to end through the command; the test split stays uncropped."""
+    import ensiam_fast.evaluate.linear as linear_module
+
+    seen = []
+    real = linear_module.build_loader
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["train"], kwargs["preset"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "build_loader", recording)
+    out = tmp_path / "linear.json"
+    argv = ["linear", "--run", str(trained_run), "--crop-scale", "0.5,0.9", "--epochs", "1", "--batch-size", "16"]
+    assert evaluate.main([*argv, "--quiet", "--out", str(out)]) == 0
+    printed = last_json(capsys)
+    assert printed["mode"] == "augmented" and printed["crop_scale"] == [0.5, 0.9]
+    assert json.loads(out.read_text()) == printed
+    train_presets = [p for train_, p in seen if train_]
+    assert train_presets and all(p.name == "linear" and p.crop_scale == (0.5, 0.9) for p in train_presets)
+    assert all(getattr(p, "crop", True) is False for train_, p in seen if not train_)  # eval: resize + centre
+    # the default is the linear preset's (torchvision's 0.08-1)
+    assert LinearSettings().crop_scale == (0.08, 1.0)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--crop-scale", "0.5"], "--crop-scale must be two numbers"),
+        (["--crop-scale", "a,b"], "--crop-scale must be two numbers"),
+        (["--crop-scale", "0,1"], "crop_scale=0.0,1.0 must satisfy 0 < low <= high <= 1"),
+        (["--crop-scale", "0.9,0.5"], "must satisfy 0 < low <= high"),
+        (["--crop-scale", "0.2,1", "--precomputed"], "no effect with --precomputed"),
+    ],
+)
+def test_bad_crop_scale_is_one_error_line(trained_run, tmp_path, capsys, extra, needle):
+    out = tmp_path / "never.json"
+    assert evaluate.main(["linear", "--run", str(trained_run), "--quiet", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists()
+
+
 def write_run(run_dir, tiny_dataset, backbone="resnet18", config_backbone=None):
     cfg = TrainConfig()
     cfg.model.backbone = config_backbone or backbone

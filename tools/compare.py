@@ -129,6 +129,8 @@ def linear_argv(grid: Grid, run_dir: Path) -> list[str]:
     for key, value in sorted(grid.linear.items()):
         if key == "precomputed":
             argv += ["--precomputed"] if value else []
+        elif isinstance(value, (list, tuple)):  # crop_scale: [0.2, 1.0] -> --crop-scale 0.2,1.0
+            argv += [f"--{key.replace('_', '-')}", ",".join(map(str, value))]
         elif value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv

@@ -27,7 +27,9 @@ from ensiam_fast.shards import ShardFormatError, read_manifest
 
 AXES = ("methods", "views", "presets", "batch_sizes", "seeds")
 GRID_KEYS = {"config", "set", "linear", "blocks"}
-LINEAR_FLAGS = {"epochs", "batch_size", "base_lr", "lr", "weight_decay", "feature_norm", "precomputed", "seed"}
+LINEAR_FLAGS = {
+    "epochs", "batch_size", "base_lr", "lr", "weight_decay", "feature_norm", "precomputed", "seed", "crop_scale"
+}  # fmt: skip
 
 
 class GridError(ValueError):

@@ -24,6 +24,7 @@ from ensiam_fast.errors import UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
     FEATURE_NORMS,
+    EvaluationError,
     LinearSettings,
     Runtime,
     linear_evaluate,
@@ -47,6 +48,15 @@ def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
     # the trainer's device rule, except that a run trained with data.device=gpu evaluates on a CPU-only host
     data_device = resolve_data_device("cpu" if cfg.data.device == "cpu" else "auto", accelerator)
     return Runtime(accelerator, data_device, backend or cfg.data.backend, cfg.model.channels_last, cfg.data.num_threads)
+
+
+def parse_crop_scale(text: str) -> tuple[float, float]:
+    """``--crop-scale LOW,HIGH`` as two floats (their range is LinearSettings.check's)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise EvaluationError(f"--crop-scale must be two numbers LOW,HIGH such as 0.2,1, got {text!r}") from None
+    return low, high
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
@@ -120,6 +130,7 @@ def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
             weight_decay=args.weight_decay,
             feature_norm=args.feature_norm,
             seed=args.seed,
+            crop_scale=parse_crop_scale(args.crop_scale) if args.crop_scale else LinearSettings.crop_scale,
         )
         result = linear_evaluate(
             backbone,
@@ -181,6 +192,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 help="train on cached features of un-augmented images (fast; no crop augmentation)",
             )
             p.add_argument("--seed", type=int, default=defaults.seed)
+            p.add_argument(
+                "--crop-scale",
+                metavar="LOW,HIGH",
+                help=f"area range of the training crops (default {','.join(map(str, defaults.crop_scale))})",
+            )
     return parser.parse_args(argv)
 
 

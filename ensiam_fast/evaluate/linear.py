@@ -8,7 +8,8 @@ resized crop + flip views (preset ``linear``). Optimizer: SGD, momentum 0.9, a c
 without warm-up, lr = base_lr x batch / 256 with base_lr 0.1 and batch 256 (EnSiam Section 4.1:
 "We used SGD for both pretraining and linear evaluation ... baselr 0.10"). Weight decay 0, as in
 SimSiam's linear protocol (EnSiam's 1e-4 is stated for its optimizer in general; ``--weight-decay``
-sets it). SimSiam itself uses LARS with base lr 0.02 at batch 4096 for ImageNet; we do not.
+sets it). The crop's area range is torchvision's default 0.08-1 (the paper says "random cropping");
+``--crop-scale LOW,HIGH`` sets it. SimSiam itself uses LARS with base lr 0.02 at batch 4096 for ImageNet; we do not.
 ``--feature-norm bn`` puts a BatchNorm1d without affine parameters before the linear layer (MoCo v3
 / MAE linear probing): still a linear classifier at test time, and insensitive to feature scale.
 The test split is scored with the ``eval`` preset, every sample exactly once across processes.
@@ -58,6 +59,8 @@ class LinearSettings:
     weight_decay: float = 0.0
     feature_norm: str = "none"  # none | bn (non-affine BatchNorm1d before the linear layer)
     seed: int = 0
+    # random-resized-crop area range of the training views (the ``linear`` preset's: torchvision's default)
+    crop_scale: tuple[float, float] = get_preset("linear").crop_scale
 
     @property
     def peak_lr(self) -> float:
@@ -70,6 +73,9 @@ class LinearSettings:
             raise EvaluationError(
                 f"lr={self.peak_lr} must be > 0, momentum={self.momentum} and weight_decay={self.weight_decay} >= 0"
             )
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise EvaluationError(f"crop_scale={low},{high} must satisfy 0 < low <= high <= 1 (an area fraction)")
         if self.feature_norm not in FEATURE_NORMS:
             raise EvaluationError(f"feature_norm={self.feature_norm!r} is not one of {FEATURE_NORMS}")
 
@@ -280,7 +286,7 @@ def fit_augmented(
         data.train_split,
         batch_size=settings.batch_size // rt.world,
         train=True,
-        preset="linear",
+        preset=get_preset("linear", crop_scale=tuple(settings.crop_scale)),
         seed=settings.seed,
     )
     gen = torch.Generator().manual_seed(settings.seed)
@@ -324,6 +330,11 @@ def linear_evaluate(
 ) -> dict:
     """Train the linear classifier and score the test split: top-1/top-5 in percent."""
     settings.check()
+    if precomputed and tuple(settings.crop_scale) != LinearSettings.crop_scale:
+        raise EvaluationError(
+            f"crop_scale={','.join(map(str, settings.crop_scale))} has no effect with --precomputed (cached "
+            "features of un-augmented images, no crop): drop one of them"
+        )
     start = time.perf_counter()
     if precomputed:
         head, seen = fit_precomputed(
