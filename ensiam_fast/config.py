@@ -69,6 +69,9 @@ class DataConfig:
     cpu_kernels: str = (
         "auto"  # DALI on the CPU: auto = numba (per-view kernels) | gpu_graph (the GPU graph's CPU proxy)
     )
+    # the augmentation pipeline's share of each GPU (GB): a run whose projected need is larger is refused at
+    # start (pipelines.presets.pipeline_bytes); None: no check
+    gpu_memory_gb: float | None = None
 
 
 @dataclass
@@ -395,6 +398,8 @@ def _validate_ranges(cfg: TrainConfig) -> None:
     for key in ("image_size", "num_threads"):
         value = getattr(cfg.data, key)
         checks.append((f"data.{key}", value, value is None or value >= 1, "must be at least 1 (or null)"))
+    gb = cfg.data.gpu_memory_gb
+    checks.append(("data.gpu_memory_gb", gb, gb is None or gb > 0, "must be a positive number of GB (or null)"))
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r} {rule}")

@@ -14,7 +14,7 @@ from ensiam_fast.rundir import open_regular
 from ensiam_fast.shards import ShardFormatError, read_manifest
 from ensiam_fast.shards.format import index_name
 from ensiam_fast.shards.verdict import gate_split
-from pipelines.presets import check_jigsaw, get_preset
+from pipelines.presets import check_gpu_memory, check_jigsaw, get_preset
 
 
 def check_data(cfg: TrainConfig, num_processes: int) -> dict:
@@ -61,10 +61,17 @@ def check_data(cfg: TrainConfig, num_processes: int) -> dict:
     size = cfg.data.image_size or (manifest.image_size[0] if manifest.image_size else None)
     if size is None:
         raise TrainingError(f"{cfg.data.root} has images of several sizes: set data.image_size")
+    preset = get_preset(cfg.data.preset, **cfg.data.preset_overrides)
     try:
-        check_jigsaw(size, get_preset(cfg.data.preset, **cfg.data.preset_overrides).jigsaw_grid)
+        check_jigsaw(size, preset.jigsaw_grid)
     except ValueError as e:
         raise TrainingError(f"the images of {cfg.data.root} are {size}x{size}, set data.image_size: {e}") from e
+    if cfg.data.device != "cpu":  # the pipeline may run on the GPU: its projected memory there
+        images = cfg.batch_size // (num_processes * cfg.gradient_accumulation_steps)
+        try:
+            check_gpu_memory(preset, size, images, cfg.views, cfg.data.gpu_memory_gb)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
     identity = data_identity(cfg.data.root, manifest, cfg.data.split)
     return {
         "image_size": size,

@@ -167,6 +167,33 @@ def check_jigsaw(size: int, grid: int) -> None:
         )
 
 
+def pipeline_bytes(preset: AugPreset, size: int, images: int, views: int, queue_depth: int = 2) -> int:
+    """Projected device memory of the GPU pipeline (``pipelines.fused``) for ``images`` images of
+    ``views`` views each: every buffer a view passes through is size x size x 3 uint8 -- the crop,
+    the stacked frame, one output per fused stage (RandAugment two: its scratch frames), the CHW
+    transpose and the slice handed out -- plus the decoded image (taken as 2 size^2 x 3: a source
+    whose shorter side is 8/7 of the view at 4:3), all held once per queue slot. A model, not a
+    measurement: ``tools/bench_gpu_graph.py`` weighs the same graph on the CPU."""
+    plane = size * size * 3
+    buffers = 4 + sum(1 for name in preset.stages if name in ("colour", "blur", "jigsaw"))
+    buffers += 2 if "randaugment" in preset.stages else 0
+    return queue_depth * images * (2 * plane + views * buffers * plane)
+
+
+def check_gpu_memory(preset: AugPreset, size: int, images: int, views: int, limit_gb: float | None) -> None:
+    """Refuse a pipeline whose projected memory (``pipeline_bytes``) exceeds ``limit_gb`` (the
+    config key ``data.gpu_memory_gb``; None: no limit)."""
+    if limit_gb is None:
+        return
+    need = pipeline_bytes(preset, size, images, views) / 2**30
+    if need > limit_gb:
+        raise ValueError(
+            f"data.preset={preset.name!r} at {size}x{size} with a batch of {images} images x {views} views per "
+            f"GPU projects {need:.1f} GB of pipeline memory, more than data.gpu_memory_gb={limit_gb:g}: lower "
+            f"batch_size or views, use more processes, or raise data.gpu_memory_gb"
+        )
+
+
 # The normalisation every consumer applies to the uint8 views (ImageNet statistics, as SimSiam).
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

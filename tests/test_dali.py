@@ -299,3 +299,19 @@ def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, kernels):
     assert lo < changed.mean() < hi, (kernels, changed.mean())
     lo, hi = binomial_bounds(0.2, grey.size)
     assert lo < grey.mean() < hi, (kernels, grey.mean())
+
+
+def test_gpu_memory_guard_names_preset_batch_and_need():
+    """data.gpu_memory_gb: the imagenet preset's batch (256 x 4 views at 224) fits the 6 GB the
+    imagenet config allows; sixteen times that batch does not, and the refusal names the preset, the
+    batch and the projected need; the projection grows with the stages a preset has."""
+    from pipelines.presets import check_gpu_memory, pipeline_bytes
+
+    for name in ("default", "very_strong"):
+        check_gpu_memory(get_preset(name), 224, 256, 4, 6.0)
+        check_gpu_memory(get_preset(name), 224, 10**6, 4, None)  # no limit set: no check
+    with pytest.raises(ValueError, match=r"data.preset='very_strong' at 224x224 with a batch of 4096 images x 4 "
+                                         r"views per GPU projects \d+\.\d GB .* data.gpu_memory_gb=6"):  # fmt: skip
+        check_gpu_memory(get_preset("very_strong"), 224, 4096, 4, 6.0)
+    default, strong = (pipeline_bytes(get_preset(n), 224, 256, 4) for n in ("default", "very_strong"))
+    assert default < strong <= 1.5 * default

@@ -61,6 +61,8 @@ CASES = [  # (overrides, what the line must name)
     (["batch_size=4096"], "batch_size=4096"),
     (["momentum=0.9"], "unknown config key 'momentum'"),
     (["dist_timeout_s=0"], "dist_timeout_s=0"),
+    (["data.gpu_memory_gb=0"], "data.gpu_memory_gb=0"),
+    (["data.gpu_memory_gb=0.0001"], "batch of 8 images x 4 views per GPU projects"),  # the pipeline's memory guard
     (["batch_size=16"], "batch_size=8 but this config has batch_size=16"),  # resume with another batch
     (["method=simsiam", "views=2"], "method='ensiam' but this config has method='simsiam'"),
 ]  # fmt: skip
