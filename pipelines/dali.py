@@ -27,14 +27,9 @@ import threading
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines import dali_ops as ops
+from pipelines import kernel_ops as kops
 from pipelines.fused import fused_views
 from pipelines.kernels import backend as cpu_backend
-from pipelines.kernels import blur as k_blur
-from pipelines.kernels import colour as k_colour
-from pipelines.kernels import crop as k_crop
-from pipelines.kernels import jigsaw as k_jigsaw
-from pipelines.kernels import layout as k_layout
-from pipelines.kernels import randaugment as k_randaugment
 from pipelines.presets import MAX_VIEWS, AugPreset, check_jigsaw, check_views
 
 # The image members a sample may have (one of them); ensiam_fast.shards.format.IMAGE_EXTS, which this
@@ -102,22 +97,22 @@ def view_stages(preset: AugPreset, size: int, device: str = "cpu", kernels: str 
     if uses_fused_graph(device, kernels):
         raise ValueError("the GPU graph (pipelines.fused) makes all K views at once: use augment_views")
     impl = {
-        "colour": lambda v: k_colour.stage(v, preset),
-        "blur": lambda v: k_blur.stage(v, preset),
-        "randaugment": lambda v: k_randaugment.stage(v, preset),
-        "jigsaw": lambda v: k_jigsaw.stage(v, preset, size),
+        "colour": lambda v: kops.colour_stage(v, preset),
+        "blur": lambda v: kops.blur_stage(v, preset),
+        "randaugment": lambda v: kops.randaugment_stage(v, preset),
+        "jigsaw": lambda v: kops.jigsaw_stage(v, preset, size),
         "flip": lambda v: ops.flip(v, preset.flip_p),
     }
     if preset.crop:  # torchvision's resampling, several times cheaper than DALI's resize
-        impl["crop"] = lambda v: k_crop.stage(v, preset, size, flip=False)
-        impl["crop+flip"] = lambda v: k_crop.stage(v, preset, size, flip=True)
+        impl["crop"] = lambda v: kops.crop_stage(v, preset, size, flip=False)
+        impl["crop+flip"] = lambda v: kops.crop_stage(v, preset, size, flip=True)
     else:
         impl["crop"] = lambda v: ops.crop(v, preset, size)
         impl["crop+flip"] = lambda v: ops.crop_flip(v, preset, size)
     names = list(preset.stages)
     if preset.crop and names[:2] == ["crop", "flip"]:  # adjacent: one resampling does both
         names[:2] = ["crop+flip"]
-    return [(name, impl[name]) for name in names] + [("chw", k_layout.stage)]
+    return [(name, impl[name]) for name in names] + [("chw", kops.chw_stage)]
 
 
 def augment_view(images, preset: AugPreset, size: int, device: str = "cpu", kernels: str = "auto"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from nvidia.dali import fn, types
 
-from pipelines.kernels.crop import draw_window
+from pipelines.kernel_ops import draw_window
 from pipelines.presets import AugPreset
 
 

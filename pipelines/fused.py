@@ -17,29 +17,17 @@ GPU stage is a trace-only ``NumbaFunction``: the same operator in the graph, wit
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from nvidia.dali import fn, types
 
 from pipelines import dali_ops as ops
-from pipelines.kernels import crop as k_crop
+from pipelines.kernel_ops import crop_stage, numba_function, plain
 from pipelines.kernels import frames as F
 
 FUSED_STAGES = ("colour", "blur", "randaugment", "jigsaw")
-_LOCK = threading.Lock()
-_OPS: dict[tuple, object] = {}
 
 
-def _plain(fn_):
-    try:
-        from nvidia.dali.pipeline import do_not_convert
-    except ImportError:
-        return fn_
-    return do_not_convert(fn_)
-
-
-@_plain
+@plain
 def _setup_like_first(outs, ins):
     """Every output has the shape of input 0 (the frames), per sample."""
     for o in range(len(outs)):
@@ -48,7 +36,7 @@ def _setup_like_first(outs, ins):
                 outs[o][i][d] = ins[0][i][d]
 
 
-@_plain
+@plain
 def _setup_params(views: int, n_params: int):
     """Output 0 is (views, n_params) per sample (compile-time constants)."""
 
@@ -92,29 +80,12 @@ def _trace_only_class():
 
 
 def _numba_function(key: tuple, **kwargs):
-    """One ``NumbaFunction`` per key and process, shared by every pipeline (see
-    ``pipelines.kernels.numba_op`` on the lock and on DALI's origin tracing)."""
-    with _LOCK:
-        if key not in _OPS:
-            from nvidia.dali.plugin.numba import NumbaFunction
-
-            cls = NumbaFunction
-            if kwargs.get("device") == "gpu" and not cuda_usable():
-                cls = _trace_only_class()
-            op = cls(**kwargs)
-            if not hasattr(op, "_definition_frame_end"):
-                op._definition_frame_end = None
-            _OPS[key] = op
-        op = _OPS[key]
-
-    def call(*inputs):
-        with _LOCK:
-            return op(*inputs)
-
-    return call
+    """``kernel_ops.numba_function``; a GPU operator without a usable CUDA device is trace-only."""
+    cls = _trace_only_class() if kwargs.get("device") == "gpu" and not cuda_usable() else None
+    return numba_function(key, cls=cls, **kwargs)
 
 
-@_plain
+@plain
 def _params_entry(name: str):
     run = F.PARAMS[name]
 
@@ -124,7 +95,7 @@ def _params_entry(name: str):
     return entry
 
 
-@_plain
+@plain
 def _apply_entry(name: str):
     run = F.APPLY[name]
 
@@ -175,7 +146,7 @@ def crop_views(images, preset, size: int, views: int, device: str, flip: bool) -
         if flip:
             return [ops.crop_flip(images, preset, size) for _ in range(views)]
         return [ops.crop(images, preset, size) for _ in range(views)]
-    return [k_crop.stage(images, preset, size, flip=flip) for _ in range(views)]
+    return [crop_stage(images, preset, size, flip=flip) for _ in range(views)]
 
 
 def fused_views(images, preset, size: int, views: int, device: str) -> list:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines import kernels
+from pipelines import kernel_ops, kernels
 from pipelines.kernels import blur as KB
 from pipelines.kernels import colour as KC
 from pipelines.kernels import randaugment as KR
@@ -34,7 +34,7 @@ def torchvision_colour(img: np.ndarray, draws: np.ndarray, preset) -> np.ndarray
 
 
 def run_kernel(images, draws, preset, op=None, consts=None):
-    op = op or kernels.numba_op("colour", KC._entry)
+    op = op or kernel_ops.numba_op("colour", KC._entry)
     consts = KC.colour_constants(preset) if consts is None else consts
 
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
@@ -122,7 +122,7 @@ def test_blur_kernel_matches_torchvision(size, sigma):
     images = [rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8) for _ in range(6)]
     draws = np.float32([[0.2, 0.5]] * 5 + [[0.9, 0.5]])  # the last one draws no blur (p = 0.5)
     consts = np.float32([0.5, sigma, sigma])
-    out = run_kernel(images, draws, None, op=kernels.numba_op("blur", KB._entry), consts=consts)
+    out = run_kernel(images, draws, None, op=kernel_ops.numba_op("blur", KB._entry), consts=consts)
     kernel = 2 * math.ceil(3 * sigma) + 1
     for img, got in zip(images[:5], out[:5]):
         want = TF.gaussian_blur(torch.from_numpy(img).permute(2, 0, 1), [kernel, kernel], [sigma, sigma])
@@ -163,7 +163,7 @@ def test_randaugment_operations_match_torchvision(op):
     consts = np.float32([1, m, bins, KR.MAX_TRANSLATE_REL])
     for sign_draw, sign in ((0.9, 1.0), (0.1, -1.0)):
         draws = np.float32([[(index + 0.5) / len(KR.RA_OPS), sign_draw]] * len(images))
-        out = run_kernel(images, draws, None, op=kernels.numba_op("randaugment", KR._entry), consts=consts)
+        out = run_kernel(images, draws, None, op=kernel_ops.numba_op("randaugment", KR._entry), consts=consts)
         for img, got in zip(images, out):
             h, w = img.shape[:2]
             magnitudes_fn, signed = ra._AUGMENTATION_SPACE[op]
@@ -196,7 +196,7 @@ def test_randaugment_magnitude_conventions():
     rotate = (KR.RA_OPS.index("Rotate") + 0.5) / len(KR.RA_OPS)
     for bins, degrees in ((31, 5.0), (11, 15.0)):
         preset = get_preset("very_strong", randaugment_n=1, randaugment_m=5, randaugment_bins=bins)
-        out = run_kernel([img], np.float32([[rotate, 0.9]]), None, op=kernels.numba_op("randaugment", KR._entry),
+        out = run_kernel([img], np.float32([[rotate, 0.9]]), None, op=kernel_ops.numba_op("randaugment", KR._entry),
                          consts=KR.randaugment_constants(preset))[0]  # fmt: skip
         want = TF.rotate(torch.from_numpy(img).permute(2, 0, 1), degrees).permute(1, 2, 0).numpy()
         assert (np.abs(out.astype(int) - want).max(axis=2) > 0).mean() < 0.01, bins
@@ -214,7 +214,7 @@ def test_a_kernel_first_made_with_dali_tracing_off_runs_with_it_on():
 
     assert dali_trace.is_tracing_enabled()
     with origin_traces_off():
-        op = kernels.numba_op("colour-made-with-tracing-off", KC._entry)
+        op = kernel_ops.numba_op("colour-made-with-tracing-off", KC._entry)
     assert dali_trace.is_tracing_enabled()
     images = [np.full((6, 6, 3), 200, dtype=np.uint8)] * 2
     draws = np.float32([[0.99] * KC.N_DRAWS] * 2)  # neither jitter nor grey: views come back unchanged
@@ -226,7 +226,6 @@ def test_chw_kernel_equals_dalis_transpose():
     """The final HWC -> CHW kernel gives exactly DALI's ``fn.transpose`` on views of several shapes,
     and the CPU view stages end with it (the layout views leave the pipeline in: CHW)."""
     from pipelines import dali as D
-    from pipelines.kernels import layout as KL
 
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(7, 5, 3), (32, 32, 3), (224, 160, 3)]]
@@ -234,7 +233,7 @@ def test_chw_kernel_equals_dalis_transpose():
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=0)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        return KL.stage(x), fn.transpose(x, perm=[2, 0, 1], output_layout="CHW")
+        return kernel_ops.chw_stage(x), fn.transpose(x, perm=[2, 0, 1], output_layout="CHW")
 
     p = pipe()
     p.build()
@@ -243,7 +242,7 @@ def test_chw_kernel_equals_dalis_transpose():
     for i, img in enumerate(images):
         a, b = np.asarray(ours[i]), np.asarray(dalis[i])
         assert a.shape == (3, *img.shape[:2]) and (a == b).all() and (a == img.transpose(2, 0, 1)).all()
-    assert D.view_stages(get_preset("default"), 32, "cpu", "numba")[-1] == ("chw", KL.stage)
+    assert D.view_stages(get_preset("default"), 32, "cpu", "numba")[-1] == ("chw", kernel_ops.chw_stage)
     with pytest.raises(ValueError, match="use augment_views"):  # the GPU graph has no per-view stages
         D.view_stages(get_preset("default"), 32, "cpu", "gpu_graph")
 
@@ -257,7 +256,6 @@ def test_crop_kernel_resamples_as_torchvision():
     import torchvision.transforms.v2.functional as TF
 
     from pipelines import dali as D
-    from pipelines.kernels import crop as KCR
 
     rng = np.random.default_rng(5)
     images = [smooth_image(rng, h, w) for h, w in [(75, 100), (64, 64), (120, 90)] * 6]
@@ -267,9 +265,9 @@ def test_crop_kernel_resamples_as_torchvision():
     @pipeline_def(batch_size=len(images), num_threads=2, device_id=None, seed=7)
     def pipe():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC")
-        drawn = KCR.windows(x, preset, flip=True)
+        drawn = kernel_ops.crop_windows(x, preset, flip=True)
         fixed = fn.external_source(source=lambda: [planted[i % 3] for i in range(len(images))], batch=True)
-        return drawn, KCR.resample(x, drawn, 48), KCR.resample(x, fixed, 48)
+        return drawn, kernel_ops.crop_resample(x, drawn, 48), kernel_ops.crop_resample(x, fixed, 48)
 
     p = pipe()
     p.build()

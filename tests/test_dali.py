@@ -10,9 +10,8 @@ from nvidia.dali import fn, pipeline_def
 from ensiam_fast.shards import shard_paths
 from pipelines import dali as D
 from pipelines import dali_ops as O
-from pipelines import fused
+from pipelines import fused, kernel_ops
 from pipelines.kernels import backend as cpu_backend
-from pipelines.kernels import jigsaw as k_jigsaw
 from pipelines.kernels.colour_maths import GREY_WEIGHTS
 from pipelines.presets import check_jigsaw, check_views, get_preset
 
@@ -167,7 +166,7 @@ def jigsaw_moves(kernels: str, preset, batch: int = 64) -> list[tuple[int, ...]]
         if kernels == "gpu_graph":  # one frame per sample through the fused stage
             frames = fn.stack(images, axis=0, axis_name="F")
             return fused.stage(frames, "jigsaw", preset, size, 1, "cpu")[0]
-        return k_jigsaw.stage(images, preset, size)
+        return kernel_ops.jigsaw_stage(images, preset, size)
 
     (out,) = run_once(pipe())
     src_tiles = tile_grid(known, grid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.common import copy_image, jit
 from pipelines.kernels.twin import fmul, twin
 
@@ -152,12 +151,3 @@ def blur_run(out, img, draws, consts):
 
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
     blur_run(out, img, draws, consts)
-
-
-def stage(images, preset):
-    """The blur stage of every view as this kernel: the views that draw a blur (p=blur_p) get
-    torchvision's 2 * ceil(3 sigma) + 1 tap Gaussian, the others a copy. Same distribution as
-    ``pipelines.dali_ops.blur``; no conditional, no fixed-width window."""
-    if preset.blur_p <= 0:
-        return images
-    return run_kernel(numba_op("blur", _entry), images, BLUR_DRAWS, blur_constants(preset))

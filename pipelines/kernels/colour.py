@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.colour_maths import blend_to, grey_to, hue_shift_to, mean_grey, saturate_to
 from pipelines.kernels.common import copy_image, jit
 
@@ -133,13 +132,6 @@ def _entry(out, img, draws, consts):  # compiled by DALI in every process; one c
     colour_run(out, img, draws, consts)
 
 
-def stage(images, preset):
-    """The colour stage of every view as this kernel (a copy for the views that draw no change)."""
-    if not has_colour(preset):
-        return images
-    return run_kernel(numba_op("colour", _entry), images, N_DRAWS, colour_constants(preset))
-
-
 __all__ = [
     "N_DRAWS",
     "N_PARAMS",
@@ -149,5 +141,4 @@ __all__ = [
     "colour_run",
     "factor_ranges",
     "has_colour",
-    "stage",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels import numba_op
 from pipelines.kernels.common import jit, jit_ieee
 
 # The per-view vector handed to the kernel: top, left, height, width of the window, mirror (0/1).
@@ -112,59 +111,4 @@ def _entry(out, img, window):  # compiled by DALI in every process; one call int
     crop_run(out, img, window)
 
 
-def _plain(fn):
-    """Keep DALI's AutoGraph (pipelines with conditionals) from rewriting ``fn`` and the functions it
-    defines: Numba must compile the setup function as written."""
-    try:
-        from nvidia.dali.pipeline import do_not_convert
-    except ImportError:
-        return fn
-    return do_not_convert(fn)
-
-
-@_plain
-def _setup_for(size: int):
-    """Numba setup function: every output is size x size x 3 (``size`` a compile-time constant)."""
-
-    def setup(outs, ins):
-        for i in range(len(outs[0])):
-            outs[0][i][0] = size
-            outs[0][i][1] = size
-            outs[0][i][2] = 3
-
-    return setup
-
-
-def draw_window(images, preset):
-    """Per view, a random resized crop window, (top, left) and (height, width) as int32: the draw
-    ``fn.random_resized_crop`` makes (``fn.random_crop_generator``). The one draw of both crop paths
-    (this kernel and the DALI operators' ``dali_ops.crop_flip``)."""
-    from nvidia.dali import fn
-
-    return fn.random_crop_generator(
-        images.shape()[0:2], random_area=list(preset.crop_scale), random_aspect_ratio=list(preset.crop_ratio)
-    )
-
-
-def windows(images, preset, flip: bool):
-    """Per view, the kernel's window vector: a random resized crop window of the image, and the
-    mirror flag (probability ``preset.flip_p`` when ``flip``, else 0)."""
-    from nvidia.dali import fn, types
-
-    anchor, extent = draw_window(images, preset)
-    coin = fn.random.coin_flip(probability=preset.flip_p if flip else 0.0, dtype=types.INT32, shape=[1])
-    return fn.cast(fn.cat(anchor, extent, coin), dtype=types.FLOAT)  # few operators: at 32x32 each counts
-
-
-def resample(images, window, size: int):
-    """Every view's window (``windows``) resized to size x size, mirrored where flagged."""
-    return numba_op(f"crop{size}", _entry, setup_fn=_setup_for(size), n_params=1)(images, window)
-
-
-def stage(images, preset, size: int, flip: bool):
-    """The random resized crop of every view, mirrored with probability ``preset.flip_p`` when
-    ``flip`` (the flip stage follows the crop)."""
-    return resample(images, windows(images, preset, flip), size)
-
-
-__all__ = ["crop_run", "draw_window", "resample", "stage", "taps", "windows"]
+__all__ = ["crop_run", "taps"]

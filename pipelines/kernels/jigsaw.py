@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.common import copy_image, jit
-from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES, check_jigsaw
+from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES
 
 
 def jigsaw_draws(grid: int) -> int:
@@ -104,19 +103,11 @@ def _entry(out, img, draws, consts):  # compiled by DALI in every process; one c
     jigsaw_run(out, img, draws, consts)
 
 
-def stage(images, preset, size: int):
-    """The jigsaw of every view as this kernel."""
-    check_jigsaw(size, preset.jigsaw_grid)
-    grid = preset.jigsaw_grid
-    return run_kernel(numba_op("jigsaw", _entry), images, jigsaw_draws(grid), jigsaw_constants(preset))
-
-
 __all__ = [
     "jigsaw_apply",
     "jigsaw_constants",
     "jigsaw_draws",
     "jigsaw_params",
     "jigsaw_run",
-    "stage",
     "tile_sources",
 ]

@@ -5,7 +5,6 @@ crop reads a mirrored view's window right to left, ``kernels.crop``.)"""
 
 from __future__ import annotations
 
-from pipelines.kernels import numba_op
 from pipelines.kernels.common import jit
 
 
@@ -33,9 +32,4 @@ def _entry(out, img):  # compiled by DALI in every process; one call into the ca
     chw_run(out, img)
 
 
-def stage(images):
-    """Every view from HWC to CHW."""
-    return numba_op("chw", _entry, setup_fn=chw_shape, n_params=0, layout="CHW")(images)
-
-
-__all__ = ["chw_run", "stage"]
+__all__ = ["chw_run", "chw_shape"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels import numba_op, run_kernel
 from pipelines.kernels.colour_maths import blend_rq_to, grey_floor, mean_grey
 from pipelines.kernels.common import copy_image, jit
 from pipelines.kernels.twin import fmul, twin
@@ -347,13 +346,3 @@ len_ops = len(RA_OPS)  # a module constant, as Numba needs it inside randaugment
 
 def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
     randaugment_run(out, img, draws, consts)
-
-
-def stage(images, preset):
-    """RandAugment(n, m) of every view as this kernel: torchvision's 14 operations with its uint8
-    arithmetic (nearest interpolation, black fill)."""
-    if preset.randaugment_n <= 0:
-        return images
-    return run_kernel(
-        numba_op("randaugment", _entry), images, RA_DRAWS_PER_OP * preset.randaugment_n, randaugment_constants(preset)
-    )
