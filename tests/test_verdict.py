@@ -377,11 +377,15 @@ def test_messages_name_the_file(tmp_path, capsys):
         (src / split / "cat").mkdir(parents=True)
         (src / split / "cat" / "a.jpg").write_bytes(jpeg(5))
     (src / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    (src / "train" / "cat" / "huge.jpg").write_bytes(bomb())
     (src / "train" / "dog").mkdir()  # no images
     argv = ["--dataset", "imagefolder", "--src", str(src), "--workers", "1", "--quiet"]
     assert make_shards([*argv, "--out", str(tmp_path / "o1")]) == 0
     err = capsys.readouterr().err
     assert "skipped train/cat/broken.jpg: not an image Pillow can read" in err and "BytesIO" not in err
+    assert "skipped train/cat/huge.jpg: ValueError: the image header says 30000x30000" in err  # before decoding
+    m = read_manifest(tmp_path / "o1")
+    assert m.splits["train"].num_samples == 1 and {s.check["by"] for s in m.splits.values()} == {"conversion"}
     assert "warning: 1 class folder(s) of" in err and "(dog" in err
     assert make_shards([*argv, "--out", str(tmp_path / "o2"), "--strict"]) == 2
     assert "hold no images (dog" in errors(capsys)[0]

@@ -52,7 +52,13 @@ def adopt(
                 "remove that manifest first"
             )
     scan = scan_webdataset(
-        root, split_globs, classes_file, workers, max_classes=max_classes, drop_duplicates=drop_duplicates
+        root,
+        split_globs,
+        classes_file,
+        workers,
+        max_classes=max_classes,
+        drop_duplicates=drop_duplicates,
+        progress=progress,
     )
     notes = list(scan.notes)
     splits = {}

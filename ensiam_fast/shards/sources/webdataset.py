@@ -275,6 +275,7 @@ def scan_webdataset(
     max_classes: int = MAX_CLASSES,
     drop_duplicates: bool = False,
     in_place: bool = True,
+    progress: bool = False,
 ) -> WebDatasetScan:
     """Find, assign and read the tars of a WebDataset folder; every problem names the tar and key."""
     if src is None:
@@ -287,12 +288,20 @@ def scan_webdataset(
         raise SourceLayoutError(f"webdataset: no .tar files in {root} or its sub-folders")
     by_split, notes = assign_splits(root, names, split_globs)
     jobs = [(root, name, drop_duplicates) for split in by_split.values() for name in split]
-    if workers > 1 and len(jobs) > 1:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-        with ctx.Pool(min(workers, len(jobs))) as pool:
-            scans = pool.map(_scan_args, jobs, chunksize=1)
-    else:
-        scans = [scan_one(*job) for job in jobs]
+    from tqdm import tqdm
+
+    scans = []
+    with tqdm(total=len(jobs), unit="tar", desc=f"index {root.name}", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            with ctx.Pool(min(workers, len(jobs))) as pool:
+                for scan in pool.imap(_scan_args, jobs, chunksize=1):
+                    scans.append(scan)
+                    bar.update()
+        else:
+            for job in jobs:
+                scans.append(scan_one(*job))
+                bar.update()
     found = iter(scans)
     splits = {split: [next(found) for _ in tars] for split, tars in by_split.items()}
     for split, tars in splits.items():
