@@ -146,6 +146,12 @@ def test_verdict_gates_every_loader(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # passed and unchanged: not a word
         assert read_split(root, "train").checked is True
+    idx = root / info.shards[0].replace(".tar", ".idx")
+    idx.write_text(idx.read_text())  # an index rewritten (it could point elsewhere in the unchanged tar)
+    with pytest.warns(UserWarning, match=r"tars changed since the check .*its index train-000000.idx changed"):
+        assert read_split(root, "train").checked is False
+    info.check = make_verdict(root, info, "verify", [], 1 << 26)
+    write_manifest(root, m)
     os.utime(root / info.shards[0], ns=(1, 1))  # a tar changed since
     with pytest.warns(UserWarning, match="tars changed since the check"):
         assert read_split(root, "train").checked is False

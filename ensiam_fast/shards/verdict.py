@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ensiam_fast.shards.format import MANIFEST, ShardFormatError
+from ensiam_fast.shards.format import MANIFEST, ShardFormatError, index_name
 from ensiam_fast.shards.manifest import Manifest, SplitInfo
 
 VERDICT_FORMAT = 1
@@ -66,6 +66,8 @@ def make_verdict(root: Path, info: SplitInfo, by: str, problems: list[str], max_
         "first_problem": problems[0] if problems else None,
         "max_pixels": max_pixels,
         "tars": tar_stats(root, info.shards),
+        # the indices too: an index edited to point elsewhere in an unchanged tar reads unchecked bytes
+        "indices": tar_stats(root, [index_name(t) for t in info.shards]),
     }
 
 
@@ -119,11 +121,24 @@ def judge(root: Path, name: str, info: SplitInfo) -> Verdict:
             f"{check['verdict_format']}), which this one cannot read; " + CHECK.format(root=root),
         )
     now = tar_stats(root, info.shards)
-    trusted = frozenset(t for t in info.shards if check["tars"].get(t) == now.get(t))
+    now_idx = tar_stats(root, [index_name(t) for t in info.shards])
+    indices = check.get("indices") if isinstance(check.get("indices"), dict) else None  # absent in early records
+
+    def why(tar: str) -> str | None:
+        then = check["tars"].get(tar)
+        if then is None:
+            return "was not part of it"
+        if then != now.get(tar):
+            return f"size/mtime {then} then, {now.get(tar)} now"
+        if indices is not None and indices.get(index_name(tar)) != now_idx.get(index_name(tar)):
+            return f"its index {index_name(tar)} changed"
+        return None
+
+    reasons = {tar: why(tar) for tar in info.shards}
+    trusted = frozenset(tar for tar, reason in reasons.items() if reason is None)
     changed = [t for t in info.shards if t not in trusted]
     if changed:
-        then = check["tars"].get(changed[0])
-        what = "was not part of it" if then is None else f"size/mtime {then} then, {now.get(changed[0])} now"
+        what = reasons[changed[0]]
         return Verdict(
             "changed",
             f"{where}: {len(changed)} of its tars changed since the check of {check.get('at', '?')} "
