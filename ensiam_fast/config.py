@@ -383,7 +383,8 @@ def _validate_views_per_pass(cfg: TrainConfig) -> None:
 def _validate_ranges(cfg: TrainConfig) -> None:
     checks = [
         ("seed", cfg.seed, cfg.seed >= 0, "must be >= 0 (it seeds numpy and DALI)"),
-        ("dist_timeout_s", cfg.dist_timeout_s, cfg.dist_timeout_s > 0, "must be > 0 seconds"),
+        ("dist_timeout_s", cfg.dist_timeout_s, 0 < cfg.dist_timeout_s <= 366 * 86400,
+         "must be > 0 seconds and at most a year (366 days: a longer wait is no deadline at all)"),
         ("output_dir", cfg.output_dir, bool(cfg.output_dir.strip()), "must name a directory"),
         ("optim.base_lr", cfg.optim.base_lr, cfg.optim.base_lr > 0, "must be > 0 (lr = base_lr * batch_size / 256)"),
         ("optim.momentum", cfg.optim.momentum, 0 <= cfg.optim.momentum < 1, "must be in [0, 1)"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ensiam_fast.errors import UserError
-from ensiam_fast.rundir import LOCK_NAME, TMP_SUFFIX, open_append, open_regular, write_text
+from ensiam_fast.rundir import LOCK_NAME, TMP_SUFFIX, open_append, open_regular, storage_error, write_text
 
 
 class MetricsError(UserError):
@@ -66,8 +66,11 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open_append(self.path) as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open_append(self.path) as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full or read-only disk: one line, not a traceback
+                raise storage_error(e, str(self.path)) from e
 
 
 class Window:

@@ -342,8 +342,12 @@ class RunLock:
         if previous:
             self.notes.append(f"note: taking over the lock of {_describe(previous)}, which is no longer running")
         record = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        except OSError as e:
+            self.release()
+            raise storage_error(e, f"the lock file {self.path}") from e
         return self
 
     def release(self) -> None:

@@ -57,3 +57,9 @@ def test_resume_allow_changes_takes_only_safe_keys():
     assert load_config("demo", ["resume.allow_changes=[epochs,seed]"]).resume.allow_changes == ["epochs", "seed"]
     with pytest.raises(ConfigError, match="resume.allow_changes names \\['views'\\]"):
         load_config("demo", ["resume.allow_changes=[views]"])
+
+
+@pytest.mark.parametrize("value", ["1e300", "0", "-5"])
+def test_dist_timeout_is_a_number_of_seconds_a_deadline_can_hold(value):
+    with pytest.raises(ConfigError, match="dist_timeout_s=.* must be > 0 seconds and at most a year"):
+        load_config("demo", [f"dist_timeout_s={value}"])

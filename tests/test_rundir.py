@@ -273,3 +273,22 @@ def test_storage_check_warns_when_two_checkpoints_do_not_fit(tmp_path):
 
 def test_every_rundir_error_is_a_user_error():
     assert issubclass(RunDirError, UserError) and issubclass(StorageError, UserError)
+
+
+def test_a_full_disk_under_metrics_jsonl_is_one_user_error(tmp_path, monkeypatch):
+    from ensiam_fast.metrics import MetricsLog
+
+    with small_filesystem(tmp_path, "64k") as mnt:
+        folder = mnt or tmp_path
+        log = MetricsLog(folder / "metrics.jsonl", True, None)
+        if mnt is not None:
+            with contextlib.suppress(OSError):
+                (folder / "filler").write_bytes(b"x" * 2**20)  # fills the disk
+        else:
+
+            def full(path, what=None):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            monkeypatch.setattr("ensiam_fast.metrics.open_append", full)
+        with pytest.raises(StorageError, match="metrics.jsonl: no space left on device"):
+            log.write({"step": 1, "loss": 0.5, "pad": "x" * 8192})
