@@ -292,3 +292,14 @@ def test_a_full_disk_under_metrics_jsonl_is_one_user_error(tmp_path, monkeypatch
             monkeypatch.setattr("ensiam_fast.metrics.open_append", full)
         with pytest.raises(StorageError, match="metrics.jsonl: no space left on device"):
             log.write({"step": 1, "loss": 0.5, "pad": "x" * 8192})
+
+
+def test_the_non_finite_rule_names_the_first_bad_buffer():
+    from ensiam_fast.stopping import first_non_finite
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    assert first_non_finite(net) is None
+    net[1].running_var[2] = float("inf")
+    assert first_non_finite(net) == "1.running_var"
+    net[0].weight.data[0, 0, 0, 0] = float("nan")
+    assert first_non_finite(net) == "0.weight"
