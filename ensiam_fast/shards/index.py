@@ -214,8 +214,11 @@ def format_index(samples: list[list[IndexEntry]]) -> str:
 
 def write_index(tar_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
     """(Re)make the DALI index of an existing tar (the ``wds2idx`` v1.2 format), written atomically
-    through a fresh temporary file (see :func:`write_atomic`)."""
+    through a fresh temporary file (see :func:`write_atomic`). A symbolic link planted where the
+    index goes (an index is never one of ours) is removed first, never followed: the index replaces it."""
     samples = scan_tar(tar_path)
     if not samples:
         raise ShardFormatError(f"shard {tar_path} holds no samples; re-run tools/make_shards.py")
+    if Path(idx_path).is_symlink():
+        Path(idx_path).unlink()  # the link itself, not its target
     write_atomic(Path(idx_path), format_index(samples))
