@@ -40,6 +40,8 @@ from pathlib import Path
 
 from common import ROOT, last_json  # tools/common.py: the checkout first on sys.path
 
+from ensiam_fast.rundir import write_text  # the one writer
+
 PY = sys.executable
 TINY_MODEL = ["--set", "model.proj_hidden=32", "--set", "model.proj_dim=32", "--set", "model.pred_hidden=8"]
 
@@ -173,7 +175,7 @@ def run_step(name: str, cmd: list[str], limit: float, log_dir: Path | None) -> d
         stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
     wall = time.perf_counter() - start
     if log_dir is not None:
-        (log_dir / f"{name}.log").write_text(f"$ {' '.join(cmd)}\n{stdout}\n--- stderr ---\n{stderr}")
+        write_text(log_dir / f"{name}.log", f"$ {' '.join(cmd)}\n{stdout}\n--- stderr ---\n{stderr}")
     result = {"status": status, "wall_s": round(wall, 1), "result": last_json(stdout)}
     if status != "ok":
         result["stderr_tail"] = stderr[-1500:]
@@ -314,8 +316,8 @@ def main(argv=None) -> int:
         report["steps"][name] = run_step(name, cmd, min(limit, left), out / "logs" if out else None)
     head = headline(report)
     if out is not None:
-        (out / "gpu_suite.json").write_text(json.dumps(report, indent=1))
-        (out / "gpu_suite.md").write_text(markdown(head))
+        write_text(out / "gpu_suite.json", json.dumps(report, indent=1))
+        write_text(out / "gpu_suite.md", markdown(head))
     print(json.dumps(head))
     return 0 if all(s["status"] == "ok" for s in report["steps"].values()) else 1
 
