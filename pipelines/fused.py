@@ -57,6 +57,7 @@ def cuda_usable() -> bool:
         return False
 
 
+@plain
 def _trace_only_class():
     from nvidia.dali.plugin.numba import NumbaFunction
 
@@ -81,8 +82,17 @@ def _trace_only_class():
 
 def _numba_function(key: tuple, **kwargs):
     """``kernel_ops.numba_function``; a GPU operator without a usable CUDA device is trace-only."""
-    cls = _trace_only_class() if kwargs.get("device") == "gpu" and not cuda_usable() else None
-    return numba_function(key, cls=cls, **kwargs)
+    if kwargs.get("device") != "gpu":
+        return numba_function(key, **kwargs)
+    if not cuda_usable():
+        return numba_function(key, cls=_trace_only_class(), **kwargs)
+    try:
+        return numba_function(key, **kwargs)
+    except (RuntimeError, AssertionError) as e:  # DALI's own checks of the CUDA toolkit, Numba and driver
+        raise RuntimeError(
+            f"the GPU graph's CUDA stages need DALI's numba_function on the GPU, which refused: {e} (DALI's "
+            f"numba_function supports the CUDA toolkits its wheel names; set data.device=cpu to augment on the CPU)"
+        ) from e
 
 
 @plain
