@@ -20,18 +20,12 @@ from typing import Any
 
 import yaml
 
-from ensiam_fast.data.loader import BACKENDS
+from ensiam_fast.choices import BACKENDS, BN_MODES, DATA_DEVICES, LOG_WITH, METHODS, MIXED_PRECISION
 from ensiam_fast.errors import UserError
-from ensiam_fast.losses import LOSSES
-from ensiam_fast.models import BN_MODES
 from ensiam_fast.paths import resolve_data_root
-from ensiam_fast.placement import DATA_DEVICES, MIXED_PRECISION
-from pipelines.kernels import CHOICES as CPU_KERNELS
-from pipelines.presets import MAX_VIEWS, check_jigsaw, check_views
+from pipelines.presets import CPU_KERNELS, MAX_VIEWS, check_jigsaw, check_views
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-# every set of choices is defined by the module that implements it
-METHODS = tuple(LOSSES)
 
 
 # The fingerprint keys a resume may change on purpose (resume.allow_changes; ensiam_fast/checkpoint.py):
@@ -337,7 +331,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("knn_every must be >= 0, knn_k >= 1 and knn_t > 0")
     choices = {
         "mixed_precision": MIXED_PRECISION,
-        "log_with": ("tensorboard", "wandb", "none"),
+        "log_with": LOG_WITH,
         "data.backend": BACKENDS,
         "data.device": DATA_DEVICES,
         "data.cpu_kernels": CPU_KERNELS,
@@ -446,15 +440,34 @@ def _check_like(key: str, value: Any, default: Any) -> None:
         raise ConfigError(f"{key}={value!r} should be like the preset's {default!r}")
 
 
-def _validate_backbone(cfg: TrainConfig) -> None:
-    from ensiam_fast.stems import check_backbone
+def check_backbone_name(name: str) -> None:
+    """``name`` is in timm's model registry, optionally with a pretrained tag (``resnet18.a1_in1k``);
+    ValueError otherwise, with the close matches. Nothing is built."""
+    import timm  # here: validating a config imports no model code until a backbone is named
 
+    base, _, tag = name.partition(".")
+    if not timm.is_model(base):
+        close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown backbone {name!r} (not in timm.list_models()).{hint}")
+    if tag and name not in timm.list_pretrained(name):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
+        raise ValueError(
+            f"backbone {name!r}: timm has no pretrained tag {tag!r} for {base} (tags: {', '.join(tags) or 'none'})"
+        )
+
+
+def _validate_backbone(cfg: TrainConfig) -> None:
+    """The name, from timm's registry. Whether the family has the CIFAR stem is checked where the
+    model is built (``stems.check_backbone``, at the trainer's start, before any data is read)."""
     try:
-        check_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+        check_backbone_name(cfg.model.backbone)
     except ValueError as e:
-        raise ConfigError(
-            f"model.backbone={cfg.model.backbone!r} (model.cifar_stem={cfg.model.cifar_stem}): {e}"
-        ) from None
+        raise ConfigError(backbone_error(cfg, e)) from None
+
+
+def backbone_error(cfg: TrainConfig, e: Exception) -> str:
+    return f"model.backbone={cfg.model.backbone!r} (model.cifar_stem={cfg.model.cifar_stem}): {e}"
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

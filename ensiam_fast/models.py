@@ -22,9 +22,8 @@ from ensiam_fast.batchnorm import (  # noqa: F401  (re-exported: the per-view la
     guard_recompute,
     set_num_views,
 )
+from ensiam_fast.choices import BN_MODES
 from ensiam_fast.stems import apply_cifar_stem, create_backbone  # noqa: F401 (re-exported)
-
-BN_MODES = ("per_view", "joint")
 
 
 def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:

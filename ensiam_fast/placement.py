@@ -18,10 +18,8 @@ import os
 
 import torch
 
+from ensiam_fast.choices import DATA_DEVICES, MIXED_PRECISION  # noqa: F401  (the settings this module reads)
 from ensiam_fast.errors import UserError
-
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-DATA_DEVICES = ("auto", "cpu", "gpu")
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -16,10 +16,10 @@ Names may carry a timm pretrained tag (``resnet18.a1_in1k``); weights load only 
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 import torch.nn as nn
+
+from ensiam_fast.config import ConfigError, backbone_error, check_backbone_name  # the name rule: timm's registry
 
 
 def _unstride(conv: nn.Module) -> None:
@@ -82,22 +82,6 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_backbone_name(name: str) -> None:
-    """``name`` is a timm model, optionally with a pretrained tag (``resnet18.a1_in1k``)."""
-    import timm  # here, not at the top: spawned workers that only need the layers skip its import time
-
-    base, _, tag = name.partition(".")
-    if not timm.is_model(base):
-        close = difflib.get_close_matches(base, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" Close matches: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown backbone {name!r} (not in timm.list_models()).{hint}")
-    if tag and name not in timm.list_pretrained(name):
-        tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
-        raise ValueError(
-            f"backbone {name!r}: timm has no pretrained tag {tag!r} for {base} (tags: {', '.join(tags) or 'none'})"
-        )
-
-
 def create_backbone(name: str, cifar_stem: bool, pretrained: bool = False) -> nn.Module:
     """A timm model by name with its classifier removed (pooled features out), stem applied."""
     import timm
@@ -112,3 +96,13 @@ def check_backbone(name: str, cifar_stem: bool) -> None:
     is reported before any data is read."""
     with torch.device("meta"):
         create_backbone(name, cifar_stem, pretrained=False)
+
+
+def check_stem(cfg) -> None:
+    """A config's backbone with its stem (``check_backbone``): ``ConfigError``, one line, when the
+    family has no CIFAR stem. Called where a model is built from a user's config (the trainer's start,
+    grad_variance), before any data is read."""
+    try:
+        check_backbone(cfg.model.backbone, cfg.model.cifar_stem)
+    except ValueError as e:
+        raise ConfigError(backbone_error(cfg, e)) from None

@@ -51,6 +51,7 @@ from ensiam_fast.run_checks import check_data, data_device, estimate_checkpoint_
 from ensiam_fast.rundir import RunLock, check_folder, check_storage, check_target, remove_stale_tmp
 from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.schedule import cosine_lr
+from ensiam_fast.stems import check_stem
 from ensiam_fast.stopping import Interrupted, StopRequest, first_non_finite, non_finite_stop
 from pipelines.presets import get_preset
 
@@ -98,6 +99,7 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg)
         self.out = Path(cfg.output_dir)
         # Each check runs on every process; if any fails, all stop together with one message.
+        agreed(acc, check_stem, cfg)  # the backbone's family has the stem asked for: before anything is written
         agreed(acc, self.own_run_dir)  # a writable directory with one owner, before the data or model is built
         distributed.check_shared_output_dir(acc, self.out)
         self.info = agreed(acc, check_data, cfg, acc.num_processes)

@@ -36,6 +36,8 @@ import difflib
 from dataclasses import dataclass
 
 # Views (K) per image the pipelines build; training needs at least 2.
+# data.cpu_kernels: how the CPU pipeline runs its stages (pipelines/kernels/__init__.py reads it)
+CPU_KERNELS = ("auto", "numba", "gpu_graph")
 MAX_VIEWS = 16
 # The order of the stages of a view, for every back end. 'colour' is colour jitter (p=jitter_p)
 # then grayscale (p=grayscale_p), torchvision's ColorJitter then RandomGrayscale.

@@ -192,3 +192,10 @@ def test_targets_are_what_the_losses_compare_with():
     for method in ("ensiam", "simsiam_kaug", "fastsiam"):
         assert not TARGETS[method](z).requires_grad
         torch.testing.assert_close(LOSSES[method](p, z), negative_cosine(p, TARGETS[method](z)).mean())
+
+
+def test_every_method_of_the_config_table_has_a_loss():
+    from ensiam_fast.choices import METHODS
+    from ensiam_fast.losses import LOSSES
+
+    assert tuple(LOSSES) == METHODS

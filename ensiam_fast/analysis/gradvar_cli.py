@@ -39,6 +39,7 @@ from ensiam_fast.export import load_weights_strict
 from ensiam_fast.models import build_model
 from ensiam_fast.paths import resolve_data_root
 from ensiam_fast.rundir import atomic_write
+from ensiam_fast.stems import check_stem
 from pipelines.presets import get_preset
 
 
@@ -206,6 +207,7 @@ def run(args) -> dict:
         raise UsageError(f"--batch-size must be at least 2 (BatchNorm needs two images), got {args.batch_size}")
     device, data_device = resolve_device(args.device)
     cfg, state, description = resolve_model_config(args)
+    check_stem(cfg)  # the backbone's stem: one line, before the data is opened or the network built
     draw = FixedBatchViews(cfg, args, device, data_device)
     try:  # bad data, batch size or preset fail here, before the network is built (the loader's own checks)
         draw.open(settings.views[0])

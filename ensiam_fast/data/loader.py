@@ -10,10 +10,9 @@ import warnings
 
 import torch
 
+from ensiam_fast.choices import BACKENDS
 from ensiam_fast.data.spec import loader_spec
 from pipelines.presets import MEAN, STD, AugPreset
-
-BACKENDS = ("dali", "torch", "synthetic")
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ or the stages that import it keep running the old code.
 
 from __future__ import annotations
 
-CHOICES = ("auto", "numba", "gpu_graph")
+from pipelines.presets import CPU_KERNELS as CHOICES  # data.cpu_kernels: the table lives with the presets
 
 _STATE: dict[str, object] = {}
 
