@@ -314,3 +314,22 @@ def test_gpu_memory_guard_names_preset_batch_and_need():
         check_gpu_memory(get_preset("very_strong"), 224, 4096, 4, 6.0)
     default, strong = (pipeline_bytes(get_preset(n), 224, 256, 4) for n in ("default", "very_strong"))
     assert default < strong <= 1.5 * default
+
+
+@pytest.mark.slow  # four GPU graphs traced
+@pytest.mark.parametrize("preset, most", [("default", 60), ("very_strong", 100)])
+def test_gpu_graph_is_a_few_operators_whatever_k(tiny_dataset, preset, most):
+    """The GPU graph traced as ``tools/bench_gpu_graph.py`` counts it: each fused stage is one
+    operator for all K views, so going from K=2 to K=8 adds only the crop's resize and the slice
+    handing out each view (two GPU operators a view), and K=8 stays within the issue's budget."""
+    tars, idxs = shard_paths(tiny_dataset, "train")
+
+    def gpu_ops(views: int) -> int:
+        pipe = D.build_kview_pipeline(tars, idxs, labeled=True, preset=get_preset(preset), views=views, size=SIZE,
+                                      batch_size=8, device="gpu", device_id=0)  # fmt: skip
+        pipe._build_graph()
+        return sum(op._op.device == "gpu" for op in pipe._ops)
+
+    two, eight = gpu_ops(2), gpu_ops(8)
+    assert eight - two == 2 * 6, (two, eight)
+    assert eight <= most, eight
