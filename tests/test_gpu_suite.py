@@ -40,7 +40,8 @@ def test_dry_run_runs_every_step(tmp_path):
 def test_suite_modules_import_neither_dali_nor_webdataset():
     # The device machine has neither: the suite's own modules must not import them at module import.
     code = (
-        "import sys; sys.path[:0] = ['tools']; import gpu_suite, bench_train, bench_end_to_end; "
+        "import sys; sys.path[:0] = ['tools']; import gpu_suite, bench_train, bench_end_to_end, bench_cuda_stages; "
+        "import pipelines.kernels.cuda; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'nvidia', 'webdataset'}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,

@@ -30,9 +30,9 @@ import numpy as np
 if "--simulate" in sys.argv[1:]:  # before Numba is imported: it reads the switch once
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
+import common  # noqa: E402, F401  (tools/common.py: the checkout first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
 from pipelines.kernels import frames as F  # noqa: E402
 from pipelines.kernels.randaugment import RA_OPS, RA_PARAMS_PER_OP, ra_op_params  # noqa: E402

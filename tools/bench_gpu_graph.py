@@ -29,9 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: E402, F401  (tools/common.py: the checkout first on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing
 
 PRESETS = ("default", "very_strong")
 
