@@ -189,9 +189,11 @@ def open_append(path: str | os.PathLike, what: str | None = None):
         if e.errno in (errno.ELOOP, errno.ENXIO):  # a link or a FIFO planted after the check
             raise RunDirError(f"{path} is not a regular file; refusing to write there") from e
         raise storage_error(e, what or str(path)) from e
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
         os.close(fd)
-        raise RunDirError(f"{path} is not a regular file; refusing to write there")
+        what_it_is = "not a regular file" if not stat.S_ISREG(st.st_mode) else "a hard link to another file"
+        raise RunDirError(f"{path} is {what_it_is}; refusing to write there: remove it")
     return os.fdopen(fd, "a")
 
 
@@ -329,9 +331,14 @@ class RunLock:
                     "locks; put output_dir on a local disk or one that supports flock"
                 ) from e
             try:
-                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
+                st = os.fstat(fd)
+                same = st.st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
+            if same and (st.st_nlink > 1 or not stat.S_ISREG(st.st_mode)):  # a hard link planted as the lock
+                os.close(fd)
+                raise RunDirError(f"{self.path} is a hard link to another file or not a regular file; refusing to "
+                                  "write there: remove it")  # fmt: skip
             if same:
                 break
             os.close(fd)

@@ -457,10 +457,12 @@ class Trainer:
 def run(cfg: TrainConfig, stop: StopRequest | None = None) -> dict | None:
     """Train; the summary on the main process, None on the others (so it is printed once). ``stop``: the
     signal scope ``main`` entered (a fresh one, installing no handler, when called from Python)."""
-    lock = RunLock(cfg.output_dir)
+    lock, stop = RunLock(cfg.output_dir), stop or StopRequest()
     try:
-        trainer = Trainer(cfg, stop or StopRequest(), lock)
-        summary = trainer.fit()
+        trainer = Trainer(cfg, stop, lock)  # the start checks: a signal ends them at once
+        with stop.deferred():  # from here a signal waits for a boundary, except where fit marks a phase abortable
+            summary = trainer.fit()
+        stop.raise_if_signalled("after the run ended; everything is saved.")
     finally:
         lock.release()
     return summary if trainer.accelerator.is_main_process else None

@@ -303,3 +303,21 @@ def test_the_non_finite_rule_names_the_first_bad_buffer():
     assert first_non_finite(net) == "1.running_var"
     net[0].weight.data[0, 0, 0, 0] = float("nan")
     assert first_non_finite(net) == "0.weight"
+
+
+def test_a_hard_link_planted_as_an_appended_file_or_the_lock_is_refused(tmp_path):
+    """Replacing by rename is safe with a hard link (the other name keeps its bytes); appending or
+    rewriting in place is not: both refuse a file with another name."""
+    victim = tmp_path / "victim"
+    victim.write_text("private")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.link(victim, run / "metrics.jsonl")
+    with pytest.raises(RunDirError, match="hard link"):
+        open_append(run / "metrics.jsonl")
+    os.link(victim, run / ".lock")
+    with pytest.raises(RunDirError, match="hard link"):
+        RunLock(run).acquire()
+    os.link(victim, run / "config.yaml")
+    write_text(run / "config.yaml", "seed: 0\n")
+    assert victim.read_text() == "private" and (run / "config.yaml").read_text() == "seed: 0\n"
