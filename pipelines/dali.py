@@ -1,22 +1,21 @@
 """DALI pipelines: read WebDataset shards, decode each image once, make K augmented views.
 
-The stages of a view (``view_stages``) and one thin ``@pipeline_def`` wrapper. The stages are
-DALI operators (``pipelines.dali_ops``) or, on the CPU, fused Numba kernels (``pipelines.kernels``).
-The same code builds the CPU and the GPU pipeline: ``device`` only picks the decoder backend
-(``cpu`` or ``mixed``); every later operator runs where its input lives.
+The stages of a view and one thin ``@pipeline_def`` wrapper. The same code builds the CPU and the
+GPU pipeline: ``device`` picks the decoder backend (``cpu`` or ``mixed``) and how the views are made
+(``augment_views``):
+
+- on the GPU (and on the CPU with ``cpu_kernels='gpu_graph'``, its proxy) by the fused graph
+  (``pipelines.fused``): a crop per view, then the K views as frames of one sample and each later
+  stage one operator for all of them (CUDA kernels on the GPU, their CPU twins on the CPU);
+- on the CPU by default, view by view (``view_stages``): every stage a fused Numba kernel run by
+  DALI's ``numba_function`` (``pipelines.kernel_ops``), cheaper than DALI's CPU operators; the crop
+  kernel also resamples as torchvision does.
 
 Views leave the pipeline as uint8 CHW (normalisation happens in torch on the device, so only
 bytes cross PCIe). The stages run in the preset's order (``AugPreset.stages``, the same order the
 torchvision reference uses): crop -> flip -> colour (jitter, grayscale) -> blur -> RandAugment ->
 jigsaw, then HWC -> CHW. The random resized crop and the flip that follows it are one resampling
-on every path (``dali_ops.crop_flip``, ``kernels.crop``).
-
-On the CPU the crop (with the flip), colour, blur, RandAugment and jigsaw stages are, when Numba
-is usable, fused kernels run by DALI's ``numba_function`` (``pipelines.kernels``: one module per
-stage), cheaper than DALI's CPU operators (``tools/bench_stages.py``); the crop kernel also
-resamples as torchvision does, where DALI's resize differs near the edges. ``cpu_kernels='dali'``
-(the config key ``data.cpu_kernels``), or no Numba, uses the operators of ``pipelines.dali_ops``,
-which the GPU pipeline always uses.
+on every path (``dali_ops.crop_flip``, ``kernel_ops.crop_stage``).
 """
 
 from __future__ import annotations
