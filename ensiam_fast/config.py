@@ -60,9 +60,7 @@ class DataConfig:
     synthetic_samples: int = 50_000  # images per epoch with backend=synthetic
     device: str = "auto"  # auto (gpu when the process has one) | cpu | gpu: where DALI augments
     num_threads: int | None = None  # None: the cores available to this process
-    cpu_kernels: str = (
-        "auto"  # DALI on the CPU: auto = numba (per-view kernels) | gpu_graph (the GPU graph's CPU proxy)
-    )
+    cpu_kernels: str = "auto"  # CPU pipeline: auto = numba (per-view kernels) | gpu_graph (the GPU graph's proxy)
     # the augmentation pipeline's share of each GPU (GB): a run whose projected need is larger is refused at
     # start (pipelines.presets.pipeline_bytes); None: no check
     gpu_memory_gb: float | None = None

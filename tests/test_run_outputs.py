@@ -10,7 +10,7 @@ import matplotlib.image as mpimg
 
 from ensiam_fast import paths, train
 from ensiam_fast.config import TrainConfig, load_config
-from ensiam_fast.shards import convert
+from ensiam_fast.shards import cli
 
 TINY = [
     "batch_size=8", "epochs=1", "knn_every=1", "knn_k=5", "eval_batch_size=16", "log_every=1",
@@ -73,8 +73,8 @@ def test_demo_data_is_found_from_another_directory(tmp_path, tiny_dataset, monke
     """make_shards' default output and a relative data.root name the same folder from any directory."""
     project = tmp_path / "project"
     monkeypatch.setattr(paths, "PROJECT_ROOT", project)
-    monkeypatch.setattr(convert, "DEFAULT_SHARDS", project / "shards")
-    assert convert.parse_args(["--dataset", "digits"]).out == project / "shards" / "digits"
+    monkeypatch.setattr(cli, "DEFAULT_SHARDS", project / "shards")  # make_shards.py's command line
+    assert cli.parse_args(["--dataset", "digits"]).out == project / "shards" / "digits"
     shutil.copytree(tiny_dataset, project / "shards" / "digits")  # stands in for the converted digits
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
