@@ -221,6 +221,7 @@ def _synced_worker(rank, world, port, x, upstream, out_queue):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes in a gloo group (distributed)
 def test_synced_per_view_matches_single_process():
     # Two ranks, each holding half of every view, must normalise as one process holding all of it.
     x = torch.randn(2 * 8, 3, 4, 4) * 2 + 0.5
