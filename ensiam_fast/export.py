@@ -53,6 +53,7 @@ from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict
 from ensiam_fast.errors import UserError
 from ensiam_fast.models import apply_cifar_stem, create_backbone
 from ensiam_fast.rundir import atomic_write, check_target, owning
+from ensiam_fast.stopping import first_non_finite
 
 FORMATS = ("timm", "torchvision", "detectron2")
 META_FORMAT = "ensiam_fast-backbone/1"
@@ -147,6 +148,12 @@ def load_backbone(state: dict[str, Any], path: str | os.PathLike) -> tuple[nn.Mo
         raise ExportError(f"{path}: cannot build backbone {name!r}: {e}") from e
     what = f"backbone {name!r} ({stem_name(cifar)} stem) named by the checkpoint's config"
     load_weights_strict(backbone, backbone_weights(state["model"], str(path)), what=what, where=str(path))
+    bad = first_non_finite(backbone)  # a checkpoint of a diverged run, saved before the trainer checked
+    if bad is not None:
+        raise ExportError(
+            f"{path}: the backbone's {bad} holds inf or NaN (the run diverged before this step); its features "
+            "mean nothing: use an earlier checkpoint (--checkpoint RUN/checkpoints/step-N.pt)"
+        )
     backbone.eval().requires_grad_(False)
     return backbone, cfg
 

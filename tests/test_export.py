@@ -186,3 +186,20 @@ def test_standard_stem_timm_export_matches_plain_timm(tmp_path):
     x = images(size=64)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), model.features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_diverged_checkpoint_is_refused_by_export_and_evaluate(tmp_path, capsys):
+    """A checkpoint written before the trainer checked for inf (a BatchNorm running_var overflowed):
+    export and evaluation name the tensor instead of reporting chance-level features."""
+    from ensiam_fast.checkpoint import latest_checkpoint, save_checkpoint
+    from ensiam_fast.evaluate import main as evaluate_main
+
+    make_run(tmp_path / "run")
+    _, state = latest_checkpoint(tmp_path / "run")
+    key = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][key][0] = float("inf")
+    save_checkpoint(tmp_path / "run", {**state, "step": 13})
+    assert main(["--run", str(tmp_path / "run"), "--format", "timm", "--out", str(tmp_path / "x")]) == 2
+    assert "running_var holds inf or NaN" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert evaluate_main(["knn", "--run", str(tmp_path / "run")]) == 2
+    assert "running_var holds inf or NaN" in capsys.readouterr().err
