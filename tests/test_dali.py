@@ -26,6 +26,11 @@ def run_once(pipe):
 
 
 def binomial_bounds(p: float, n: int, z: float = 4.5) -> tuple[float, float]:
+    """p +- z standard errors of a rate over n draws. Sizing (the flip and grey tests: 16 views x 48
+    images = 768 draws): z = 4.5 leaves a false alarm of 7e-6 for a correct rate (the pipelines are
+    seeded, so a pass stays a pass); the band is +-0.081 at p = 0.5 and +-0.065 at p = 0.2, so a
+    rate off by 0.15 or more (a swapped probability, 1 - p, a stage applied twice or never) fails
+    with probability above 0.99. Finer errors are the fidelity tests' job (tests/test_fidelity.py)."""
     sd = (p * (1 - p) / n) ** 0.5
     return p - z * sd, p + z * sd
 
