@@ -9,7 +9,7 @@ One ``StopRequest`` covers the whole run. What a signal does depends on the phas
   signal becomes a flag that the loop checks at the next step boundary (it then checkpoints) or that
   is checked right after the write.
 
-A second signal stops at once (``KeyboardInterrupt``) in any phase."""
+A second signal stops at once (``Interrupted``, exit 128 + N as for the first) in any phase."""
 
 from __future__ import annotations
 
@@ -22,8 +22,12 @@ import torch
 from ensiam_fast.errors import TrainingError
 
 
-class Interrupted(RuntimeError):
-    """SIGTERM or SIGINT arrived; ``str(e)`` says in which phase and what is saved."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived; ``str(e)`` says in which phase and what is saved.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), not an ``Exception``: code that turns any failure
+    into its own error (a checkpoint that does not load is "damaged", a DALI failure is a shard error)
+    must not turn a signal into an error message and exit code 2."""
 
     def __init__(self, signum: int, step: int | None = None, detail: str | None = None):
         name = signal.Signals(signum).name
@@ -31,6 +35,12 @@ class Interrupted(RuntimeError):
         if detail is None:
             detail = f"at step {step}; a checkpoint was written. Run the same command again to resume."
         super().__init__(f"stopped by {name} {detail}")
+
+
+SECOND_SIGNAL = (
+    "a second time, at once: the newest complete checkpoint on disk is kept (a write that was cut "
+    "short left nothing). Run the same command again to resume."
+)
 
 
 class StopRequest:
@@ -44,8 +54,8 @@ class StopRequest:
         self._abort_detail: str | None = "during the start checks; nothing was written. Run the same command again."
 
     def _handler(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
+        if self.signum is not None:  # a second signal: stop at once (the writer removes its temporary)
+            raise Interrupted(signum, detail=SECOND_SIGNAL)
         self.signum = signum
         if self._abort_detail is not None:
             raise Interrupted(signum, detail=self._abort_detail)
