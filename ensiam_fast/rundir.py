@@ -297,15 +297,18 @@ class RunLock:
         self.path = self.out / LOCK_NAME
         self.fd: int | None = None
         self.created_dir = False
+        self.created: list[Path] = []  # the folders acquire created, deepest first
         self.notes: list[str] = []
 
     def acquire(self) -> RunLock:
         import fcntl
 
         if not self.out.exists():
+            missing = [self.out, *(p for p in self.out.parents if not p.exists())]  # deepest first
             try:
                 self.out.mkdir(parents=True)
                 self.created_dir = True
+                self.created = missing
             except FileExistsError:
                 pass
             except OSError as e:
@@ -365,8 +368,11 @@ class RunLock:
         os.close(self.fd)  # drops the flock
         self.fd = None
         if self.created_dir:
-            with contextlib.suppress(OSError):
-                self.out.rmdir()  # only when empty: a refused run leaves no folder behind
+            for folder in self.created:  # only when empty: a refused run leaves no folder behind,
+                try:  # nor the parents it created for output_dir
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self):
         return self.acquire()
@@ -398,7 +404,11 @@ def is_run_dir(folder: str | os.PathLike) -> bool:
 
 def owning(folder: str | os.PathLike, main_process: bool = True):
     """The lock of ``folder`` when it is a run directory and this is the main process (evaluation and
-    export writing into a run directory), else nothing to hold."""
+    export writing into a run directory), else nothing to hold. ``RUN/checkpoints`` is the run's own
+    folder: writing there takes the run's lock too."""
+    folder = Path(folder)
+    if folder.name == "checkpoints" and is_run_dir(folder.parent):
+        folder = folder.parent
     if main_process and is_run_dir(folder):
         return RunLock(folder)
     return contextlib.nullcontext()
