@@ -43,7 +43,7 @@ from compare_grid import AXES, Grid, GridError, RunSpec, grid_from_flags, read_g
 from compare_report import ReportError, write_report  # noqa: E402
 from runlog import read_run  # noqa: E402
 
-from ensiam_fast.rundir import open_append, write_text  # noqa: E402
+from ensiam_fast.rundir import RunDirError, open_append, open_regular, write_text  # noqa: E402
 
 MARKER = "compare.json"
 
@@ -119,9 +119,10 @@ def last_error(log: Path) -> str:
 
 def read_marker(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # absent or torn: the run is not finished
+        with open_regular(run_dir / MARKER, "r") as f:  # a FIFO planted there is not waited on
+            return json.loads(f.read())
+    except (OSError, ValueError, RunDirError):
+        return None  # absent, torn or not a regular file: the run is not finished
 
 
 def linear_argv(grid: Grid, run_dir: Path) -> list[str]:
