@@ -191,7 +191,12 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, prefix=f"{name}.")
         else:
             if isinstance(value, _Raw):
-                value = value.parse(hints[key])
+                try:
+                    value = value.parse(hints[key])
+                except yaml.YAMLError as e:
+                    raise ConfigError(
+                        f"config key {name!r}: {str(value)!r} is not a valid value ({yaml_problem(e)})"
+                    ) from e
             setattr(obj, key, _check_type(name, value, hints[key]))
 
 
@@ -217,6 +222,15 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."),
 )
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line (PyYAML's own text spans several, with a caret drawing)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem_mark is not None:
+        mark = e.problem_mark
+        what = " ".join(part for part in (e.context, e.problem) if part)
+        return f"{what} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(e).split())
 
 
 def _load_yaml(text: str, source=None) -> Any:
@@ -278,7 +292,9 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
         try:
             values = _load_yaml(path.read_text(), path) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         try:
