@@ -256,3 +256,14 @@ def test_a_bad_override_through_the_trainer_is_one_error_line(tmp_path):
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: config key 'seed'"), done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_compare_report_skips_a_fifo_marker(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import compare_report
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "runs" / "a").mkdir(parents=True)
+    os.mkfifo(tmp_path / "runs" / "a" / "compare.json")
+    assert compare_report.read_results(tmp_path) == []  # before the fix: blocked in read_text() forever

@@ -26,7 +26,7 @@ from pathlib import Path
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 from runlog import RunError, read_run
 
-from ensiam_fast.rundir import atomic_write, write_text
+from ensiam_fast.rundir import RunDirError, atomic_write, open_regular, write_text
 
 METHOD_ORDER = ("ensiam", "simsiam_kaug", "simsiam", "fastsiam")
 PRESET_ORDER = ("default", "strong", "very_strong")
@@ -63,9 +63,10 @@ def read_results(out: Path) -> list[Result]:
     results = []
     for marker_path in sorted((out / "runs").glob("*/compare.json")):
         try:
-            marker = json.loads(marker_path.read_text())
-        except json.JSONDecodeError:
-            continue  # torn: not finished
+            with open_regular(marker_path, "r") as f:  # a FIFO there is skipped, never waited on
+                marker = json.loads(f.read())
+        except (ValueError, RunDirError):
+            continue  # torn or not a regular file: not finished
         if not marker.get("complete"):
             continue
         run = read_run(marker_path.parent)
