@@ -160,6 +160,13 @@ def image_bytes(sample: dict, where: str) -> bytes:
     raise ShardFormatError(f"{where}: no image member ({wanted}); the sample has {members}")
 
 
+@dataclass
+class _WorkerError:
+    """A ``ShardFormatError`` raised in a DataLoader worker, carried to the main process as an item."""
+
+    message: str
+
+
 class _KViewStream(IterableDataset):
     """Yields (x uint8 (K, B, 3, S, S), y int64 (B,)) for the batches ``start..`` of one planned epoch."""
 
@@ -200,7 +207,17 @@ class _KViewStream(IterableDataset):
             torch.set_num_threads(threads)
         return x, y
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | _WorkerError]:
+        try:
+            yield from self._batches()
+        except ShardFormatError as e:
+            if get_worker_info() is None:
+                raise
+            # A DataLoader worker's exception reaches the main process with the worker's traceback
+            # in its message: send the one-line message as an item instead (ReferenceLoader raises it).
+            yield _WorkerError(str(e))
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = self.plan
         batches = self._my_batches()
         if not batches:
@@ -298,7 +315,10 @@ class ReferenceLoader:
             num_workers=workers,
             pin_memory=self._device.type == "cuda",
         )
-        for x, y in loader:
+        for item in loader:
+            if isinstance(item, _WorkerError):
+                raise ShardFormatError(item.message)
+            x, y = item
             if self._device.type != "cpu":
                 x, y = x.to(self._device, non_blocking=True), y.to(self._device, non_blocking=True)
             yield x, y
