@@ -38,11 +38,37 @@ from ensiam_fast.shards.index import IndexEntry, read_index, split_member
 
 CONTENT_CHECK_BYTES = 512 << 20
 FIX = "`python tools/make_shards.py --verify {root} --drop-corrupt` removes corrupt samples"
+INDEX_FIX = (
+    "re-make the dataset with tools/make_shards.py (the same command again rewrites an index that does not match)"
+)
 _checked: set[tuple] = set()  # (tar, size, mtime, decoded) whose content was found good in this process
 
 
 def _fail(root: Path, what: str) -> ShardFormatError:
     return ShardFormatError(f"{what}; {FIX.format(root=root)}, or re-make the dataset with tools/make_shards.py")
+
+
+def order_problem(samples: list[list[IndexEntry]]) -> str | None:
+    """What makes an index's members impossible in a tar, or None: a tar member's data starts on a
+    512-byte block after its own header, past the data of the member before it, so two entries that
+    overlap (an offset edited to point at another member, say) show without reading the tar."""
+    members = sorted((m.offset, m.size, m.member) for sample in samples for m in sample)
+    end, before = 0, None  # the first byte a member's header may start at; the member ending there
+    for offset, size, name in members:
+        if offset % TAR_BLOCK or offset < end + TAR_BLOCK or size < 0:
+            where = f"the data of {before!r} ends at byte {end}" if before else "a tar's first data is at byte 512"
+            return f"member {name!r} at byte {offset} (size {size}): {where}, a header must come between"
+        end, before = -(-(offset + size) // TAR_BLOCK) * TAR_BLOCK, name
+    return None
+
+
+def _ends_whole(tar: str, size: int) -> bool:
+    """Whether a tar ends as a complete one does: whole blocks, the last two of them zeros."""
+    if size % TAR_BLOCK or size < 2 * TAR_BLOCK:
+        return False
+    with open(tar, "rb") as f:
+        f.seek(size - 2 * TAR_BLOCK)
+        return not any(f.read(2 * TAR_BLOCK))
 
 
 def check_structure(
@@ -58,8 +84,15 @@ def check_structure(
                 f"the index {idx} lists {len(samples)} samples but the manifest says {shard_sizes[i]} "
                 f"for {Path(tar).name}: the index does not match its tar",
             )
+        if problem := order_problem(samples):
+            raise ShardFormatError(f"the index {idx} does not match its tar ({problem}); {INDEX_FIX}")
         size = os.path.getsize(tar)
         end = max((m.offset + m.size for sample in samples for m in sample), default=0)
+        if end > size and _ends_whole(tar, size):  # the tar is whole: the index is what is wrong
+            raise ShardFormatError(
+                f"the index {idx} lists data up to byte {end}, past the end of its shard {tar} ({size} bytes, "
+                f"ending with the end-of-archive blocks): the index does not match its tar; {INDEX_FIX}"
+            )
         if end > size:
             raise _fail(
                 root,
