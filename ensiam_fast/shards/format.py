@@ -144,9 +144,9 @@ def parse_label(data: bytes) -> int:
         )
     text = bytes(data).strip(_LABEL_BLANKS)
     if not text or not text.isdigit() or not text.isascii():
-        raise ValueError(
-            f"the label {bytes(data)[:24].decode('ascii', 'replace')!r} is not an ASCII decimal class index"
-        )
+        head = bytes(data)[:24]
+        shown = repr(head.decode()) if head.isascii() else repr(head)  # non-ASCII: the bytes, not '\ufffd'
+        raise ValueError(f"the label {shown} is not an ASCII decimal class index")
     if len(text.lstrip(b"0")) > MAX_LABEL_DIGITS:
         raise ValueError(f"the label {text[:24].decode()}{'...' if len(text) > 24 else ''} has more than "
                          f"{MAX_LABEL_DIGITS} digits: not a class index")  # fmt: skip
@@ -313,6 +313,9 @@ def image_problem(data: bytes, max_pixels: int = MAX_PIXELS, decode: bool = True
             with Image.open(io.BytesIO(data)) as img:
                 if (problem := pixel_problem(img.size, max_pixels)) or not decode:
                     return problem
+                if img.format == "WEBP" and getattr(img, "n_frames", 1) > 1:  # torchvision refuses them
+                    return (f"the image is an animated WebP ({img.n_frames} frames), which the torch loader "
+                            "cannot decode; store one frame (a still WebP, PNG or JPEG)")  # fmt: skip
                 img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # JPEG: DCT scaling
                 img.load()
                 if img.mode not in DECODED_MODES:
