@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,10 @@ FIX = (
     "`python tools/make_shards.py --verify {root} --drop-corrupt` drops the bad samples (or re-make the dataset "
     "with tools/make_shards.py)"
 )
+# What --drop-corrupt cannot repair (shards/repair.py rewrites shards whose only problems are bad samples):
+# a tar cut or overwritten mid-way (shards/index.py's words), an index missing or not matching its tar (verify.py's).
+STRUCTURAL = re.compile(r"truncated or corrupt|\.idx (is missing|lists|line \d+ lists)")
+REMAKE = "re-make the dataset with tools/make_shards.py (the same command again redoes the shards that do not match)"
 CHECK = "check it once with `python tools/make_shards.py --verify {root}` (it records the verdict)"
 _warned: set[tuple[str, str, str]] = set()
 
@@ -106,7 +111,7 @@ def judge(root: Path, name: str, info: SplitInfo) -> Verdict:
         return Verdict(
             "failed",
             f"{where} failed its last check ({check.get('by', '?')}, {check.get('at', '?')}): {first}{more}; "
-            + FIX.format(root=root),
+            + (REMAKE if STRUCTURAL.search(str(first)) else FIX.format(root=root)),
         )
     if not _valid(check):
         return Verdict(
