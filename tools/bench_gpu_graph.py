@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--views", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 224], choices=[32, 64, 224])
     ap.add_argument("--memory-views", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16, help="images per batch of the memory runs")
     ap.add_argument("--batches", type=int, default=4)
     args = ap.parse_args(argv)
     from tools.bench_pipeline import write_bench_dataset
