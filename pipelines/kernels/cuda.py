@@ -22,6 +22,7 @@ import numpy as np
 from numba import cuda
 
 from pipelines.kernels.blur import blur_value
+from pipelines.kernels.colour import N_PARAMS
 from pipelines.kernels.colour_maths import blend_value, grey_value, hue_pixel
 from pipelines.kernels.randaugment import (
     RA_PARAMS_PER_OP,
@@ -134,6 +135,12 @@ def randaugment_kernel(out, scratch, img, params):
     half_h = np.float32(0.5 * h - 0.5)
     n_ops = params.shape[1] // RA_PARAMS_PER_OP
     src = img[k]
+    if n_ops == 0:  # no operation: a copy, as randaugment_apply
+        for px in range(t, n, nt):
+            i = px // w
+            j = px - i * w
+            for c in range(3):
+                out[k, i, j, c] = src[i, j, c]
     for s in range(n_ops):
         dst = out[k] if (n_ops - 1 - s) % 2 == 0 else scratch[k]
         q = params[k, RA_PARAMS_PER_OP * s : RA_PARAMS_PER_OP * (s + 1)]
@@ -152,9 +159,9 @@ def randaugment_kernel(out, scratch, img, params):
             cuda.syncthreads()
             mean = np.float32(total[0] / n)
         elif op == 12:  # autocontrast: each channel's range
-            if t < 3:
-                lohi[t] = 255
-                lohi[3 + t] = 0
+            for c in range(t, 3, nt):  # (a loop: a block may have fewer than 3 threads)
+                lohi[c] = 255
+                lohi[3 + c] = 0
             cuda.syncthreads()
             for px in range(t, n, nt):
                 i = px // w
@@ -173,8 +180,8 @@ def randaugment_kernel(out, scratch, img, params):
                 for c in range(3):
                     cuda.atomic.add(hist, 256 * c + int(src[i, j, c]), 1)
             cuda.syncthreads()
-            if t < 3:
-                equalize_lut(hist[256 * t : 256 * (t + 1)], n, lut[256 * t : 256 * (t + 1)])
+            for c in range(t, 3, nt):
+                equalize_lut(hist[256 * c : 256 * (c + 1)], n, lut[256 * c : 256 * (c + 1)])
             cuda.syncthreads()
         for px in range(t, n, nt):
             i = px // w
@@ -276,19 +283,62 @@ def kernel(name: str):
     return _COMPILED[name]
 
 
+def _dtype(a) -> str:
+    """The element type of an array as a NumPy type string ('|u1', '<f4')."""
+    iface = getattr(a, "__cuda_array_interface__", None)
+    if iface is not None:
+        return np.dtype(iface["typestr"]).str
+    return np.dtype(a.dtype).str
+
+
+def check_launch(name: str, out, img, params, scratch, threads: int) -> None:
+    """Refuse, in one line, arguments a kernel would read or write out of bounds with (a CUDA
+    kernel checks no index) or misread: the checks of ``launch``."""
+    if name not in BODIES:
+        raise ValueError(f"no CUDA kernel for stage {name!r}: one of {', '.join(BODIES)}")
+    shape = tuple(int(d) for d in img.shape)
+    if len(shape) != 4 or shape[3] != 3 or _dtype(img) != "|u1":
+        raise ValueError(f"{name}: img must be (K, H, W, 3) uint8, got {shape} {_dtype(img)}")
+    frames = [("out", out)] + ([("scratch", scratch)] if OUTPUTS[name] == 2 else [])
+    for what, a in frames:
+        if a is None:
+            raise ValueError(f"{name}: the kernel needs a {what} array shaped like img {shape}")
+        if tuple(int(d) for d in a.shape) != shape or _dtype(a) != "|u1":
+            raise ValueError(f"{name}: {what} must be uint8 shaped like img {shape}, got {tuple(a.shape)} {_dtype(a)}")
+    pshape = tuple(int(d) for d in params.shape)
+    if len(pshape) != 2 or pshape[0] != shape[0] or _dtype(params) != "<f4":
+        raise ValueError(f"{name}: params must be ({shape[0]}, P) float32, got {pshape} {_dtype(params)}")
+    if not 1 <= int(threads) <= 1024:
+        raise ValueError(f"{name}: threads per block must be in 1..1024, got {threads}")
+    n_params = pshape[1]
+    if name == "colour" and n_params != N_PARAMS:
+        raise ValueError(f"colour: params must have {N_PARAMS} columns (colour_params), got {n_params}")
+    if name == "blur" and n_params < 3:
+        raise ValueError(f"blur: params must have 3 + r columns (blur_params), got {n_params}")
+    if name == "randaugment" and n_params % RA_PARAMS_PER_OP:
+        raise ValueError(f"randaugment: params must have a multiple of {RA_PARAMS_PER_OP} columns, got {n_params}")
+    if name == "jigsaw":
+        grid = int(np.sqrt(np.float32(n_params - 1)) + np.float32(0.5)) if n_params > 1 else 0
+        if grid < 1 or grid * grid != n_params - 1 or shape[1] % grid or shape[2] % grid:
+            raise ValueError(
+                f"jigsaw: params must have 1 + grid^2 columns, grid dividing the frame {shape[1]}x{shape[2]}, "
+                f"got {n_params} columns"
+            )
+
+
 def launch(name: str, out, img, params, *, scratch=None, threads: int = THREADS, stream=0):
     """Run stage ``name`` on K frames: ``out`` and ``img`` (K, H, W, 3) uint8, ``params`` (K, P)
     float32 (``kernels.frames.params``), all CUDA arrays (``__cuda_array_interface__``: torch CUDA
     tensors) or, under Numba's CUDA simulator, NumPy arrays. RandAugment needs ``scratch``, like
-    ``out``."""
+    ``out``. Shapes, element types, the stage's parameter count and ``threads`` (1..1024) are
+    checked first (``check_launch``: a ValueError naming the argument)."""
+    check_launch(name, out, img, params, scratch, threads)
     views = int(img.shape[0])
     run = kernel(name)[(views, 1, 1), (threads, 1, 1), stream]
     if OUTPUTS[name] == 2:
-        if scratch is None:
-            raise ValueError(f"the {name} kernel needs a scratch array shaped like out")
         run(out, scratch, img, params)
     else:
         run(out, img, params)
 
 
-__all__ = ["BODIES", "OUTPUTS", "THREADS", "kernel", "launch", "source"]
+__all__ = ["BODIES", "OUTPUTS", "THREADS", "check_launch", "kernel", "launch", "source"]
