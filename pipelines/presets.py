@@ -189,9 +189,11 @@ def check_gpu_memory(preset: AugPreset, size: int, images: int, views: int, limi
         return
     need = pipeline_bytes(preset, size, images, views) / 2**30
     if need > limit_gb:
+        # as many decimals as it takes for the printed need to exceed the limit (0.0 GB > 0.001 reads wrong)
+        shown = next((f"{need:.{d}f}" for d in range(1, 10) if float(f"{need:.{d}f}") > limit_gb), f"{need!r}")
         raise ValueError(
             f"data.preset={preset.name!r} at {size}x{size} with a batch of {images} images x {views} views per "
-            f"GPU projects {need:.1f} GB of pipeline memory, more than data.gpu_memory_gb={limit_gb:g}: lower "
+            f"GPU projects {shown} GB of pipeline memory, more than data.gpu_memory_gb={limit_gb:g}: lower "
             f"batch_size or views, use more processes, or raise data.gpu_memory_gb"
         )
 
