@@ -1,0 +1,144 @@
+"""Hostile cases of the GPU graph's CUDA stages (issue 27's tester): each CUDA kernel equals its CPU
+kernel bit for bit at sizes, thread counts and parameters the preset tests do not reach, ``launch``
+refuses arguments a kernel would index out of bounds with, and the memory guard's message.
+
+The CUDA kernels run under Numba's CUDA simulator in a child interpreter (``NUMBA_ENABLE_CUDASIM``
+must be set before ``numba.cuda`` is imported, and must not leak into this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = r"""
+import json, os
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+import numpy as np
+from pipelines.kernels import cuda as C, frames as F
+from pipelines.kernels.randaugment import MAX_TRANSLATE_REL, RA_PARAMS_PER_OP, ra_op_params
+from pipelines.presets import VERY_STRONG
+
+rng = np.random.default_rng(27)
+result = {"mismatch": [], "errors": {}}
+
+
+def ra(op, sign, mag, bins, h, w):
+    p = np.zeros(RA_PARAMS_PER_OP, np.float32)
+    ra_op_params(p, op, sign, np.float64(mag), np.float64(bins), np.float64(MAX_TRANSLATE_REL), h, w)
+    return p
+
+
+def same(tag, name, img, params, threads):
+    cpu = np.full_like(img, 77)
+    F.APPLY[name](cpu, img, params)
+    gpu = np.full_like(img, 99)
+    scratch = np.zeros_like(img) if C.OUTPUTS[name] == 2 else None
+    C.launch(name, gpu, img, params, scratch=scratch, threads=threads)
+    if not np.array_equal(cpu, gpu):
+        result["mismatch"].append(tag)
+
+
+# the per-channel reductions (autocontrast range, equalisation table) with fewer threads than channels
+img = rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+chain = np.stack([np.concatenate([ra(12, 1.0, 5, 31, 5, 4), ra(13, 1.0, 5, 31, 5, 4), ra(8, -1.0, 30, 31, 5, 4)])] * 2)
+for threads in (1, 2, 3, 256):
+    same(f"randaugment autocontrast+equalize+contrast threads={threads}", "randaugment", img, chain, threads)
+# RandAugment with no operation: a copy, as the CPU kernel
+same("randaugment no operation", "randaugment", img, np.zeros((2, 0), np.float32), 8)
+# colour at the ends of its ranges, on a 1x1 and a 7x5 frame, the contrast on a constant frame
+for h, w in ((1, 1), (7, 5)):
+    frame = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    for case in ([1, 3, 0.5], [1, 3, -0.5], [1, 2, 0.0], [1, 0, 0.0], [5, 0, 1.3, 1, 0.6, 2, 1.7, 3, -0.3, 4, 0]):
+        p = np.zeros((2, 11), np.float32)
+        p[:, : len(case)] = case
+        same(f"colour {case} {h}x{w}", "colour", frame, p, 16)
+flat = np.full((2, 3, 3, 3), 77, np.uint8)
+same("colour contrast constant", "colour", flat, np.float32([[1, 1, 1.9] + [0] * 8] * 2), 16)
+# every RandAugment operation at its top magnitude, both signs, on a 1x6 frame
+frame = rng.integers(0, 256, (2, 1, 6, 3), dtype=np.uint8)
+for op in range(14):
+    both = np.stack([ra(op, 1.0, 30, 31, 1, 6), ra(op, -1.0, 30, 31, 1, 6)])
+    same(f"randaugment op {op} 1x6", "randaugment", frame, both, 16)
+# jigsaw, one view, local mode
+frame = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+p = F.params("jigsaw", VERY_STRONG.replace(jigsaw_mode="local"), 8, rng.random((1, 33)).astype(np.float32))
+same("jigsaw local K=1", "jigsaw", frame, p, 16)
+
+# arguments launch must refuse (a CUDA kernel checks no index)
+u8 = np.zeros((2, 4, 4, 3), np.uint8)
+colour_p = np.zeros((2, 11), np.float32)
+bad = {
+    "float img": ("colour", np.zeros((2, 4, 4, 3), np.float32), np.zeros((2, 4, 4, 3), np.float32), colour_p, None, 8),
+    "small out": ("colour", np.zeros((2, 2, 2, 3), np.uint8), u8, colour_p, None, 8),
+    "float64 params": ("colour", u8.copy(), u8, colour_p.astype(np.float64), None, 8),
+    "params of fewer views": ("colour", u8.copy(), u8, colour_p[:1], None, 8),
+    "4 channels": ("colour", np.zeros((2, 4, 4, 4), np.uint8), np.zeros((2, 4, 4, 4), np.uint8), colour_p, None, 8),
+    "colour columns": ("colour", u8.copy(), u8, np.zeros((2, 5), np.float32), None, 8),
+    "randaugment columns": ("randaugment", u8.copy(), u8, np.zeros((2, 3), np.float32), u8.copy(), 8),
+    "no scratch": ("randaugment", u8.copy(), u8, np.zeros((2, 7), np.float32), None, 8),
+    "jigsaw grid not dividing": ("jigsaw", np.zeros((2, 9, 9, 3), np.uint8), np.zeros((2, 9, 9, 3), np.uint8),
+                                 np.zeros((2, 17), np.float32), None, 8),
+    "no threads": ("colour", u8.copy(), u8, colour_p, None, 0),
+    "unknown stage": ("crop", u8.copy(), u8, colour_p, None, 8),
+}  # fmt: skip
+for tag, (name, out, im, params, scratch, threads) in bad.items():
+    try:
+        C.launch(name, out, im, params, scratch=scratch, threads=threads)
+        result["errors"][tag] = "no error"
+    except Exception as e:
+        result["errors"][tag] = f"{type(e).__name__}: {e}"
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+def test_cuda_stages_hostile_cases_under_simulator():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["mismatch"] == [], result["mismatch"]
+    errors = result["errors"]
+    assert len(errors) == 11
+    for tag, message in errors.items():
+        assert message.startswith("ValueError: "), (tag, message)
+        assert "\n" not in message, (tag, message)
+    assert "img must be (K, H, W, 3) uint8" in errors["float img"]
+    assert "out must be uint8 shaped like img (2, 4, 4, 3), got (2, 2, 2, 3)" in errors["small out"]
+    assert "params must be (2, P) float32" in errors["float64 params"]
+    assert "params must be (2, P) float32, got (1, 11)" in errors["params of fewer views"]
+    assert "must have 11 columns" in errors["colour columns"]
+    assert "multiple of 7 columns, got 3" in errors["randaugment columns"]
+    assert "needs a scratch array" in errors["no scratch"]
+    assert "grid dividing the frame 9x9" in errors["jigsaw grid not dividing"]
+    assert "threads per block must be in 1..1024, got 0" in errors["no threads"]
+    assert "no CUDA kernel for stage 'crop'" in errors["unknown stage"]
+
+
+@pytest.mark.parametrize(
+    ("preset", "size", "images", "limit"),
+    [
+        ("very_strong", 32, 64, 0.001),
+        ("default", 224, 64, 0.45),
+        ("default", 32, 8, 0.0001),
+        ("very_strong", 224, 4096, 6.0),
+    ],
+)
+def test_gpu_memory_message_shows_a_need_above_the_limit(preset, size, images, limit):
+    """The refusal's need, as printed, exceeds the limit it is refused against (it printed
+    '0.0 GB ... more than data.gpu_memory_gb=0.001')."""
+    from pipelines.presets import check_gpu_memory, get_preset
+
+    with pytest.raises(ValueError) as info:
+        check_gpu_memory(get_preset(preset), size, images, 4, limit)
+    shown = float(re.search(r"projects (\S+) GB", str(info.value)).group(1))
+    assert shown > limit, str(info.value)
+    assert f"data.preset={preset!r}" in str(info.value) and f"batch of {images} images" in str(info.value)
