@@ -158,6 +158,12 @@ class TarContents:
     duplicates: list[tuple[str, str]]  # (key, "where first, where again") of each later repetition
 
 
+# A key back with an extension its first members lack: one sample's members apart (`tar cf DIR` lists
+# files in directory order), not a second sample; --drop-duplicates cannot mend it.
+NOT_ADJACENT = "the members of one sample are not adjacent (`tar --sort=name -cf ...` writes them in a row)"
+REORDER = "re-create the tar with each sample's members in a row"
+
+
 def read_tar(tar_path: str | os.PathLike) -> TarContents:
     """Group a tar's members into samples by WebDataset's key rule (:func:`split_member`).
 
@@ -169,6 +175,7 @@ def read_tar(tar_path: str | os.PathLike) -> TarContents:
     odd: list[str] = []
     duplicates: list[tuple[str, str]] = []
     first_at: dict[str, int] = {}  # key -> header offset of its first member
+    first_sample: dict[str, int] = {}  # key -> its position in samples
     current = None
     skipping = None  # the key of a repetition being left out
     for m in iter_members(tar_path):
@@ -186,10 +193,14 @@ def read_tar(tar_path: str | os.PathLike) -> TarContents:
             samples[-1].append(IndexEntry(ext, m.offset, m.size, m.name))
             continue
         if key in first_at:
-            duplicates.append((key, f"{tar_path} byte {first_at[key]}, again at byte {m.header} ({m.name!r})"))
+            where = f"{tar_path} byte {first_at[key]}, again at byte {m.header} ({m.name!r})"
+            if all(e.ext != ext for e in samples[first_sample[key]]):  # a member the first run lacks
+                where += f": {NOT_ADJACENT}"
+            duplicates.append((key, where))
             current, skipping = None, key
             continue
         first_at[key] = m.header
+        first_sample[key] = len(samples)
         current, skipping = key, None
         samples.append([IndexEntry(ext, m.offset, m.size, m.name)])
     return TarContents(samples, odd, duplicates)

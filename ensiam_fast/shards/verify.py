@@ -24,7 +24,7 @@ from ensiam_fast.shards.format import (
     parse_label,
     pixel_problem,
 )
-from ensiam_fast.shards.index import IndexEntry, read_index, read_tar, split_member
+from ensiam_fast.shards.index import NOT_ADJACENT, REORDER, IndexEntry, read_index, read_tar, split_member
 from ensiam_fast.shards.manifest import Manifest, read_manifest, resolve_inside
 from ensiam_fast.shards.verdict import make_verdict
 
@@ -117,9 +117,8 @@ def check_shard(
         contents.samples = [s for s in contents.samples if split_member(s[0].member)[0] not in across]
     for key, where in contents.duplicates:
         if key not in dropped:
-            check.problems.append(
-                f"sample key {key!r} comes twice: {where}; re-adopt with --drop-duplicates to drop the later one"
-            )
+            fix = REORDER if NOT_ADJACENT in where else "re-adopt with --drop-duplicates to drop the later one"
+            check.problems.append(f"sample key {key!r} comes twice: {where}; {fix}")
     try:
         listed = read_index(idx)
     except ShardFormatError as e:

@@ -32,7 +32,7 @@ from ensiam_fast.shards.format import (
     parse_label,
     read_image_dims,
 )
-from ensiam_fast.shards.index import IndexEntry, read_tar, split_member
+from ensiam_fast.shards.index import NOT_ADJACENT, REORDER, IndexEntry, read_tar, split_member
 from ensiam_fast.shards.sources.base import SPLIT_NAME, Sample, Source, SourceLayoutError, _stat_fingerprint
 
 SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
@@ -148,9 +148,8 @@ def scan_one(root: Path, name: str, drop_duplicates: bool = False) -> TarScan:
         raise SourceLayoutError(contents.odd[0])
     if contents.duplicates and not drop_duplicates:
         key, where = contents.duplicates[0]
-        raise SourceLayoutError(
-            f"sample key {key!r} comes twice in one tar: {where}; --drop-duplicates drops the later one"
-        )
+        fix = REORDER if NOT_ADJACENT in where else "--drop-duplicates drops the later one"
+        raise SourceLayoutError(f"sample key {key!r} comes twice in one tar: {where}; {fix}")
     scan = TarScan(name, contents.samples, [], dropped=list(contents.duplicates))
     with open(tar, "rb") as f:
         for sample in contents.samples:
