@@ -202,3 +202,34 @@ def test_failed_split_with_a_truncated_tar_names_a_fix_that_works(tmp_path, caps
     line = one_error_line(err)
     assert rc == 2 and "failed its last check" in line and "truncated or corrupt" in line
     assert "--drop-corrupt" not in line and "re-make the dataset with tools/make_shards.py" in line
+
+
+# --- a tar made with `tar cf DIR`: one sample's members apart, not a repeated key ---------------------
+
+
+def scattered_tar(path: Path) -> None:
+    """Members in directory order, as `tar cf` without --sort writes: a .cls before its .jpg, apart."""
+    write_tar(path, [("d/s0.cls", b"0"), ("d/s1.cls", b"1"), ("d/s0.jpg", jpeg(1)), ("d/s1.jpg", jpeg(2))])
+
+
+def test_read_tar_tells_members_apart_from_a_repeated_key(tmp_path):
+    from ensiam_fast.shards.index import NOT_ADJACENT, read_tar
+
+    scattered_tar(tmp_path / "a.tar")
+    (key, where), *_ = read_tar(tmp_path / "a.tar").duplicates
+    assert key == "d/s0" and NOT_ADJACENT in where
+    write_tar(tmp_path / "b.tar", [("s0.jpg", jpeg(1)), ("s0.cls", b"0"), ("s1.jpg", jpeg(2)), ("s0.jpg", jpeg(3))])
+    (key, where), *_ = read_tar(tmp_path / "b.tar").duplicates
+    assert key == "s0" and NOT_ADJACENT not in where
+
+
+@pytest.mark.slow
+def test_scattered_members_are_named_by_the_adoption(tmp_path):
+    src = tmp_path / "wds"
+    scattered_tar(src / "train-0.tar")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--dataset", "webdataset", "--src", str(src)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "not adjacent" in line and "--drop-duplicates" not in line, proc.stderr
+    assert sorted(p.name for p in src.iterdir()) == ["train-0.tar"]  # nothing written
