@@ -31,12 +31,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-# the checkout this script sits in, first on the path: it runs without an install
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # isort: off
+import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import ensiam_fast  # noqa: E402,F401  (before torch: the runtime's OpenMP setting)
 import torch  # noqa: E402
 
