@@ -44,6 +44,19 @@ def drop_corrupt(root: Path, report: VerifyReport) -> list[str]:
     manifest = read_manifest(root)
     changes: list[str] = []
     emptied: list[Path] = []
+    for split, info in manifest.splits.items():  # refused before any shard is rewritten, not half-way
+        kept = 0
+        for i, name in enumerate(info.shards):
+            check = report.checks.get(name)
+            if _repairable(check):
+                kept += check.num_samples - len(check.bad_samples)
+            else:
+                kept += info.shard_sizes[i] if i < len(info.shard_sizes) else check.num_samples if check else 0
+        if kept < 1:
+            raise ShardFormatError(
+                f"split {split!r} of {root} would be empty after dropping its corrupt samples (nothing was "
+                "changed): every sample of it is bad; re-make the dataset with tools/make_shards.py"
+            )
     for split, info in manifest.splits.items():
         names, sizes = [], []
         for i, name in enumerate(info.shards):
