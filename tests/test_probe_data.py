@@ -233,3 +233,38 @@ def test_scattered_members_are_named_by_the_adoption(tmp_path):
     line = one_error_line(proc.stderr)
     assert proc.returncode == 2 and "not adjacent" in line and "--drop-duplicates" not in line, proc.stderr
     assert sorted(p.name for p in src.iterdir()) == ["train-0.tar"]  # nothing written
+
+
+# --- --drop-corrupt that would empty a split: refused before any shard is rewritten ------------------
+
+
+def adopted_with_an_all_bad_split(src: Path) -> Path:
+    """Split aaa: one bad image of four; split zzz (read after aaa): its only image bad."""
+    bad = jpeg()[:200]
+    good = [(f"g{i}.{ext}", jpeg(i) if ext == "jpg" else b"1") for i in range(3) for ext in ("jpg", "cls")]
+    write_tar(src / "aaa-0.tar", [("b0.jpg", bad), ("b0.cls", b"0"), *good])
+    write_tar(src / "zzz-0.tar", [("t0.jpg", bad), ("t0.cls", b"0")])
+    argv = ["--dataset", "webdataset", "--src", str(src), "--split", "aaa=aaa-*", "--split", "zzz=zzz-*", "--quiet"]
+    assert make_shards(argv) == 1
+    return src
+
+
+def test_drop_corrupt_emptying_a_split_changes_nothing(tmp_path, capsys):
+    src = adopted_with_an_all_bad_split(tmp_path / "wds")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    capsys.readouterr()
+    assert make_shards(["--verify", str(src), "--drop-corrupt", "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "split 'zzz'" in line and "would be empty" in line and "nothing was changed" in line
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_drop_corrupt_emptying_a_split_through_the_command(tmp_path):
+    src = adopted_with_an_all_bad_split(tmp_path / "wds")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(REPO / "tools" / "make_shards.py"), "--verify", str(src), "--drop-corrupt", "--quiet"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "would be empty" in one_error_line(proc.stderr), proc.stderr
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
