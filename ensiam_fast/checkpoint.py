@@ -280,7 +280,8 @@ def fingerprint(cfg, data_identity: dict, num_processes: int, mixed_precision: s
     """The settings a resumed run must share with the checkpoint, as ``key -> value`` (config keys,
     dotted, plus ``num_processes`` and the data's identity: the manifest's dataset name, split, sample
     count and content hash, not its path, so a moved dataset resumes). Not in it: ``max_steps`` (it
-    caps the run; the schedule spans ``epochs``), logging, checkpointing, the kNN monitor, threads."""
+    caps the run; the schedule spans ``epochs``), logging, checkpointing, the kNN monitor, threads, and
+    ``views_per_pass``, ``memory_budget_gb``, ``model.grad_checkpointing`` (the same gradients: docs/scale.md)."""
     m, o, d = cfg.model, cfg.optim, cfg.data
     found = {
         "method": cfg.method, "views": cfg.views, "batch_size": cfg.batch_size,

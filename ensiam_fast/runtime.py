@@ -154,8 +154,9 @@ class GovernedLoader:
     def __iter__(self) -> Iterator:
         return self.iter_from(0)
 
-    def iter_from(self, start_batch: int) -> Iterator:
-        for item in self.loader.iter_from(start_batch):
+    def iter_from(self, start_batch: int, state: dict | None = None) -> Iterator:
+        batches = self.loader.iter_from(start_batch, state) if state else self.loader.iter_from(start_batch)
+        for item in batches:
             self.governor.apply()
             yield item
 

@@ -122,6 +122,7 @@ class Trainer:
         self.warmup_steps = int(round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.peak_lr = cfg.optim.base_lr * cfg.batch_size / 256
         self.pos = Position()
+        self.resume_loader = None  # the loader state saved with the checkpoint resumed from
         self.build_model_and_optimizer()
         self.last_finite = self.pos.step  # the newest step whose state was checked finite
         # what is left: train, only the final evaluation (a signal ended the last run there), or nothing
@@ -214,6 +215,9 @@ class Trainer:
             method.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             self.pos = Position(state["step"], state["epoch"], state["batch_in_epoch"])
+            saved = state.get("loader")  # one entry per rank (checkpoints from before: none)
+            if isinstance(saved, list) and len(saved) == acc.num_processes:
+                self.resume_loader = saved[acc.process_index]
             self.say(f"resuming from {path} at step {self.pos.step} (epoch {self.pos.epoch})")
         if m.grad_checkpointing:
             enable_grad_checkpointing(method.model)
@@ -306,6 +310,7 @@ class Trainer:
         distributed.sync_buffers(self.raw_method, acc)  # what is saved is what every rank holds
         self.check_finite()
         self.last_finite = pos.step
+        loader = self.loader_states()
         if acc.is_main_process:
             save_checkpoint(self.out, {
                 "step": pos.step, "epoch": pos.epoch, "batch_in_epoch": pos.batch_in_epoch,
@@ -313,9 +318,27 @@ class Trainer:
                 "config": self.cfg.to_dict(), "model": self.raw_method.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                "rng": rng_state(),
+                "rng": rng_state(), "loader": loader,
             }, keep=self.cfg.keep_checkpoints)  # fmt: skip
         acc.wait_for_everyone()
+
+    def loader_states(self) -> list:
+        """Every rank's loader position (a DALI pipeline checkpoint, ensiam_fast/data/dali.py), by rank,
+        so a resume restores it instead of replaying the epoch's batches (None: nothing to restore)."""
+        get = getattr(self.loader, "state_dict", None)
+        mine = get(self.pos.batch_in_epoch) if get is not None else None
+        if self.accelerator.num_processes == 1:
+            return [mine]
+        from accelerate.utils import gather_object
+
+        return gather_object([mine])
+
+    def batches(self):
+        """The current epoch's batches from the position; the first call after a resume restores the
+        loader's saved state (each rank its own) where the checkpoint has one."""
+        state, self.resume_loader = self.resume_loader, None
+        start = self.pos.batch_in_epoch
+        return self.loader.iter_from(start, state) if state else self.loader.iter_from(start)
 
     def train_step(self, x: torch.Tensor) -> tuple[dict, float]:
         lr = cosine_lr(self.pos.step, self.schedule_steps, self.peak_lr, self.warmup_steps)
@@ -379,7 +402,7 @@ class Trainer:
             while pos.step < self.total_steps:
                 self.loader.set_epoch(pos.epoch)
                 window.restart()
-                for x, _ in self.loader.iter_from(pos.batch_in_epoch):
+                for x, _ in self.batches():
                     window.data_ready()
                     outputs, lr = self.train_step(x)
                     window.step_done(outputs, cfg.batch_size // cfg.gradient_accumulation_steps)

@@ -224,9 +224,13 @@ def build_kview_pipeline(
     num_shards: int = 1,
     prefetch_queue_depth: int = 2,
     cpu_kernels: str = "auto",
+    checkpointing: bool = False,
+    checkpoint: bytes | str | None = None,
 ):
     """Define (not build) the K-view pipeline; ``device_id`` must be None on the CPU.
-    ``cpu_kernels`` ('auto', 'numba', 'dali') picks the CPU stages (``view_stages``)."""
+    ``cpu_kernels`` ('auto', 'numba', 'dali') picks the CPU stages (``view_stages``).
+    ``checkpointing``: DALI tracks the reader's position and every random generator, so
+    ``pipe.checkpoint()`` can save them; ``checkpoint`` (such a string) restores them at build."""
     check_views(views)
     check_jigsaw(size, preset.jigsaw_grid)
     cpu_backend(cpu_kernels)  # a bad name fails here, before any graph is defined
@@ -255,6 +259,8 @@ def build_kview_pipeline(
             device_id=device_id,
             seed=seed,
             prefetch_queue_depth=prefetch_queue_depth,
+            enable_checkpointing=checkpointing or checkpoint is not None,
+            checkpoint=checkpoint,
         )
 
 

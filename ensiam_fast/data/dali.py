@@ -1,6 +1,14 @@
 """The DALI loader: K augmented uint8 views per image from a shard directory (CPU or GPU).
 
 See the package docstring (``ensiam_fast.data``) for the contract.
+
+Resuming mid-epoch. A training pipeline is built with DALI's checkpointing on, so
+``state_dict(batch)`` can save the pipeline's own state after ``batch`` batches (the webdataset
+reader's position and shuffle buffer, every ``fn.random`` generator, which also feed the Numba
+kernels their draws) and ``iter_from(batch, state)`` rebuilds the epoch's pipeline from it: the
+same batches as an uninterrupted pass, at the cost of one pipeline build wherever the epoch was cut.
+Without a state (a checkpoint from before, or a pipeline DALI could not checkpoint) the loader
+replays the epoch's first ``batch`` batches instead (``replayed`` counts them).
 """
 
 from __future__ import annotations
@@ -108,6 +116,9 @@ class DaliLoader:
         self._ahead: tuple | None = None  # (epoch, thread, result box) of the pipeline built ahead
         self.last_build_s = 0.0
         self.last_built_ahead = False
+        self.checkpointing = spec.train  # DALI tracks the pipeline's state (off if a build refuses it)
+        self._live: tuple | None = None  # (epoch, batches handed out, pipeline) of the epoch under way
+        self.replayed = 0  # batches the last iter_from ran only to advance the pipeline
         self._build()  # fail at construction, not in the middle of the first epoch
 
     # -- contract -----------------------------------------------------------------------------
@@ -123,10 +134,38 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iter_from(0)
 
-    def iter_from(self, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches start_batch.. of the current epoch, identical to a full pass from that point."""
+    def state_dict(self, batch: int) -> dict | None:
+        """The loader's position after ``batch`` batches of the current epoch, for ``iter_from``:
+        the pipeline's DALI checkpoint. None at an epoch's start (nothing to restore) or when the
+        epoch under way is not at that batch or cannot be checkpointed."""
+        if batch == 0 or self._live is None or self._live[:2] != (self.epoch, batch):
+            return None
+        try:
+            checkpoint = self._live[2].checkpoint()
+        except RuntimeError:
+            return None
+        return {"backend": "dali", "epoch": self.epoch, "batch": batch, "shard_id": self.shard_id,
+                "num_shards": self.num_shards, "checkpoint": checkpoint}  # fmt: skip
+
+    def _usable(self, state: dict | None, start_batch: int) -> bool:
+        return (
+            isinstance(state, dict)
+            and state.get("backend") == "dali"
+            and (state.get("epoch"), state.get("batch")) == (self.epoch, start_batch)
+            and (state.get("shard_id"), state.get("num_shards")) == (self.shard_id, self.num_shards)
+            and isinstance(state.get("checkpoint"), (bytes, str))
+        )
+
+    def iter_from(self, start_batch: int, state: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches start_batch.. of the current epoch, identical to a full pass from that point:
+        from ``state`` (``state_dict(start_batch)`` of an earlier run) when it fits, else by replay."""
         if not 0 <= start_batch <= self._batches:
             raise ValueError(f"start_batch must be in 0..{self._batches}, got {start_batch}")
+        if start_batch and self._usable(state, start_batch):
+            self._pipe = None
+            pipe = self._make_pipe(self.epoch, checkpoint=state["checkpoint"])
+            self._pipe_fresh = False
+            return self._epoch(pipe, start_batch, self.epoch, replay=False)
         if not self._pipe_fresh:
             self._build()
         self._pipe_fresh = False
@@ -142,7 +181,7 @@ class DaliLoader:
 
     def _build(self) -> None:
         """Make the current epoch's pipeline ready: the one built ahead if any, else built now."""
-        self._pipe = None  # release the previous pipeline's threads and buffers first
+        self._pipe = self._live = None  # release the previous pipeline's threads and buffers first
         t0 = time.perf_counter()
         pipe = self._take_ahead(self.epoch)
         self.last_built_ahead = pipe is not None
@@ -182,8 +221,20 @@ class DaliLoader:
             raise box["error"]
         return box["pipe"]
 
-    def _make_pipe(self, epoch: int):
-        """Define, build and check the pipeline of one epoch (no loader state is changed)."""
+    def _make_pipe(self, epoch: int, checkpoint: bytes | str | None = None):
+        """Define, build and check the pipeline of one epoch, restored from a DALI ``checkpoint``
+        if given (no loader state is changed but ``checkpointing``, when DALI refuses it)."""
+        try:
+            return self._define_and_build(epoch, checkpoint)
+        except ShardFormatError:
+            if not self.checkpointing or checkpoint is not None:
+                raise
+        pipe = self._define_and_build(epoch, None, checkpointing=False)  # the error was not the shards'
+        self.checkpointing = False
+        warnings.warn("DALI cannot checkpoint this pipeline: a resume replays the epoch up to its batch", stacklevel=3)
+        return pipe
+
+    def _define_and_build(self, epoch: int, checkpoint: bytes | str | None, checkpointing: bool | None = None):
         tars, idxs = self._epoch_tars(epoch)
         pipe = self._pipes.build_kview_pipeline(
             tars,
@@ -203,6 +254,8 @@ class DaliLoader:
             shard_id=self.shard_id,
             num_shards=self.num_shards,
             cpu_kernels=self.cpu_kernels,
+            checkpointing=self.checkpointing if checkpointing is None else checkpointing,
+            checkpoint=checkpoint,
         )
         try:
             pipe.build()
@@ -226,11 +279,12 @@ class DaliLoader:
         except RuntimeError as e:
             raise self._explain(e, batch) from e
 
-    def _epoch(self, pipe, start: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _epoch(self, pipe, start: int, epoch: int, replay: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         stream = torch.cuda.current_stream(self.device) if self.kind == "gpu" else None
-        for b in range(start):  # exact resume: the RNG state only advances by running
+        self.replayed = start if replay else 0
+        for b in range(start if replay else 0):  # no saved state: the RNGs only advance by running
             self._run(pipe, b, stream)
         shape = (self.views, self.batch_size, 3, self.size, self.size)
         for b in range(start, self._batches):
@@ -247,6 +301,7 @@ class DaliLoader:
             keep = min(self.batch_size, self.num_samples - b * self.batch_size)
             if keep < self.batch_size:  # evaluation's last batch: drop the reader's wrap-around
                 x, y = x[:, :keep].contiguous(), y[:keep]
+            self._live = (epoch, b + 1, pipe)  # what state_dict saves while the consumer holds batch b
             yield x, y.to(self.device, non_blocking=True)
 
     def _explain(self, error: RuntimeError, batch: int) -> Exception:
