@@ -18,6 +18,9 @@ difference (the gradients and momentum created by that first step included, the 
 setting). ``base_mb`` is the baseline. ``step_s``: CUDA, the median of ``--steps`` steps after one
 warm-up; CPU, the median of the steps after the first (``--cpu-steps``, default 2; with 1, that step).
 
+``--abba``: step time only, in one process, every setting against fused in turn (F S S F, repeated
+``--rounds`` times), so machine noise hits both sides alike; reports the median time ratio per setting.
+
 The last line printed is one JSON object: ``{"results": [{"views", "views_per_pass",
 "grad_checkpointing", "peak_mb", "step_s", ...}, ...]}``.
 """
@@ -101,6 +104,45 @@ def one_setting(args, k: int, n: int, ckpt: bool) -> dict:
     return {**row, "peak_mb": round(peak / MB, 1), "base_mb": round(base / MB, 1), "step_s": round(elapsed, 4)}
 
 
+def abba(args, k: int) -> list[dict]:
+    """Median step time of each setting over alternating rounds against fused, and the ratio."""
+    from ensiam_fast.methods import build_method, train_views
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    method = build_method("ensiam", k, backbone=args.backbone, cifar_stem=args.cifar_stem).to(device).train()
+    opt = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(k, args.batch, 3, args.size, args.size, device=device)
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        train_views(method, method, x, n, lambda loss: loss.backward())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    timed(k)  # warm-up
+    rows = []
+    for n, ckpt in settings(k, args.settings):
+        if n == k or ckpt:
+            continue
+        fused, chunked = [], []
+        for _ in range(args.rounds):
+            fused.append(timed(k))
+            chunked += [timed(n), timed(n)]
+            fused.append(timed(k))
+        f, c = statistics.median(fused), statistics.median(chunked)
+        rows.append({"views": k, "views_per_pass": n, "fused_s": round(f, 3), "step_s": round(c, 3),
+                     "ratio": round(c / f, 3), "fused_all": [round(t, 2) for t in fused],
+                     "chunked_all": [round(t, 2) for t in chunked]})  # fmt: skip
+        print(f"K={k} views_per_pass={n}: {c:.2f} s against fused {f:.2f} s = {c / f:.2f}x", flush=True)
+    return rows
+
+
 def _cuda_step(row: dict, step, device: torch.device, steps: int) -> dict:
     step()  # warm-up: cuDNN's choices, and the momentum buffers exist from here on
     torch.cuda.synchronize(device)
@@ -141,6 +183,8 @@ def main(argv=None) -> int:
         help="CPU: steps per setting; the first gives the memory, the others the time (median)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--abba", action="store_true", help="time only: each setting alternated with fused")
+    ap.add_argument("--rounds", type=int, default=2, help="--abba: F S S F rounds per setting")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # "K,n,ckpt": one setting, in this process
     args = ap.parse_args(argv)
     if args.threads:
@@ -151,6 +195,11 @@ def main(argv=None) -> int:
     if args.one:
         k, n, ckpt = (int(v) for v in args.one.split(","))
         print(json.dumps(one_setting(args, k, n, bool(ckpt))))
+        return 0
+    if args.abba:
+        rows = [row for k in args.views for row in abba(args, k)]
+        print(json.dumps({"device": args.device, "backbone": args.backbone, "size": args.size, "batch": args.batch,
+                          "abba": rows}))  # fmt: skip
         return 0
     results = []
     for k in args.views:
