@@ -67,7 +67,7 @@ def overrides(args, out: Path, max_steps: int) -> list[str]:
             "epochs=1", f"max_steps={max_steps}", "log_every=1", "knn_every=0", "checkpoint_every=100000",
             f"data.image_size={args.size}", f"data.num_threads={args.threads}", "model.backbone=test_resnet",
             "model.proj_hidden=32", "model.proj_dim=32", "model.pred_hidden=8", "mixed_precision=no",
-            "log_with=none"]  # fmt: skip
+            "log_with=none", f"data.cpu_kernels={args.cpu_kernels}"]  # fmt: skip
 
 
 def write_checkpoint(args, out: Path, batch: int) -> None:
@@ -121,6 +121,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads")
+    ap.add_argument(
+        "--cpu-kernels",
+        default="auto",
+        choices=["auto", "numba", "dali"],
+        help="data.cpu_kernels (dali: no Numba compilation in each started process)",
+    )
     ap.add_argument("--replay", action="store_true", help="also time 50%% and 90%% without the loader state")
     ap.add_argument("--work", default=None, help="folder for the split and the runs (default: a temporary one)")
     args = ap.parse_args(argv)
