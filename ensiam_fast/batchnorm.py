@@ -213,8 +213,9 @@ class PerViewBatchNorm(nn.Module):
 
     def _frozen(self) -> bool:
         """No running-statistics update now: frozen by :func:`freeze_running_stats`, or a gradient
-        checkpoint re-running this forward in the backward pass (its first run made the update)."""
-        return self.stats_frozen or recomputing()
+        checkpoint re-running this forward in the backward pass (its first run made the update).
+        While torch.compile traces, the backward-pass query is left out (it would break the graph)."""
+        return self.stats_frozen or (not torch.compiler.is_compiling() and recomputing())
 
     def _next_factor(self) -> float:
         """Plain BatchNorm's update factor for one training forward (counts the forward)."""
