@@ -98,6 +98,14 @@ class AugPreset:
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "jigsaw_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        for name in ("brightness", "contrast", "saturation"):  # torchvision's ColorJitter's ranges
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0 (the jitter is 1 +- it), got {getattr(self, name)!r}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5] (a fraction of the colour circle), got {self.hue!r}")
+        sigma = tuple(self.blur_sigma)  # the blur kernels size a view's taps from the upper end
+        if self.blur_p > 0 and not (len(sigma) == 2 and 0.0 < sigma[0] <= sigma[1]):
+            raise ValueError(f"blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.blur_sigma!r}")
 
     @property
     def has_color(self) -> bool:

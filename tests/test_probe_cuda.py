@@ -142,3 +142,38 @@ def test_gpu_memory_message_shows_a_need_above_the_limit(preset, size, images, l
     shown = float(re.search(r"projects (\S+) GB", str(info.value)).group(1))
     assert shown > limit, str(info.value)
     assert f"data.preset={preset!r}" in str(info.value) and f"batch of {images} images" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"blur_sigma": (2.0, 0.5)}, "blur_sigma must be (lo, hi) with 0 < lo <= hi"),
+        ({"blur_sigma": (0.0, 2.0)}, "blur_sigma must be (lo, hi) with 0 < lo <= hi"),
+        ({"blur_sigma": (1.0,)}, "blur_sigma must be (lo, hi) with 0 < lo <= hi"),
+        ({"hue": 0.7}, "hue must be in [0, 0.5]"),
+        ({"hue": -0.1}, "hue must be in [0, 0.5]"),
+        ({"brightness": -1.0}, "brightness must be >= 0"),
+        ({"saturation": float("nan")}, "saturation must be >= 0"),
+    ],
+)
+def test_preset_refuses_ranges_the_kernels_cannot_apply(override, message):
+    """A reversed blur_sigma sized a view's taps from its smaller end and the blur kernels wrote past
+    them (IndexError under NUMBA_BOUNDSCHECK=1, memory corruption without); sigma 0 divides by
+    zero; hue beyond 0.5 and negative jitter are refused by torchvision's ColorJitter."""
+    from pipelines.presets import get_preset
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_preset("default", **override)
+    assert get_preset("default", blur_p=0.0, blur_sigma=(0.0, 0.0)).blur_p == 0.0  # no blur: not checked
+
+
+@pytest.mark.slow
+def test_train_refuses_reversed_blur_sigma_before_writing(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    overrides = ["data.preset_overrides={blur_sigma: [2.0, 0.5]}", f"output_dir={run}", "epochs=1", "max_steps=1"]
+    cmd = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"data.root={tiny_dataset}", *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: data.preset_overrides: blur_sigma must be"), proc.stderr[-2000:]
+    assert not run.exists()
