@@ -129,7 +129,9 @@ def decode_rgb(data: bytes, where: str) -> torch.Tensor:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders in favour of torchcodec (not a dependency here).
             warnings.filterwarnings("ignore", message=".*image decoding.*deprecated", category=DeprecationWarning)
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            # EXIF orientation applied, as DALI's decoder does (adjust_orientation): both loaders see one image
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_image(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as e:
         raise ShardFormatError(f"{where}: cannot decode the image ({e}); re-make the shard") from e
 
