@@ -268,3 +268,29 @@ def test_drop_corrupt_emptying_a_split_through_the_command(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "would be empty" in one_error_line(proc.stderr), proc.stderr
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+# --- an EXIF-rotated JPEG: both loaders decode it the same way up --------------------------------------
+
+
+def test_exif_rotated_jpeg_decodes_as_dali_does():
+    from ensiam_fast.data.torch import decode_rgb
+
+    img = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    out = io.BytesIO()
+    img.save(out, "JPEG", exif=exif.tobytes())
+    torch_img = decode_rgb(out.getvalue(), "x")
+    assert tuple(torch_img.shape) == (3, 40, 20)  # displayed upright: 40 rows of 20
+    dali = pytest.importorskip("nvidia.dali")
+    data = np.frombuffer(out.getvalue(), np.uint8)
+
+    @dali.pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def decode():
+        return dali.fn.decoders.image(dali.fn.external_source(source=lambda: [data], batch=True), device="cpu")
+
+    pipe = decode()
+    pipe.build()
+    (dali_out,) = pipe.run()
+    assert np.asarray(dali_out[0]).shape == (40, 20, 3)
