@@ -12,11 +12,12 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ensiam_fast.shards.format import HEADER_BYTES, MAX_PIXELS, image_dims, pixel_problem
 from ensiam_fast.shards.sources import Sample, pil_from_pixels, to_rgb8
 
+EXIF_ORIENTATION = 0x0112
 SMALL_IMAGE_SIDE = 128  # at or below this, JPEGs keep full-resolution chroma (4:4:4)
 
 
@@ -104,7 +105,10 @@ def _encode_file(data: bytes, opts: EncodeOptions, max_pixels: int) -> tuple[str
         raise ValueError(problem)
     scale = 1.0 if opts.resize is None else min(1.0, opts.resize / min(w, h))
     is_rgb_jpeg = img.format == "JPEG" and img.mode == "RGB"
-    if is_rgb_jpeg and opts.format == "jpg" and scale == 1 and not opts.reencode:
+    # An EXIF orientation other than 1: stored turned upright (DALI would turn kept bytes, torchvision as
+    # well, but a re-encoded image loses the tag: every path the same way up, and image_size as seen).
+    upright = img.getexif().get(EXIF_ORIENTATION, 1) in (None, 1)
+    if is_rgb_jpeg and upright and opts.format == "jpg" and scale == 1 and not opts.reencode:
         # Already what a shard holds: keep the bytes. Decoding at 1/8 scale (DCT scaling) still reads
         # the whole entropy-coded stream, so truncated or corrupt files fail here, at a fraction of the cost.
         img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
@@ -114,6 +118,8 @@ def _encode_file(data: bytes, opts: EncodeOptions, max_pixels: int) -> tuple[str
         # libjpeg decodes straight to a smaller size (at least the target): much faster for ImageNet.
         img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
     img.load()  # decode now so that a truncated or corrupt file fails here
+    if not upright:
+        img = ImageOps.exif_transpose(img)
     img = to_rgb8(img)
     if scale < 1:
         img = _shrink(img, opts.resize)
