@@ -294,3 +294,32 @@ def test_exif_rotated_jpeg_decodes_as_dali_does():
     pipe.build()
     (dali_out,) = pipe.run()
     assert np.asarray(dali_out[0]).shape == (40, 20, 3)
+
+
+def exif_rotated_folder(root: Path) -> Path:
+    """ROOT/{train,test}/{a,b}/*.jpg: 40 wide, 20 high as stored, EXIF orientation 6 (upright: 20 x 40)."""
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                img = Image.new("RGB", (40, 20), (200, 10 * i, 0))
+                exif = img.getexif()
+                exif[0x0112] = 6
+                img.save(root / split / c / f"{i}.jpg", exif=exif.tobytes())
+    return root
+
+
+@pytest.mark.parametrize("extra", [[], ["--resize", "10"], ["--format", "png"]])
+def test_exif_rotated_sources_are_stored_upright_whatever_the_path(tmp_path, extra):
+    src = exif_rotated_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    argv = ["--dataset", "imagefolder", "--src", str(src), "--out", str(out), "--workers", "1", "--quiet", *extra]
+    assert make_shards(argv) == 0
+    h, w = read_manifest(out).image_size
+    assert h == 2 * w, (h, w)  # upright: twice as high as wide, kept bytes or re-encoded
+    tar = sorted(out.glob("train-*.tar"))[0]
+    (first, *_), *_ = read_index(tar.with_suffix(".idx"))
+    with open(tar, "rb") as f:
+        f.seek(first.offset)
+        stored = Image.open(io.BytesIO(f.read(first.size)))
+        assert stored.getexif().get(0x0112, 1) == 1 and stored.size == (w, h)  # no tag left to turn it again
