@@ -73,15 +73,22 @@ def overrides(args, out: Path, max_steps: int) -> list[str]:
 def write_checkpoint(args, out: Path, batch: int) -> None:
     """A run directory whose newest checkpoint is at ``batch`` of epoch 0, written by the trainer."""
     from ensiam_fast.config import load_config
+    from ensiam_fast.rundir import RunLock
+    from ensiam_fast.stopping import StopRequest
     from ensiam_fast.train import Position, Trainer
 
-    trainer = Trainer(load_config("demo", overrides(args, out, batch + 1)))
-    trainer.loader.set_epoch(0)
-    batches = trainer.batches()
-    for _ in range(batch):
-        next(batches)
-    trainer.pos = Position(step=batch, epoch=0, batch_in_epoch=batch)
-    trainer.checkpoint()
+    cfg = load_config("demo", overrides(args, out, batch + 1))
+    lock = RunLock(cfg.output_dir)
+    try:
+        trainer = Trainer(cfg, StopRequest(), lock)
+        trainer.loader.set_epoch(0)
+        batches = trainer.batches()
+        for _ in range(batch):
+            next(batches)
+        trainer.pos = Position(step=batch, epoch=0, batch_in_epoch=batch)
+        trainer.checkpoint()
+    finally:
+        lock.release()
 
 
 def drop_loader_state(out: Path) -> None:
