@@ -199,8 +199,20 @@ def split_files(root: str | os.PathLike, info: SplitInfo) -> tuple[list[str], li
     """Absolute tar and index paths of a split, the tars checked to exist inside ``root``."""
     root = Path(root)
     tars, idxs = [], []
+    seen: dict[Path, str] = {}
     for name in info.shards:
         tar = resolve_inside(root, name)
+        if (first := seen.get(tar.resolve())) is not None:
+            raise ShardFormatError(
+                f"{root / MANIFEST} lists the shard {name!r} twice in one split ({first!r} is the same file): "
+                "its samples would be read twice; list each shard once (or re-make the dataset)"
+            )
+        seen[tar.resolve()] = name
+        if tar.exists() and not tar.is_file():
+            raise ShardFormatError(
+                f"shard {tar} listed in {root / MANIFEST} is not a regular file (a FIFO, a device or a folder); "
+                "shards must be tar files: re-make the dataset"
+            )
         if not tar.is_file():
             raise ShardFormatError(
                 f"shard {tar} listed in {root / MANIFEST} is missing; re-run tools/make_shards.py "
