@@ -323,3 +323,33 @@ def test_exif_rotated_sources_are_stored_upright_whatever_the_path(tmp_path, ext
         f.seek(first.offset)
         stored = Image.open(io.BytesIO(f.read(first.size)))
         assert stored.getexif().get(0x0112, 1) == 1 and stored.size == (w, h)  # no tag left to turn it again
+
+
+# --- a manifest listing one shard twice: every sample of it read twice -----------------------------------
+
+
+def test_a_shard_listed_twice_is_refused(tmp_path, capsys):
+    import json
+
+    from ensiam_fast.shards.manifest import split_files
+
+    root = make_tiny_dataset(tmp_path / "ds")
+    data = json.loads((root / "manifest.json").read_text())
+    test = data["splits"]["test"]
+    test["shards"] *= 2
+    test["shard_sizes"] *= 2
+    test["num_samples"] *= 2
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ShardFormatError, match="lists the shard 'test-000000.tar' twice"):
+        split_files(root, read_manifest(root).splits["test"])
+    rc, err = run_tiny(root, tmp_path, capsys)
+    assert rc == 2 and "twice in one split" in one_error_line(err)
+
+
+def test_a_fifo_shard_is_named_as_not_a_file(tmp_path, capsys):
+    root = make_tiny_dataset(tmp_path / "ds")
+    tar = root / "test-000000.tar"
+    tar.unlink()
+    os.mkfifo(tar)
+    rc, err = run_tiny(root, tmp_path, capsys)
+    assert rc == 2 and f"shard {tar}" in one_error_line(err) and "not a regular file" in one_error_line(err)
