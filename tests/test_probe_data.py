@@ -344,6 +344,9 @@ def test_a_shard_listed_twice_is_refused(tmp_path, capsys):
         split_files(root, read_manifest(root).splits["test"])
     rc, err = run_tiny(root, tmp_path, capsys)
     assert rc == 2 and "twice in one split" in one_error_line(err)
+    assert make_shards(["--verify", str(root), "--quiet"]) == 1
+    out = capsys.readouterr()
+    assert "split 'test' lists the shard 'test-000000.tar' twice" in out.out + out.err
 
 
 def test_a_fifo_shard_is_named_as_not_a_file(tmp_path, capsys):

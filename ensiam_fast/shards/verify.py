@@ -236,12 +236,17 @@ def verify_dataset(
         report.problems.append(str(e))
         return report
     report.dataset = manifest.dataset
-    for info in manifest.splits.values():
+    for split, info in manifest.splits.items():
+        seen: dict[Path, str] = {}
         for name in info.shards:
             try:
-                resolve_inside(root, name)
+                path = resolve_inside(root, name).resolve()
             except ShardFormatError as e:
                 report.problems.append(str(e))
+                continue
+            if path in seen:  # its samples would be read twice (the loaders refuse it: manifest.split_files)
+                report.problems.append(f"{MANIFEST}: split {split!r} lists the shard {name!r} twice ({seen[path]!r})")
+            seen.setdefault(path, name)
     if report.problems:
         return report
     jobs = []
