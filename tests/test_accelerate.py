@@ -175,7 +175,8 @@ def one_update(batches: list[torch.Tensor], accumulation: int) -> dict[str, torc
     trainer.accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
     trainer.method, trainer.optimizer = trainer.accelerator.prepare(method, optimizer)
-    trainer.step_fn = trainer.method
+    trainer.step_fn, trainer.raw_method = trainer.method, method
+    trainer.views_per_pass = 2  # the fused step (all K=2 views in one pass)
     trainer.pos = train.Position()
     trainer.schedule_steps, trainer.warmup_steps, trainer.peak_lr = 10, 0, 0.5
     start = {k: v.detach().clone() for k, v in method.named_parameters()}
