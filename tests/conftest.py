@@ -80,7 +80,7 @@ def make_tiny_dataset(
             sizes.append(rec.num_samples)
         infos[split] = SplitInfo(num_samples=n, shards=names, labeled=labeled, shard_sizes=sizes)
         if checked:
-            infos[split].check = make_verdict(root, infos[split], "conversion", [], MAX_PIXELS)
+            infos[split].check = make_verdict(root, infos[split], "conversion", [], MAX_PIXELS, num_classes)
     write_manifest(
         root,
         Manifest(

@@ -107,10 +107,11 @@ def test_index_that_does_not_match_its_tar_is_named(tmp_path, capsys):
     assert rc == 2 and f"the index {idx} lists 15 samples but the manifest says 16" in one_error_line(err)
 
 
-def test_label_outside_num_classes_is_named(tmp_path, capsys):
-    # unchecked (a manifest from before verdicts): the loader checks every label itself. A checked
-    # split whose manifest is cut to 10 classes afterwards is not caught (reported to the data owner)
-    root = make_tiny_dataset(tmp_path / "ds", checked=False)
+@pytest.mark.parametrize("checked", [False, True])
+def test_label_outside_num_classes_is_named(tmp_path, capsys, checked):
+    # unchecked (a manifest from before verdicts): the loader checks every label itself; checked: the
+    # verdict recorded 12 classes, so a class list cut afterwards makes the loader check the labels again
+    root = make_tiny_dataset(tmp_path / "ds", checked=checked)
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["classes"] = manifest["classes"][:10]  # labels 10 and 11 are now out of range
     manifest["num_classes"] = 10

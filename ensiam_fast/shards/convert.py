@@ -185,6 +185,6 @@ def convert(
                 tqdm.write(f"warning: skipped {s['source']}: {s['reason']}", file=sys.stderr)
     manifest = build_manifest(source, plan, done, opts)
     for info in manifest.splits.values():  # every image written was decoded (or kept, checked) here
-        info.check = make_verdict(out, info, "conversion", [], max_pixels)
+        info.check = make_verdict(out, info, "conversion", [], max_pixels, manifest.num_classes)
     write_manifest(out, manifest)
     return manifest, True

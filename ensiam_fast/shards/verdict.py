@@ -58,8 +58,11 @@ def tar_stats(root: Path, shards: list[str]) -> dict[str, list[int]]:
     return stats
 
 
-def make_verdict(root: Path, info: SplitInfo, by: str, problems: list[str], max_pixels: int) -> dict:
-    """The ``check`` record of a split just checked (``problems`` empty: it passed)."""
+def make_verdict(
+    root: Path, info: SplitInfo, by: str, problems: list[str], max_pixels: int, num_classes: int | None = None
+) -> dict:
+    """The ``check`` record of a split just checked (``problems`` empty: it passed); ``num_classes``:
+    the class count its labels were checked against."""
     assert by in BY, by
     return {
         "verdict_format": VERDICT_FORMAT,
@@ -73,6 +76,9 @@ def make_verdict(root: Path, info: SplitInfo, by: str, problems: list[str], max_
         "tars": tar_stats(root, info.shards),
         # the indices too: an index edited to point elsewhere in an unchanged tar reads unchecked bytes
         "indices": tar_stats(root, [index_name(t) for t in info.shards]),
+        # the labels were checked against this many classes: a manifest whose class list changed since
+        # (cut by hand, say) leaves them unchecked
+        "num_classes": num_classes,
     }
 
 
@@ -162,6 +168,13 @@ def gate_split(root: str | os.PathLike, manifest: Manifest, split: str) -> froze
     trusted: frozenset[str] = frozenset()
     for part in split.split("+"):
         verdict = judge(root, part, manifest.splits[part])
+        then = (manifest.splits[part].check or {}).get("num_classes")
+        if verdict.state == "ok" and type(then) is int and then != manifest.num_classes:
+            verdict = Verdict(
+                "changed",
+                f"split {part!r} of {root}: its labels were checked against {then} classes and {MANIFEST} now "
+                f"names {manifest.num_classes}; " + CHECK.format(root=root),
+            )
         if verdict.state == "failed":
             raise ShardFormatError(verdict.message)
         trusted |= verdict.trusted

@@ -320,4 +320,6 @@ def record_verdicts(root: Path, manifest: Manifest, report: VerifyReport, by: st
     """Set each checked split's ``check`` record in ``manifest`` (the caller writes it)."""
     for split, problems in report.split_problems.items():
         if split in manifest.splits:
-            manifest.splits[split].check = make_verdict(root, manifest.splits[split], by, problems, max_pixels)
+            manifest.splits[split].check = make_verdict(
+                root, manifest.splits[split], by, problems, max_pixels, manifest.num_classes
+            )
