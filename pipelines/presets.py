@@ -8,7 +8,9 @@ Where each number comes from (details, and the runs of the other readings: docs/
 The paper's text (Sections 4.1 and 4.5) gives: default = crop, flip, colour jitter "with the same
 parameters as in [13, 14]", grayscale and blur with sigma in [0.1, 2.0] (no probability:
 ``blur_p=0.5`` is SimSiam's [14], the project's reading); strong = jitter ranges +0.4 and sigma in
-[0.2, 3.0]; very strong = strong plus "RandAugment(2,5) [17] and jigsaw with 4x4 grids [45, 15]".
+[0.2, 3.0]; very strong = "RandAugment(2,5) [17] and jigsaw with 4x4 grids [45, 15] were added",
+without saying to which setting: building it on strong (not default) is the project's reading
+(default's base: preset_overrides brightness/contrast/saturation 0.4, blur_sigma [0.1, 2.0]).
 It names no implementation, no probability and no order for either, so every choice below is the
 project's:
 
@@ -128,8 +130,9 @@ class AugPreset:
 DEFAULT = AugPreset(name="default")
 # 'strong': brightness, contrast and saturation ranges widened by 0.4, blur sigma in [0.2, 3.0].
 STRONG = DEFAULT.replace(name="strong", brightness=0.8, contrast=0.8, saturation=0.8, blur_sigma=(0.2, 3.0))
-# 'very strong': strong plus RandAugment(2, 5) and a 4x4 jigsaw (Section 4.5); the magnitude scale (31
-# bins), jigsaw_p=1 and the global shuffle are the project's readings (module docstring).
+# 'very strong': RandAugment(2, 5) and a 4x4 jigsaw (Section 4.5) added to strong; the base being strong,
+# the magnitude scale (31 bins), jigsaw_p=1 and the global shuffle are the project's readings (module
+# docstring).
 VERY_STRONG = STRONG.replace(name="very_strong", randaugment_n=2, randaugment_m=5, jigsaw_grid=4)
 # Linear evaluation training: random resized crop (torchvision's default scale) and flip only.
 LINEAR = AugPreset(
