@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_dataset
 from test_rundir import small_filesystem
 
-from ensiam_fast import export, rundir, train
+from ensiam_fast import export, loop, rundir, train
 from ensiam_fast.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from ensiam_fast.evaluate import cli as evaluate_cli
 
@@ -113,7 +113,7 @@ def phase_start(monkeypatch):
 
 def phase_knn(call: int):
     def patch(monkeypatch):
-        real, calls = train.knn_evaluate, []
+        real, calls = loop.knn_evaluate, []
 
         def knn(*a, **kw):
             calls.append(1)
@@ -121,7 +121,7 @@ def phase_knn(call: int):
                 kill_self()
             return real(*a, **kw)
 
-        monkeypatch.setattr(train, "knn_evaluate", knn)
+        monkeypatch.setattr(loop, "knn_evaluate", knn)
 
     return patch
 
@@ -138,19 +138,19 @@ def phase_loop(monkeypatch):
 
 
 def phase_final_checkpoint(monkeypatch):
-    real = train.save_checkpoint
+    real = loop.save_checkpoint
 
     def save(out, state, keep=3):
         if state["step"] == 4:
             kill_self()
         return real(out, state, keep=keep)
 
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
 
 
 def phase_curves(monkeypatch):
-    real = train.write_curves
-    monkeypatch.setattr(train, "write_curves", lambda *a: kill_self() or real(*a))
+    real = loop.write_curves
+    monkeypatch.setattr(loop, "write_curves", lambda *a: kill_self() or real(*a))
 
 
 PHASES = {  # phase -> (patch, what the stopped run leaves: the newest checkpoint's step or None)
