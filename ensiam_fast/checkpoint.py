@@ -302,7 +302,7 @@ def check_fingerprint(saved: dict | None, current: dict, allow: list[str], path:
     """Refuse a resume whose settings differ from the checkpoint's (one line naming each changed key,
     old -> new, and what to do); the keys in ``allow`` (``resume.allow_changes``) may differ. Returns
     the notes to print (the changes allowed, or a checkpoint written before fingerprints)."""
-    from ensiam_fast.config import RESUMABLE_CHANGES
+    from ensiam_fast.config_checks import RESUMABLE_CHANGES
 
     if saved is None:
         return [f"note: {path} has no settings fingerprint (written before 2026-12): only the network, method, "

@@ -1,4 +1,4 @@
-"""The values each enumerated setting accepts: one table, read by config.py to validate and by the
+"""The values each enumerated setting accepts: one table, read by config_checks.py to validate and by the
 modules that act on the values. Imports nothing, so validating a config builds and imports nothing
 heavy. (``data.cpu_kernels``' choices live with the pipelines: ``pipelines.presets.CPU_KERNELS``.)"""
 

@@ -3,7 +3,7 @@ launch, a full disk) raises ``UserError`` or a subclass, carrying the line to pr
 catches this class only and prints ``error: <line>`` with exit code 2; anything else (a bug in the
 project or in a library) is a traceback.
 
-This module imports nothing (config.py subclasses it and must stay light); how the line is printed
+This module imports nothing (config.py and its parts raise ConfigError and must stay light); how the line is printed
 and how several processes agree on it is in ``ensiam_fast/distributed.py`` (``report``, ``agreed``)."""
 
 from __future__ import annotations
@@ -20,3 +20,8 @@ class UserError(Exception):
 
 class TrainingError(UserError):
     """A training run that cannot start or cannot go on; the message says why and what to do."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot run; the message names the key (a user error; still a ValueError for
+    callers that catch that)."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ensiam_fast.config import ConfigError, backbone_error, check_backbone_name  # the name rule: timm's registry
+from ensiam_fast.config_checks import backbone_error, check_backbone_name  # the name rule: timm's registry
+from ensiam_fast.errors import ConfigError
 
 
 def _unstride(conv: nn.Module) -> None:

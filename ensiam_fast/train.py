@@ -32,10 +32,10 @@ from ensiam_fast.checkpoint import (
     set_rng_state,
 )
 from ensiam_fast.command import argument_parser
-from ensiam_fast.config import ConfigError, TrainConfig, describe_keys, load_config, save_config
+from ensiam_fast.config import TrainConfig, describe_keys, load_config, save_config
 from ensiam_fast.data import build_loader
 from ensiam_fast.distributed import agreed, report, report_first
-from ensiam_fast.errors import UserError
+from ensiam_fast.errors import ConfigError, UserError
 from ensiam_fast.loop import TrainingLoop
 from ensiam_fast.methods import build_method
 from ensiam_fast.metrics import MetricsLog, flatten, read_metrics

@@ -1,6 +1,8 @@
 import pytest
 
-from ensiam_fast.config import ConfigError, config_from_dict, load_config, parse_overrides
+from ensiam_fast.config import config_from_dict, load_config
+from ensiam_fast.config_parse import parse_overrides
+from ensiam_fast.errors import ConfigError
 
 PRESETS = ["cifar10", "cifar100", "stl10", "tiny_imagenet", "imagenet", "demo"]
 

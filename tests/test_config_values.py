@@ -3,7 +3,8 @@ a leading dot; non-finite values refused; a key given twice in a YAML file is an
 
 import pytest
 
-from ensiam_fast.config import ConfigError, load_config
+from ensiam_fast.config import load_config
+from ensiam_fast.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -232,8 +232,9 @@ def test_jigsaw_and_views_reject_bad_arguments():
 def test_cpu_kernels_config_key_reaches_the_pipeline(tiny_dataset):
     """data.cpu_kernels from the config to the DALI loader: a bad name fails when the loader is
     built, naming the key's choices; 'gpu_graph' runs the GPU graph's CPU proxy."""
-    from ensiam_fast.config import ConfigError, load_config
+    from ensiam_fast.config import load_config
     from ensiam_fast.data import build_loader
+    from ensiam_fast.errors import ConfigError
 
     cfg = load_config("demo", ["data.cpu_kernels=gpu_graph"])
     loader = build_loader(tiny_dataset, "train", batch_size=8, views=2, preset="default", num_threads=1,

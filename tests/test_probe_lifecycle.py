@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ensiam_fast import checkpoint, rundir, train
-from ensiam_fast.config import ConfigError, load_config
+from ensiam_fast.config import load_config
+from ensiam_fast.errors import ConfigError
 from ensiam_fast.stopping import Interrupted, StopRequest
 
 TINY = [

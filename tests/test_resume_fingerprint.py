@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from ensiam_fast.checkpoint import CheckpointError, check_fingerprint, fingerprint
-from ensiam_fast.config import RESUMABLE_CHANGES, load_config
+from ensiam_fast.config import load_config
+from ensiam_fast.config_checks import RESUMABLE_CHANGES
 
 IDENTITY = {"dataset": "digits", "split": "train", "samples": 1000, "content": "abc"}
 PATH = Path("RUN/checkpoints/step-00000010.pt")

@@ -22,7 +22,8 @@ from pathlib import Path
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import yaml
 
-from ensiam_fast.config import ConfigError, load_config
+from ensiam_fast.config import load_config
+from ensiam_fast.errors import ConfigError
 from ensiam_fast.shards import ShardFormatError, read_manifest
 
 AXES = ("methods", "views", "presets", "batch_sizes", "seeds")

@@ -31,10 +31,10 @@ from ensiam_fast import placement
 from ensiam_fast.analysis.gradvar import Settings, check_settings, measure
 from ensiam_fast.checkpoint import CheckpointError, resolve_checkpoint
 from ensiam_fast.command import argument_parser
-from ensiam_fast.config import ConfigError, TrainConfig, config_from_dict, load_config
+from ensiam_fast.config import TrainConfig, config_from_dict, load_config
 from ensiam_fast.data import build_loader, normalize
 from ensiam_fast.data.spec import derive_seed
-from ensiam_fast.errors import UserError
+from ensiam_fast.errors import ConfigError, UserError
 from ensiam_fast.export import load_weights_strict
 from ensiam_fast.models import build_model
 from ensiam_fast.paths import resolve_data_root
