@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from ensiam_fast.batchnorm import freeze_running_stats
+from ensiam_fast.batchnorm_ops import freeze_running_stats
 from ensiam_fast.methods import SSLMethod, train_views
 
 MARGIN = 0.10  # of a GPU's free memory kept back when no memory_budget_gb is given

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from .batchnorm import freeze_running_stats
+from .batchnorm_ops import freeze_running_stats
 from .losses import TARGETS, collapse_std, get_loss, negative_cosine
 from .models import SiameseNet, build_model
 

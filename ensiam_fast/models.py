@@ -17,6 +17,8 @@ import torch.nn as nn
 from ensiam_fast.batchnorm import (  # noqa: F401  (re-exported: the per-view layer lived here)
     PerViewBatchNorm,
     PerViewBatchNormAct,
+)
+from ensiam_fast.batchnorm_ops import (  # noqa: F401  (re-exported: the per-view layer lived here)
     convert_per_view_bn,
     convert_sync_batchnorm,
     guard_recompute,

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ensiam_fast.batchnorm import PerViewBatchNorm, PerViewBatchNormAct, convert_per_view_bn
+from ensiam_fast.batchnorm import PerViewBatchNorm, PerViewBatchNormAct
+from ensiam_fast.batchnorm_ops import convert_per_view_bn
 from ensiam_fast.losses import ensiam_loss
 from ensiam_fast.models import build_model
 

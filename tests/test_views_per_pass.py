@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from ensiam_fast.batchnorm import PerViewBatchNorm, freeze_running_stats, recomputing
+from ensiam_fast.batchnorm import PerViewBatchNorm, recomputing
+from ensiam_fast.batchnorm_ops import freeze_running_stats
 from ensiam_fast.methods import build_method, train_views
 from ensiam_fast.models import enable_grad_checkpointing
 
