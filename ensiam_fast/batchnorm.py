@@ -288,7 +288,7 @@ class PerViewBatchNorm(nn.Module):
             warnings.warn(
                 "per-view BatchNorm runs unsynced across processes: its statistics use each "
                 "process's local batch. Set model.sync_bn=true to sync them (in code: "
-                "ensiam_fast.models.convert_sync_batchnorm; torch's converter leaves per-view layers).",
+                "ensiam_fast.batchnorm_ops.convert_sync_batchnorm; torch's converter leaves per-view layers).",
                 stacklevel=3,
             )
 
@@ -297,15 +297,9 @@ class PerViewBatchNormAct(PerViewBatchNorm):
     """timm's ``BatchNormAct2d`` (BatchNorm, then its ``drop`` and ``act`` layers) with per-view
     statistics: the same state-dict keys, the drop and activation modules kept as they were."""
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-    ):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+    def __init__(self, *args, **kwargs):
+        """``PerViewBatchNorm``'s arguments; drop and act start as identities (``from_batchnorm`` takes timm's)."""
+        super().__init__(*args, **kwargs)
         self.drop, self.act = nn.Identity(), nn.Identity()
 
     @classmethod

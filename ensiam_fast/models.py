@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ensiam_fast.batchnorm import (  # noqa: F401  (re-exported: the per-view layer lived here)
-    PerViewBatchNorm,
-    PerViewBatchNormAct,
-)
-from ensiam_fast.batchnorm_ops import (  # noqa: F401  (re-exported: the per-view layer lived here)
-    convert_per_view_bn,
-    convert_sync_batchnorm,
-    guard_recompute,
-    set_num_views,
-)
+from ensiam_fast.batchnorm_ops import convert_per_view_bn, guard_recompute, set_num_views
 from ensiam_fast.choices import BN_MODES
 from ensiam_fast.stems import apply_cifar_stem, create_backbone  # noqa: F401 (re-exported)
 

@@ -23,6 +23,7 @@ import torch
 # isort: on
 
 from ensiam_fast import distributed
+from ensiam_fast.batchnorm_ops import convert_sync_batchnorm
 from ensiam_fast.checkpoint import (
     check_compatible,
     check_fingerprint,
@@ -39,7 +40,7 @@ from ensiam_fast.errors import ConfigError, UserError
 from ensiam_fast.loop import TrainingLoop
 from ensiam_fast.methods import build_method
 from ensiam_fast.metrics import MetricsLog, flatten, read_metrics
-from ensiam_fast.models import convert_sync_batchnorm, enable_grad_checkpointing
+from ensiam_fast.models import enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device, estimate_checkpoint_bytes
 from ensiam_fast.rundir import RunLock, check_folder, check_storage, check_target, remove_stale_tmp

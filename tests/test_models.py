@@ -12,13 +12,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from ensiam_fast.batchnorm import PerViewBatchNorm
+from ensiam_fast.batchnorm_ops import convert_per_view_bn, convert_sync_batchnorm
 from ensiam_fast.losses import ensiam_loss
-from ensiam_fast.models import (
-    PerViewBatchNorm,
-    build_model,
-    convert_per_view_bn,
-    convert_sync_batchnorm,
-)
+from ensiam_fast.models import build_model
 
 SMALL = dict(proj_hidden=64, proj_dim=32, pred_hidden=16)
 K, B = 3, 4
