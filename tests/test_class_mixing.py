@@ -90,6 +90,9 @@ def test_class_sorted_source_gives_class_mixed_batches(sorted_source, tmp_path, 
         )
         == 0
     )
+    # Sizing: a batch of 32 drawn at random from 16 classes x 40 holds 14.0 classes, SD 1.1
+    # (simulated), so the mean over 2 epochs x 20 batches has an SE of about 0.18 and the bound 0.9 x
+    # 13.97 = 12.6 is 8 SE below it. One epoch would do (5.6 SE), but a second costs under a second.
     mixed = classes_per_batch(out, monkeypatch)
     assert mixed >= 0.9 * random_sampling, (mixed, random_sampling)
     # The same images in source order through the same loader: what the check above guards against.
@@ -119,6 +122,9 @@ def test_verify_reports_mixing_and_warns_on_class_sorted_shards(sorted_source, t
     )
     report = verify_dataset(out, decode=False)
     observed, expected = report.mixing["train"]
+    # Sizing: 64 random images hold 15.8 of the 16 classes, SD 0.44 (simulated); the mean over 10
+    # shards has an SE of 0.14, so the bound 0.9 x expected is 11 SE below and class-sorted shards
+    # (2.4 classes) are far under it.
     assert report.ok and not report.warnings
     assert abs(expected - expected_classes([PER_CLASS] * CLASSES, SHARD)) < 1e-9
     assert observed >= 0.9 * expected

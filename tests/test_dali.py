@@ -99,6 +99,9 @@ def test_crop_flip_is_the_crop_then_the_flip():
     near_plain = (np.abs(half - plain) <= 1).all(axis=(2, 3, 4))
     near_mirror = (np.abs(half - mirrored) <= 1).all(axis=(2, 3, 4))
     assert (near_plain ^ near_mirror).all(), "every view is its window or the window mirrored"
+    # 8 views x 24 images = 192 draws: the band is +-0.16 around 0.5 (binomial SD 0.036), enough for
+    # what this test adds to the flip-rate test above (768 draws through the separate flip stage): the
+    # fused stage flips at all and not always (a rate of 0 or 1), or at a rate off by 0.25 (power 0.997).
     lo, hi = binomial_bounds(0.5, near_mirror.size)
     assert lo < near_mirror.mean() < hi, near_mirror.mean()
     names = [name for name, _ in D.view_stages(get_preset("default"), SIZE, "cpu", "numba")]
@@ -204,13 +207,20 @@ def test_jigsaw_modes_permute_tiles_as_documented(kernels):
         rows = [abs(s // grid - d // grid) for p in perms_ for d, s in enumerate(p)]
         cols = [abs(s % grid - d % grid) for p in perms_ for d, s in enumerate(p)]
         assert max(rows) == 1 and max(cols) == 1, "local moves stay within one tile along each axis"
-    # the same distribution as the reference: share of tiles that moved, two-proportion z-test
+    # the same distribution as the reference: share of tiles that moved, two-proportion z-test over
+    # 64 x 16 = 1,024 tiles a side. The tiles of one view are not independent (a permutation), so the
+    # binomial SE is approximate; z = 4.5 leaves room for that. The SE of the difference is about
+    # 0.022, so a local mode moving 15 points more or fewer tiles than the reference fails (power 0.99).
     a = np.array([s != d for p in local for d, s in enumerate(p)], dtype=float)
     b = np.array([s != d for p in ref for d, s in enumerate(p)], dtype=float)
     assert abs(a.mean() - b.mean()) <= 4.5 * np.sqrt(a.var() / len(a) + b.var() / len(b))
 
-    half = jigsaw_moves(kernels, get_preset("very_strong", jigsaw_grid=grid, jigsaw_p=0.5), batch)
-    lo, hi = binomial_bounds(0.5, batch)
+    # jigsaw_p = 0.5 over 256 views (binomial SD 0.031, band +-0.14): catches a cut that never or always
+    # happens, and one drawn twice per view (a rate of 0.25 or 0.75) with probability 0.9999; at the
+    # 64 views above the band would be +-0.28 and miss that. A wide batch costs a few milliseconds.
+    cuts = 256
+    half = jigsaw_moves(kernels, get_preset("very_strong", jigsaw_grid=grid, jigsaw_p=0.5), cuts)
+    lo, hi = binomial_bounds(0.5, cuts)
     assert lo < np.mean([p != identity for p in half]) < hi
 
 
@@ -300,6 +310,9 @@ def test_colour_modes_agree_on_what_jitter_and_grey_do(tiny_dataset, kernels):
     ref, views = views_and_reference(tiny_dataset, preset, views=16, kernels=kernels)
     changed = (views != ref[None]).any(axis=(2, 3, 4))
     grey = (views[:, :, 0] == views[:, :, 1]).all(axis=(2, 3)) & (views[:, :, 1] == views[:, :, 2]).all(axis=(2, 3))
+    # 768 draws (see binomial_bounds): the changed share 0.6 has a band of +-0.08, the grey share 0.2
+    # +-0.065; jitter never or always applied (0.2 or 1.0), grey at 1 - p, or grey only inside the
+    # jitter branch (0.1, power 0.999) all fail.
     lo, hi = binomial_bounds(1 - 0.5 * 0.8, changed.size)
     assert lo < changed.mean() < hi, (kernels, changed.mean())
     lo, hi = binomial_bounds(0.2, grey.size)

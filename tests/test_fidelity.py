@@ -30,7 +30,13 @@ SIZE = 16
 SOLIDS = [(255, 0, 0), (0, 200, 0), (30, 60, 230), (240, 220, 20), (200, 150, 120), (40, 25, 60),
           (180, 200, 210), (128, 128, 128)]  # fmt: skip
 PATHS = ["numba", "gpu_graph"]
-DRAWS = 256  # views per image and path
+# Views per image and path. Sizing: a z-test of one solid colour compares 256 views a side, so its
+# threshold is 4.5 sqrt(2 / 256) = 0.40 of the statistic's per-view SD and a bias of 0.6 SD fails with
+# probability 0.99; the textured group (8 images, 2,048 views a side) sees 0.14 SD. The colour test
+# makes 126 z-tests a path (9 groups x 7 statistics x 2 moments): a false alarm of 9e-4 a path for a
+# correct pipeline (and the pipelines are seeded, so a pass stays a pass). Halving DRAWS would
+# let a 0.6 SD bias pass 38% of the time; the module fixtures compute the reference once a module.
+DRAWS = 256
 
 
 def textured(rng: np.random.Generator) -> np.ndarray:
@@ -154,7 +160,11 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(fa - fb).max())
 
 
-# KS critical value at alpha = 1e-5: c(alpha) sqrt((n + m) / (n m)), c = sqrt(-ln(alpha / 2) / 2)
+# KS critical value at alpha = 1e-5: c(alpha) sqrt((n + m) / (n m)), c = sqrt(-ln(alpha / 2) / 2).
+# Sizing: at n = m = DRAWS = 256 it is 0.22, and 24 tests a path (8 colours x 3 channels) give a
+# false alarm of 2.4e-4; the null statistic's SD is about 0.023, so two distributions whose CDFs
+# are 0.3 apart somewhere (a hue range a third too wide or narrow moves a saturated primary's
+# channel that far) fail with probability above 0.99.
 KS_C = float(np.sqrt(-np.log(1e-5 / 2) / 2))
 HUE_ONLY = get_preset("default", crop=False, flip_p=0.0, blur_p=0.0, jitter_p=1.0, brightness=0.0, contrast=0.0,
                       saturation=0.0, hue=0.1, grayscale_p=0.0)  # fmt: skip
@@ -199,7 +209,9 @@ def default_reference():
 @pytest.mark.parametrize("path", PATHS)
 def test_whole_views_match_torchvision(path, default_reference):
     """Every stage of 'default' (crop, flip, colour, blur) on textured images: per-view colour and
-    contrast statistics agree with the reference's."""
+    contrast statistics agree with the reference's. Sizing: 128 views x 8 images = 1,024 a side in
+    one group, 14 z-tests (false alarm 1e-4); a bias of 0.2 of a statistic's SD is the threshold,
+    0.3 SD fails with probability 0.99."""
     path_usable(path)
     images = whole_view_images()
     ours = colour_statistics(dali_views(images, get_preset("default"), path, draws=DRAWS // 2), images)
@@ -255,5 +267,7 @@ def test_randaugment_after_the_flip_is_torchvisions_composition(path):
         tolerance = 0.01 if best[0] in GEOMETRIC else 0.0  # rounding ties of the sampling grid
         assert best_bad <= tolerance, f"a view matches no (flip, operation): closest {best}, {best_bad:.3f} off"
         seen.add(best[0])
-    # Identity and AutoContrast can give the same view (a full-range image): either may be matched
+    # Identity and AutoContrast can give the same view (a full-range image): either may be matched.
+    # Sizing: each of 128 views draws one of the 14 operations, so a given operation goes unseen with
+    # probability (13/14)^128 = 8e-5 (1e-3 for any of the 12 checked); every view is checked exactly.
     assert seen >= set(KR.RA_OPS) - {"Identity", "AutoContrast"}, sorted(set(KR.RA_OPS) - seen)

@@ -126,6 +126,9 @@ def test_crop_area_proxy_measures_torchvision_crops(coordinate_dataset):
     preset = get_preset("default", **NO_COLOUR)
     areas = crop_area_proxy(collect_views("torch", coordinate_dataset, preset, epochs=3))
     mean, sd = expected_crop_area(preset)
+    # Sizing: 384 crops; the area fraction's SD is about 0.25, so 4.5 SE is 0.06 (plus the proxy's
+    # slack): a proxy reading the sides 10% long or short (area off by a fifth, ~0.11) fails. The
+    # 20,000 reference draws put the reference's own SE at 0.002, a tenth of this test's.
     assert len(areas) == 3 * 2 * 64
     se = sd / np.sqrt(len(areas))
     assert abs(areas.mean() - mean) <= Z * se + PROXY_SLACK, (areas.mean(), mean, se)
@@ -142,7 +145,8 @@ def test_full_view_of_the_coordinate_image_reads_area_one(coordinate_dataset):
 @pytest.mark.parametrize("name", PRESETS)
 def test_dali_crop_area_matches_reference(coordinate_dataset, name):
     preset = get_preset(name, **NO_COLOUR)
-    # 2 epochs x 64 images x 16 views = 2048 crops per backend: a 0.04 shift in mean area is ~6 se
+    # 2 epochs x 64 images x 16 views = 2048 crops per backend: the SE of the difference is 0.008,
+    # so the threshold is 0.035 + 0.01 slack and a 0.06 shift in mean area fails with probability 0.97
     dali = crop_area_proxy(collect_views("dali", coordinate_dataset, preset, epochs=2, views=16, batch=32))
     ref = crop_area_proxy(collect_views("torch", coordinate_dataset, preset, epochs=2, views=16, batch=32))
     assert len(dali) == len(ref) == 2048
@@ -206,7 +210,11 @@ def test_dali_view_colour_statistics_match_reference(indexed_dataset, name):
             )
         ]
     )
-    # 48 images x 12 views = 576 views per backend, in one epoch (one DALI pipeline build)
+    # 48 images x 12 views = 576 views per backend, in one epoch (one DALI pipeline build). Sizing:
+    # each z-test's threshold is 4.5 sqrt(2 / 576) = 0.27 of a statistic's per-view SD (a bias of
+    # 0.4 SD fails with probability 0.99); 29 tests a preset give a false alarm of 2e-4. The grey
+    # share at grayscale_p = 0.2 has a band of +-0.075 (binomial SD 0.017): grey never, always or at
+    # 1 - p fails, and a rate off by 0.1 with probability 0.97 (finer: tests/test_dali.py, 768 draws).
     dali = view_residuals(*collect_labelled_views("dali", indexed_dataset, name, epochs=1, views=12, seed=1), originals)
     ref = view_residuals(*collect_labelled_views("torch", indexed_dataset, name, epochs=1, views=12, seed=2), originals)
     preset = get_preset(name)
