@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from ensiam_fast.errors import UserError
-from ensiam_fast.rundir import LOCK_NAME, TMP_SUFFIX, open_append, open_regular, storage_error, write_text
+from ensiam_fast.rundir import TMP_SUFFIX, open_append, open_regular, storage_error, write_text
+from ensiam_fast.runlock import LOCK_NAME
 
 
 class MetricsError(UserError):

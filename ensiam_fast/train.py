@@ -43,7 +43,8 @@ from ensiam_fast.metrics import MetricsLog, flatten, read_metrics
 from ensiam_fast.models import enable_grad_checkpointing
 from ensiam_fast.placement import resolve_mixed_precision
 from ensiam_fast.run_checks import check_data, data_device, estimate_checkpoint_bytes
-from ensiam_fast.rundir import RunLock, check_folder, check_storage, check_target, remove_stale_tmp
+from ensiam_fast.rundir import check_folder, check_storage, check_target, remove_stale_tmp
+from ensiam_fast.runlock import RunLock
 from ensiam_fast.runtime import configure_runtime
 from ensiam_fast.stems import check_stem
 from ensiam_fast.stopping import Interrupted, StopRequest
@@ -86,7 +87,7 @@ class Trainer(TrainingLoop):
     """Everything one run needs, built once (``__init__``), then ``fit()``: the loop (ensiam_fast/loop.py).
 
     ``stop`` is the run's one signal scope (ensiam_fast/stopping.py); ``lock`` the run directory's owner,
-    taken by the main process before anything is read or written there (ensiam_fast/rundir.py)."""
+    taken by the main process before anything is read or written there (ensiam_fast/runlock.py)."""
 
     def __init__(self, cfg: TrainConfig, stop: StopRequest, lock: RunLock):
         self.cfg, self.stop, self.lock = cfg, stop, lock

@@ -16,7 +16,7 @@ import torch
 from conftest import make_tiny_dataset
 from test_rundir import small_filesystem
 
-from ensiam_fast import export, loop, rundir, train
+from ensiam_fast import export, loop, rundir, runlock, train
 from ensiam_fast.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from ensiam_fast.evaluate import cli as evaluate_cli
 
@@ -321,7 +321,7 @@ def test_evaluate_and_export_refuse_planted_outputs(tmp_path, finished, capsys, 
 
 
 def test_evaluate_into_a_run_in_use_is_refused(finished, capsys):
-    with rundir.RunLock(finished):
+    with runlock.RunLock(finished):
         assert evaluate_cli.main(["knn", "--run", str(finished)]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert f"is in use by PID {os.getpid()}" in line

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ensiam_fast import checkpoint, rundir, train
+from ensiam_fast import checkpoint, runlock, train
 from ensiam_fast.config import load_config
 from ensiam_fast.errors import ConfigError
 from ensiam_fast.stopping import Interrupted, StopRequest
@@ -156,14 +156,14 @@ def test_sigterm_twice_during_a_checkpoint_write(tmp_path, tiny_dataset):
 def test_writing_into_a_runs_checkpoints_folder_takes_the_runs_lock(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    lock = rundir.owning(run / "checkpoints")
-    assert isinstance(lock, rundir.RunLock) and lock.out == run
+    lock = runlock.owning(run / "checkpoints")
+    assert isinstance(lock, runlock.RunLock) and lock.out == run
     plain = tmp_path / "elsewhere" / "exports"  # not a run directory: nothing to lock
     plain.mkdir(parents=True)
-    assert not isinstance(rundir.owning(plain), rundir.RunLock)
+    assert not isinstance(runlock.owning(plain), runlock.RunLock)
 
 
-HOLD_LOCK = "import sys, time; from ensiam_fast.rundir import RunLock; RunLock(sys.argv[1]).acquire(); " \
+HOLD_LOCK = "import sys, time; from ensiam_fast.runlock import RunLock; RunLock(sys.argv[1]).acquire(); " \
     "print('HELD', flush=True); time.sleep(300)"  # fmt: skip
 
 
@@ -202,11 +202,11 @@ def test_compare_does_not_wait_on_a_fifo_marker(tmp_path):
 def test_a_released_lock_removes_the_parents_it_created(tmp_path):
     """output_dir=NEW/a/b: the lock made NEW, NEW/a and NEW/a/b; a refused run must leave none of them
     (it left NEW/a), and never a folder that holds something else."""
-    lock = rundir.RunLock(tmp_path / "new" / "a" / "b").acquire()
+    lock = runlock.RunLock(tmp_path / "new" / "a" / "b").acquire()
     lock.release()
     assert os.listdir(tmp_path) == []
     (tmp_path / "kept").mkdir()
-    lock = rundir.RunLock(tmp_path / "kept" / "a" / "b").acquire()
+    lock = runlock.RunLock(tmp_path / "kept" / "a" / "b").acquire()
     (tmp_path / "kept" / "a" / "note.txt").write_text("someone else's")
     lock.release()
     assert sorted(os.listdir(tmp_path / "kept" / "a")) == ["note.txt"]

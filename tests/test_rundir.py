@@ -1,5 +1,5 @@
-"""The run directory's owner (ensiam_fast/rundir.py): the one writer, the regular-file reader, the lock
-and the storage check, each at function level (the end-to-end cases are in test_lifecycle.py)."""
+"""The run directory's owner (ensiam_fast/rundir.py, ensiam_fast/runlock.py): the one writer, the regular-file
+reader, the lock and the storage check, each at function level (the end-to-end cases are in test_lifecycle.py)."""
 
 import contextlib
 import errno
@@ -19,7 +19,6 @@ from ensiam_fast.checkpoint import latest_checkpoint, save_checkpoint
 from ensiam_fast.errors import UserError
 from ensiam_fast.rundir import (
     RunDirError,
-    RunLock,
     StorageError,
     atomic_write,
     check_storage,
@@ -27,6 +26,7 @@ from ensiam_fast.rundir import (
     open_regular,
     write_text,
 )
+from ensiam_fast.runlock import RunLock
 
 
 def _state(step):
@@ -235,7 +235,7 @@ def test_a_planted_link_as_the_lock_file_is_refused(tmp_path):
 
 def test_the_lock_is_held_across_processes(tmp_path):
     run = tmp_path / "run"
-    code = "import sys; from ensiam_fast.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('ok')"
+    code = "import sys; from ensiam_fast.runlock import RunLock; RunLock(sys.argv[1]).acquire(); print('ok')"
     with RunLock(run):
         other = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip

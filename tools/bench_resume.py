@@ -73,7 +73,7 @@ def overrides(args, out: Path, max_steps: int) -> list[str]:
 def write_checkpoint(args, out: Path, batch: int) -> None:
     """A run directory whose newest checkpoint is at ``batch`` of epoch 0, written by the trainer."""
     from ensiam_fast.config import load_config
-    from ensiam_fast.rundir import RunLock
+    from ensiam_fast.runlock import RunLock
     from ensiam_fast.stopping import StopRequest
     from ensiam_fast.train import Position, Trainer
 

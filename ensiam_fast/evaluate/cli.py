@@ -32,7 +32,8 @@ from ensiam_fast.evaluate.linear import (
 )
 from ensiam_fast.export import load_backbone, source_info
 from ensiam_fast.placement import resolve_data_device, resolve_mixed_precision
-from ensiam_fast.rundir import check_target, owning, write_text
+from ensiam_fast.rundir import check_target, write_text
+from ensiam_fast.runlock import owning
 
 
 def make_runtime(cfg: TrainConfig, backend: str | None = None) -> Runtime:
