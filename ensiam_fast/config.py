@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from ensiam_fast.config_checks import validate
-from ensiam_fast.config_parse import _apply, _load_yaml, parse_overrides, yaml_problem
+from ensiam_fast.config_parse import apply_values, load_yaml, parse_overrides, yaml_problem
 from ensiam_fast.errors import ConfigError
 from ensiam_fast.paths import resolve_data_root
 
@@ -132,7 +132,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
     if config is not None:
         path = resolve_preset_path(config)
         try:
-            values = _load_yaml(path.read_text(), path) or {}
+            values = load_yaml(path.read_text(), path) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {yaml_problem(e)}") from e
         except UnicodeDecodeError as e:
@@ -140,10 +140,10 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
         if not isinstance(values, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         try:
-            _apply(cfg, values)
+            apply_values(cfg, values)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from e
-    _apply(cfg, parse_overrides(overrides or []))
+    apply_values(cfg, parse_overrides(overrides or []))
     validate(cfg)
     cfg.data.root = resolve_data_root(cfg.data.root)  # absolute from here on: config.yaml works from anywhere
     return cfg
@@ -152,7 +152,7 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     """Rebuild a config from ``TrainConfig.to_dict()`` (as stored in checkpoints and config.yaml)."""
     cfg = TrainConfig()
-    _apply(cfg, values)
+    apply_values(cfg, values)
     validate(cfg)
     return cfg
 

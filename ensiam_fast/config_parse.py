@@ -51,7 +51,9 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"config key {key!r}: unsupported type {tp}")
 
 
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+def apply_values(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
+    """Set ``values`` (a nested mapping; command-line text parsed once its key's type is known) on the
+    dataclass ``obj``, each checked against its field's type; ConfigError naming the key otherwise."""
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -63,7 +65,7 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {name!r} is a section; give its fields, e.g. {name}.FIELD=...")
-            _apply(current, value, prefix=f"{name}.")
+            apply_values(current, value, prefix=f"{name}.")
         else:
             if isinstance(value, _Raw):
                 try:
@@ -108,7 +110,8 @@ def yaml_problem(e: yaml.YAMLError) -> str:
     return " ".join(str(e).split())
 
 
-def _load_yaml(text: str, source=None) -> Any:
+def load_yaml(text: str, source=None) -> Any:
+    """``text`` read by ``_Loader`` (YAML as users type it); ``source`` names it in a duplicate-key error."""
     loader = _Loader(text)
     if source is not None:
         loader.source = str(source)
@@ -126,7 +129,7 @@ class _Raw(str):
         args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
         if str in args and not (type(None) in args and self in ("null", "~", "None")):
             return str(self)
-        return _load_yaml(self) if self != "" else None
+        return load_yaml(self) if self != "" else None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
