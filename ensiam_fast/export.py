@@ -51,9 +51,9 @@ from ensiam_fast.checkpoint import resolve_checkpoint
 from ensiam_fast.command import argument_parser
 from ensiam_fast.config import TrainConfig, config_from_dict
 from ensiam_fast.errors import ConfigError, UserError
-from ensiam_fast.models import apply_cifar_stem, create_backbone
 from ensiam_fast.rundir import atomic_write, check_target
 from ensiam_fast.runlock import owning
+from ensiam_fast.stems import apply_cifar_stem, create_backbone
 from ensiam_fast.stopping import first_non_finite
 
 FORMATS = ("timm", "torchvision", "detectron2")

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ensiam_fast.batchnorm_ops import convert_per_view_bn, guard_recompute, set_num_views
 from ensiam_fast.choices import BN_MODES
-from ensiam_fast.stems import apply_cifar_stem, create_backbone  # noqa: F401 (re-exported)
+from ensiam_fast.stems import create_backbone
 
 
 def projection_mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
