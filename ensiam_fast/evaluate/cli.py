@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -58,6 +59,13 @@ def parse_crop_scale(text: str) -> tuple[float, float]:
     except ValueError:
         raise EvaluationError(f"--crop-scale must be two numbers LOW,HIGH such as 0.2,1, got {text!r}") from None
     return low, high
+
+
+def linear_settings(args: argparse.Namespace) -> LinearSettings:
+    """The LinearSettings of a ``linear`` command line: each field is the option of its name."""
+    given = {f.name: getattr(args, f.name) for f in fields(LinearSettings)}
+    given["crop_scale"] = parse_crop_scale(args.crop_scale) if args.crop_scale else LinearSettings.crop_scale
+    return LinearSettings(**given)
 
 
 def write_json_atomic(path: Path, record: dict) -> None:
@@ -122,21 +130,10 @@ def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
             **info,
         }
     else:
-        settings = LinearSettings(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            base_lr=args.base_lr,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            feature_norm=args.feature_norm,
-            seed=args.seed,
-            crop_scale=parse_crop_scale(args.crop_scale) if args.crop_scale else LinearSettings.crop_scale,
-        )
         result = linear_evaluate(
             backbone,
             data,
-            settings,
+            linear_settings(args),
             rt,
             precomputed=args.precomputed,
             eval_batch_size=eval_batch,
