@@ -12,25 +12,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ensiam_fast.shards.format import MANIFEST, MAX_CLASSES, MAX_PIXELS, ShardFormatError, index_name, write_atomic
+from ensiam_fast.shards.format import MANIFEST, MAX_PIXELS, ShardFormatError, index_name, write_atomic
 from ensiam_fast.shards.index import format_index
 from ensiam_fast.shards.manifest import Manifest, SplitInfo, read_manifest, write_manifest
-from ensiam_fast.shards.sources.webdataset import scan_webdataset
+from ensiam_fast.shards.sources.webdataset import WebDatasetOptions, scan_webdataset
 from ensiam_fast.shards.verify import DUPLICATE, VerifyReport, record_verdicts, verify_dataset
 
 ADOPTED = "adopted_from"  # the manifest's extra key that marks an adopted dataset
 
 
 def adopt(
-    src: Path,
-    split_globs: dict[str, str] | None = None,
-    classes_file: Path | None = None,
-    workers: int = 1,
-    *,
-    max_pixels: int = MAX_PIXELS,
-    max_classes: int = MAX_CLASSES,
-    drop_duplicates: bool = False,
-    progress: bool = False,
+    src: Path, options: WebDatasetOptions, *, max_pixels: int = MAX_PIXELS, progress: bool = False
 ) -> tuple[Manifest, list[str], VerifyReport]:
     """Index the tars of ``src``, check them, and write the manifest with each split's verdict;
     return it, the notes to show and the check's report.
@@ -51,15 +43,7 @@ def adopt(
                 f"(check it with `python tools/make_shards.py --verify {root}`); to adopt its tars anew, "
                 "remove that manifest first"
             )
-    scan = scan_webdataset(
-        root,
-        split_globs,
-        classes_file,
-        workers,
-        max_classes=max_classes,
-        drop_duplicates=drop_duplicates,
-        progress=progress,
-    )
+    scan = scan_webdataset(root, options, progress=progress)
     notes = list(scan.notes)
     splits = {}
     sizes: set[tuple[int, int]] = set()
@@ -91,10 +75,12 @@ def adopt(
             scan.classes,
             splits,
             image_size=list(sizes.pop()) if len(sizes) == 1 else None,
-            extra={ADOPTED: {"format": "webdataset", "splits": split_globs or "names"}},
+            extra={ADOPTED: {"format": "webdataset", "splits": options.split_globs or "names"}},
             shuffle_seed=None,  # the order is the tars' own
         )
-        report = verify_dataset(root, workers=workers, max_pixels=max_pixels, progress=progress, manifest=manifest)
+        report = verify_dataset(
+            root, workers=options.workers, max_pixels=max_pixels, progress=progress, manifest=manifest
+        )
         record_verdicts(root, manifest, report, "adoption", max_pixels)
         write_manifest(root, manifest)
     except BaseException:

@@ -21,7 +21,7 @@ from ensiam_fast.shards.encode import EncodeOptions
 from ensiam_fast.shards.format import MANIFEST, MAX_CLASSES, MAX_PIXELS
 from ensiam_fast.shards.manifest import read_manifest, write_manifest
 from ensiam_fast.shards.sources import DATASETS, open_source
-from ensiam_fast.shards.sources.webdataset import open_webdataset, parse_split_globs
+from ensiam_fast.shards.sources.webdataset import WebDatasetOptions, open_webdataset, parse_split_globs
 from ensiam_fast.shards.verify import record_verdicts, verify_dataset
 
 
@@ -160,19 +160,23 @@ def run_verify(root: Path, jobs: int, drop: bool = False, max_pixels: int = MAX_
     return report_verify(report)
 
 
+def webdataset_options(args: argparse.Namespace) -> WebDatasetOptions:
+    """How ``--dataset webdataset`` reads the tars of ``--src``, whether it adopts or rewrites them."""
+    return WebDatasetOptions(
+        split_globs=parse_split_globs(args.split),
+        classes_file=args.classes,
+        workers=args.jobs,
+        max_classes=args.max_classes,
+        drop_duplicates=args.drop_duplicates,
+    )
+
+
 def run_adopt(args: argparse.Namespace) -> int:
     """``--dataset webdataset`` without ``--out``: index the tars in place, check them, and write the
     manifest with its verdict (a failed check is recorded, so nothing trains on it)."""
     try:
         manifest, notes, report = adopt(
-            args.src,
-            parse_split_globs(args.split),
-            args.classes,
-            args.jobs,
-            max_pixels=args.max_pixels,
-            max_classes=args.max_classes,
-            drop_duplicates=args.drop_duplicates,
-            progress=not args.quiet,
+            args.src, webdataset_options(args), max_pixels=args.max_pixels, progress=not args.quiet
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -197,14 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         if args.dataset == "webdataset":
-            source = open_webdataset(
-                args.src,
-                parse_split_globs(args.split),
-                args.classes,
-                args.jobs,
-                max_classes=args.max_classes,
-                drop_duplicates=args.drop_duplicates,
-            )
+            source = open_webdataset(args.src, webdataset_options(args))
         else:
             source = open_source(args.dataset, args.src, strict=args.strict)
         for note in source.notes:

@@ -61,6 +61,18 @@ class WebDatasetScan:
         return any(label is not None for t in self.splits[split] for label in t.labels)
 
 
+@dataclass(frozen=True)
+class WebDatasetOptions:
+    """How a folder of tars is read, for adopting it in place and for rewriting it alike
+    (``make_shards.py``'s ``--split``, ``--classes``, ``--jobs``, ``--max-classes``, ``--drop-duplicates``)."""
+
+    split_globs: dict[str, str] | None = None  # split -> glob; None: the split named by the tar's path
+    classes_file: Path | None = None  # class names, one per line in label order
+    workers: int = 1  # processes that read the tars
+    max_classes: int = MAX_CLASSES
+    drop_duplicates: bool = False  # leave out a repeated key instead of refusing the split
+
+
 def parse_split_globs(specs: Sequence[str] | None) -> dict[str, str] | None:
     """``["train=*train*.tar", ...]`` -> {"train": "*train*.tar"}; None when none were given."""
     if not specs:
@@ -266,15 +278,7 @@ def _check_labels(root, splits, classes_file, max_classes: int, in_place: bool) 
 
 
 def scan_webdataset(
-    src: Path | None,
-    split_globs: dict[str, str] | None = None,
-    classes_file: Path | None = None,
-    workers: int = 1,
-    *,
-    max_classes: int = MAX_CLASSES,
-    drop_duplicates: bool = False,
-    in_place: bool = True,
-    progress: bool = False,
+    src: Path | None, options: WebDatasetOptions = WebDatasetOptions(), *, in_place: bool = True, progress: bool = False
 ) -> WebDatasetScan:
     """Find, assign and read the tars of a WebDataset folder; every problem names the tar and key."""
     if src is None:
@@ -285,15 +289,15 @@ def scan_webdataset(
     names = find_tars(root)
     if not names:
         raise SourceLayoutError(f"webdataset: no .tar files in {root} or its sub-folders")
-    by_split, notes = assign_splits(root, names, split_globs)
-    jobs = [(root, name, drop_duplicates) for split in by_split.values() for name in split]
+    by_split, notes = assign_splits(root, names, options.split_globs)
+    jobs = [(root, name, options.drop_duplicates) for split in by_split.values() for name in split]
     from tqdm import tqdm
 
     scans = []
     with tqdm(total=len(jobs), unit="tar", desc=f"index {root.name}", disable=not progress) as bar:
-        if workers > 1 and len(jobs) > 1:
+        if options.workers > 1 and len(jobs) > 1:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-            with ctx.Pool(min(workers, len(jobs))) as pool:
+            with ctx.Pool(min(options.workers, len(jobs))) as pool:
                 for scan in pool.imap(_scan_args, jobs, chunksize=1):
                     scans.append(scan)
                     bar.update()
@@ -304,7 +308,7 @@ def scan_webdataset(
     found = iter(scans)
     splits = {split: [next(found) for _ in tars] for split, tars in by_split.items()}
     for split, tars in splits.items():
-        _drop_repeated_keys(root, split, tars, drop_duplicates)
+        _drop_repeated_keys(root, split, tars, options.drop_duplicates)
         if not any(t.samples for t in tars):
             raise SourceLayoutError(f"split {split!r} ({root / tars[0].name}, ...) holds no samples")
         labeled = [(t, i) for t in tars for i, y in enumerate(t.labels) if y is not None]
@@ -319,7 +323,7 @@ def scan_webdataset(
     dropped = sum(len(t.dropped) for tars in splits.values() for t in tars)
     if dropped:
         notes.append(f"--drop-duplicates: {dropped} repeated sample(s) left out (listed in the manifest's skipped)")
-    classes, label_notes = _check_labels(root, splits, classes_file, max_classes, in_place)
+    classes, label_notes = _check_labels(root, splits, options.classes_file, options.max_classes, in_place)
     return WebDatasetScan(root, splits, classes, notes + label_notes)
 
 
@@ -355,29 +359,15 @@ class TarSplit:
                 f.close()
 
 
-def open_webdataset(
-    src: Path | None,
-    split_globs: dict[str, str] | None = None,
-    classes_file: Path | None = None,
-    workers: int = 1,
-    *,
-    max_classes: int = MAX_CLASSES,
-    drop_duplicates: bool = False,
-) -> Source:
+def open_webdataset(src: Path | None, options: WebDatasetOptions = WebDatasetOptions()) -> Source:
     """The source ``make_shards.py --dataset webdataset --src DIR --out NEW`` rewrites."""
-    scan = scan_webdataset(
-        src,
-        split_globs,
-        classes_file,
-        workers,
-        max_classes=max_classes,
-        drop_duplicates=drop_duplicates,
-        in_place=False,
-    )
+    scan = scan_webdataset(src, options, in_place=False)
     if (scan.root / MANIFEST).is_file():
         scan.notes.append(f"{scan.root / MANIFEST} is ignored: the tars themselves are read")
     tars = [scan.root / t.name for ts in scan.splits.values() for t in ts]
-    extra = {"rewritten_from": {"format": "webdataset", "source": str(scan.root), "splits": split_globs or "names"}}
+    extra = {
+        "rewritten_from": {"format": "webdataset", "source": str(scan.root), "splits": options.split_globs or "names"}
+    }
     return Source(
         scan.root.resolve().name,
         scan.classes,
