@@ -5,6 +5,7 @@ The contract is in the package docstring (``ensiam_fast.data``).
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 
@@ -12,7 +13,7 @@ import torch
 
 from ensiam_fast.choices import BACKENDS
 from ensiam_fast.data.spec import loader_spec
-from pipelines.presets import MEAN, STD, AugPreset
+from pipelines.presets import MEAN, STD
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
@@ -48,43 +49,35 @@ def build_loader(
     root: str | os.PathLike,
     split: str,
     *,
-    batch_size: int,
-    views: int,
-    preset: str | AugPreset,
     device: str | torch.device = "cpu",
-    shard_id: int = 0,
-    num_shards: int = 1,
-    seed: int = 0,
-    train: bool = True,
-    image_size: int | None = None,
-    num_threads: int | None = None,
     backend: str = "dali",
     num_samples: int | None = None,
     cpu_kernels: str = "auto",
-    shuffle: bool | None = None,
+    **spec_args,
 ):
     """A loader of (K, B, 3, H, W) uint8 views and (B,) int64 labels; see the module docstring.
+    ``spec_args`` are ``ensiam_fast.data.spec.loader_spec``'s keywords, checked there: ``batch_size``,
+    ``views`` and ``preset``, and optionally ``shard_id``, ``num_shards``, ``seed``, ``train``,
+    ``image_size``, ``num_threads`` and ``shuffle`` (default: ``train``; False reads a training split in
+    stored order, with training augmentations: ``ensiam_fast.data.spec.check_shuffle``).
     ``cpu_kernels`` (DALI on the CPU only): 'auto' | 'numba' | 'dali' (``pipelines.kernels.backend``).
-    ``shuffle`` (default: ``train``): False reads a training split in stored order, with training
-    augmentations (``ensiam_fast.data.spec.check_shuffle``).
 
-    ``backend="synthetic"`` ignores ``root``/``split``/``preset`` and yields ``num_samples`` random
-    images per epoch (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
+    ``backend="synthetic"`` ignores ``root``/``split`` and the augmentation (``preset``, ``train``,
+    ``num_threads``, ``shuffle``) and yields ``num_samples`` random images per epoch
+    (``ensiam_fast.data.synthetic``); the other backends read the size from the manifest.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'dali' or 'torch' (or 'synthetic': random views), got {backend!r}")
     if backend == "synthetic":
-        from ensiam_fast.data.synthetic import DEFAULT_SAMPLES, SyntheticLoader
+        from ensiam_fast.data.synthetic import DEFAULT_SAMPLES, SHAPE_ARGS, SyntheticLoader
 
-        return SyntheticLoader(batch_size=batch_size, views=views, image_size=image_size, device=device,
-                               seed=seed, shard_id=shard_id, num_shards=num_shards,
-                               num_samples=num_samples or DEFAULT_SAMPLES)  # fmt: skip
+        inspect.signature(loader_spec).bind(root, split, **spec_args)  # the other backends' keywords, no others
+        shape = {k: v for k, v in spec_args.items() if k in SHAPE_ARGS}
+        return SyntheticLoader(device=device, num_samples=num_samples or DEFAULT_SAMPLES, **shape)
     if backend == "dali" and not dali_available():
         warnings.warn("NVIDIA DALI is not importable: falling back to the torchvision loader", stacklevel=2)
         backend = "torch"
-    spec = loader_spec(root, split, batch_size=batch_size, views=views, preset=preset, shard_id=shard_id,
-                       num_shards=num_shards, seed=seed, train=train, image_size=image_size,
-                       num_threads=num_threads, shuffle=shuffle)  # fmt: skip
+    spec = loader_spec(root, split, **spec_args)
     if backend == "torch":
         from ensiam_fast.data.torch import reference_loader
 

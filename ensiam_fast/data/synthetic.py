@@ -21,6 +21,8 @@ from ensiam_fast.placement import resolve_device
 
 DEFAULT_SAMPLES = 50_000  # images per synthetic epoch unless asked otherwise (CIFAR-10's train split)
 POOL = 2  # distinct batches held on the device
+# the loader arguments (ensiam_fast.data.spec.loader_spec's) that shape random views; the others augment
+SHAPE_ARGS = ("batch_size", "views", "image_size", "seed", "shard_id", "num_shards")
 
 
 def check_synthetic(
@@ -49,7 +51,7 @@ class SyntheticLoader:
         *,
         batch_size: int,
         views: int,
-        image_size: int,
+        image_size: int | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
         shard_id: int = 0,
