@@ -45,44 +45,45 @@ class Sample:
     data: bytes | None = None
 
 
-class ArraySplit:
+class LabelledRows:
+    """What the split readers share: ``labels``, one per sample (None: an unlabelled split)."""
+
+    labels: Sequence[int] | np.ndarray | None
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+    def label(self, i: int) -> int | None:
+        return None if self.labels is None else int(self.labels[i])
+
+
+class ArraySplit(LabelledRows):
     """A split held as a uint8 array (N, H, W, 3) in memory."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray | None, origin: str):
         self.images, self.labels, self.origin = images, labels, origin
 
-    @property
-    def labeled(self) -> bool:
-        return self.labels is not None
-
     def __len__(self) -> int:
         return len(self.images)
 
     def read(self, indices: Sequence[int]) -> Iterator[Sample]:
-        for i in indices:
-            i = int(i)
-            label = None if self.labels is None else int(self.labels[i])
-            yield Sample(i, label, f"{self.origin}#{i}", pixels=self.images[i])
+        for i in map(int, indices):
+            yield Sample(i, self.label(i), f"{self.origin}#{i}", pixels=self.images[i])
 
 
-class FileSplit:
+class FileSplit(LabelledRows):
     """A split of image files with their labels (``None`` when unlabelled)."""
 
     def __init__(self, root: Path, paths: Sequence[str], labels: Sequence[int] | None):
         self.root, self.paths, self.labels = root, list(paths), None if labels is None else list(labels)
 
-    @property
-    def labeled(self) -> bool:
-        return self.labels is not None
-
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, indices: Sequence[int]) -> Iterator[Sample]:
-        for i in indices:
-            i = int(i)
-            label = None if self.labels is None else self.labels[i]
-            yield Sample(i, label, self.paths[i], path=self.root / self.paths[i])
+        for i in map(int, indices):
+            yield Sample(i, self.label(i), self.paths[i], path=self.root / self.paths[i])
 
 
 class SplitReader(Protocol):

@@ -7,21 +7,25 @@ from pathlib import Path
 
 import numpy as np
 
-from ensiam_fast.shards.sources.base import Sample, Source, SourceLayoutError, _locate, _need, _stat_fingerprint
+from ensiam_fast.shards.sources.base import (
+    LabelledRows,
+    Sample,
+    Source,
+    SourceLayoutError,
+    _locate,
+    _need,
+    _stat_fingerprint,
+)
 
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 STL10_SIDE = 96
 
 
-class Stl10Split:
+class Stl10Split(LabelledRows):
     """One STL-10 ``*_X.bin`` (read lazily through a memmap: the unlabelled file is 2.6 GB)."""
 
     def __init__(self, x_path: Path, labels: np.ndarray | None, count: int):
         self.x_path, self.labels, self.count = x_path, labels, count
-
-    @property
-    def labeled(self) -> bool:
-        return self.labels is not None
 
     def __len__(self) -> int:
         return self.count
@@ -37,8 +41,7 @@ class Stl10Split:
         block[order] = raw[indices[order]].transpose(0, 3, 2, 1)
         del raw
         for j, i in enumerate(indices.tolist()):
-            label = None if self.labels is None else int(self.labels[i])
-            yield Sample(i, label, f"{self.x_path.name}#{i}", pixels=block[j])
+            yield Sample(i, self.label(i), f"{self.x_path.name}#{i}", pixels=block[j])
 
 
 def open_stl10(src: Path | None) -> Source:
