@@ -156,21 +156,12 @@ def parse_args(argv=None):
         metavar="KEY=VALUE",
         help="a config override for every run (repeatable), e.g. --set model.compile=true",
     )
-    p.add_argument(
-        "--background-load",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also measure each run with N busy background processes (idle and loaded alternate)",
-    )
     p.add_argument("--repeats", type=int, default=1, help="measurements per run (and per load)")
-    p.add_argument(
-        "--baseline-threads",
-        type=int,
-        default=0,
-        metavar="T",
-        help="also measure with torch threads fixed at T (the governor off), interleaved",
-    )
+    for flag, metavar, condition in (  # further conditions each run is measured under, off by default
+        ("--background-load", "N", "with N busy background processes (idle and loaded alternate)"),
+        ("--baseline-threads", "T", "with torch threads fixed at T (the governor off), interleaved"),
+    ):
+        p.add_argument(flag, type=int, default=0, metavar=metavar, help=f"also measure each run {condition}")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_DENSE_TFLOPS, help="for the MFU figure")
     p.add_argument("--digits", default=str(ROOT / "shards" / "digits"), help="the converted digits dataset")
     return p.parse_args(argv)
