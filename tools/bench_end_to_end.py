@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 
 # isort: off
-from common import ROOT  # tools/common.py: the checkout first on sys.path
+from common import ROOT, print_result  # tools/common.py: the checkout first on sys.path
 import ensiam_fast  # noqa: E402, F401  (before torch: the trainer's OpenMP spin-wait, as users get it)
 import torch  # noqa: E402
 
@@ -262,8 +261,7 @@ def main(argv=None) -> dict:
         "loadavg_at_end": os.getloadavg(),
         "results": results,
     }  # fmt: skip
-    print(json.dumps(record))
-    return record
+    return print_result(record)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import common  # noqa: E402, F401  (tools/common.py: the checkout first on sys.path)
+import common  # noqa: E402  (tools/common.py: the checkout first on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,9 +98,7 @@ def main(argv=None) -> dict:
     graphs = [("after", ROOT, "gpu_graph")]
     if args.before is not None:
         graphs.insert(0, ("before", args.before.resolve(), "dali"))
-    result = {"tool": "bench_gpu_graph", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-              "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
-              "ops": [], "memory": []}  # fmt: skip
+    result = {**common.result_head("bench_gpu_graph"), "ops": [], "memory": []}
     with tempfile.TemporaryDirectory(prefix="bench_gpu_graph_") as tmp:
         data = {s: write_bench_dataset(Path(tmp) / f"d{s}", s, args.batch * (args.batches + 2)) for s in args.sizes}
         for label, checkout, _ in graphs:
@@ -136,8 +132,7 @@ def main(argv=None) -> dict:
         targets["very_strong_224_within_1.5x_default"] = ratio <= 1.5
     result["targets"] = targets
     result["setup"] = {"batch": args.batch, "batches": args.batches, "memory_views": args.memory_views}
-    print(json.dumps(result))
-    return result
+    return common.print_result(result)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
+import common  # tools/common.py: the checkout first on sys.path
 import numpy as np
 import torch
 from PIL import Image
@@ -215,13 +213,7 @@ def main(argv=None) -> dict:
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     result = {
-        "tool": "bench_pipeline",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        **common.result_head("bench_pipeline"),
         "device": args.device,
         "threads": args.threads,
         "repeats": args.repeats,
@@ -229,8 +221,8 @@ def main(argv=None) -> dict:
         "results": rows,
         "targets": check_targets(rows, args.device),
     }
-    print(json.dumps(result))
-    return result
+    result["machine"]["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return common.print_result(result)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
+import common  # tools/common.py: the checkout first on sys.path
 from nvidia.dali import pipeline_def  # noqa: E402
 
 from ensiam_fast.shards import shard_paths  # noqa: E402
@@ -107,15 +105,12 @@ def main(argv=None) -> dict:
         print(json.dumps(r), flush=True)
     totals = {k: round(statistics.median(v[stops[-1]]), 3) for k, v in cumulative.items()}
     result = {
-        "tool": "bench_stages",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        **common.result_head("bench_stages"),
         "size": args.size, "preset": args.preset, "views": args.views, "batch": batch, "repeats": args.repeats,
         "stages": rows,
         "total_ms_cpu_per_image": totals,
     }  # fmt: skip
-    print(json.dumps(result))
-    return result
+    return common.print_result(result)
 
 
 if __name__ == "__main__":

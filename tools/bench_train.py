@@ -36,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
+import common  # tools/common.py: the checkout first on sys.path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -346,8 +346,7 @@ def main(argv=None) -> dict:
         values = [r[ratio] for r in results if ratio in r]
         if values:
             summary[f"{ratio}_min"], summary[f"{ratio}_median"] = min(values), statistics.median(values)
-    print(json.dumps(summary))
-    return summary
+    return common.print_result(summary)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ on the path), before it imports ``ensiam_fast`` or ``pipelines``. ``metrics.json
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +32,21 @@ def last_json(text: str) -> dict | None:
                 return None
             return found if isinstance(found, dict) else None
     return None
+
+
+def result_head(tool: str) -> dict:
+    """The first keys of a benchmark's result line: the tool, the local date and time, the machine."""
+    return {
+        "tool": tool,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+    }
+
+
+def print_result(record: dict) -> dict:
+    """Print ``record`` as the command's JSON last line (what :func:`last_json` reads back); return it."""
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def photo_like(rng, n: int, h: int, w: int):

@@ -12,11 +12,10 @@ Prints one JSON object (the output path and its pixel size) as its last line.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
+import common  # tools/common.py: the checkout first on sys.path
 import numpy as np
 import torch
 import webdataset as wds
@@ -148,8 +147,7 @@ def main(argv=None) -> dict:
         "backend": args.backend,
         "mean_view_pixel": float(np.asarray(views, dtype=np.float64).mean()),
     }
-    print(json.dumps(result))
-    return result
+    return common.print_result(result)
 
 
 if __name__ == "__main__":
