@@ -25,11 +25,13 @@ export MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MAIN_PORT=${MAIN_PORT:-29500}
 # A collective that waits longer than this (a node died or froze) ends every process with an error.
 export DIST_TIMEOUT_S=${DIST_TIMEOUT_S:-600}
+# The interpreter whose packages run the job (default: python3 on PATH; e.g. PYTHON=$VENV/bin/python).
+export PYTHON=${PYTHON:-python3}
 
 # `srun` starts one launcher per node; SLURM_NODEID is that node's rank. The training arguments
 # pass through unchanged ("$@").
 srun --kill-on-bad-exit=1 bash -c '
-  accelerate launch --multi_gpu \
+  "$PYTHON" -m accelerate.commands.launch --multi_gpu \
     --num_machines "$NUM_NODES" --num_processes $((NUM_NODES * PROCS_PER_NODE)) \
     --machine_rank "$SLURM_NODEID" --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT" \
     --mixed_precision no --dynamo_backend no \
