@@ -2,13 +2,13 @@
 
 After the crop (one resampling per view, DALI's on the GPU, the crop kernel on the CPU) the K
 views of an image are stacked as frames of one sample, (K, S, S, 3), and every later stage --
-colour (jitter + grey), blur, RandAugment, jigsaw -- is one ``numba_function`` over all frames: a
-CUDA kernel on the GPU (``pipelines.kernels.cuda``, ``blocks = (K, 1, 1)``), the CPU kernels
-frame by frame on the CPU (``pipelines.kernels.frames``: the CPU proxy of the GPU graph,
-``data.cpu_kernels=gpu_graph``). The random parameters of a stage are drawn once per sample for all
-K views, (K, D) uniforms, turned into (K, P) parameters by one CPU kernel (the CPU kernels'
-``*_params``) and moved to the GPU. One transpose makes the frames CHW and K slices hand the views
-out. Operator counts and memory: ``tools/bench_gpu_graph.py``.
+colour (jitter + grey), blur, RandAugment with the jigsaw (one stage: ``FUSED``) -- is one
+``numba_function`` over all frames: a CUDA kernel on the GPU (``pipelines.kernels.cuda``,
+``blocks = (K, 1, 1)``), the CPU kernels frame by frame on the CPU (``pipelines.kernels.frames``:
+the CPU proxy of the GPU graph, ``data.cpu_kernels=gpu_graph``). The random parameters of a stage
+are drawn once per sample for all K views, (K, D) uniforms, turned into (K, P) parameters by one
+CPU kernel (the CPU kernels' ``*_params``) and moved to the GPU. One transpose makes the frames CHW
+and K slices hand the views out. Operator counts and memory: ``tools/bench_gpu_graph.py``.
 
 Without a usable CUDA device (this is how the graph is traced and counted on a CPU-only machine) a
 GPU stage is a trace-only ``NumbaFunction``: the same operator in the graph, with no compiled kernel
@@ -24,7 +24,15 @@ from pipelines import dali_ops as ops
 from pipelines.kernel_ops import crop_stage, numba_function, plain
 from pipelines.kernels import frames as F
 
-FUSED_STAGES = ("colour", "blur", "randaugment", "jigsaw")
+# The preset stages each fused operator runs: RandAugment and the jigsaw are one operator (one
+# output frame per view, one scratch frame on the GPU: ``kernels.frames.RA_JIGSAW``).
+FUSED = {"colour": "colour", "blur": "blur", "randaugment": F.RA_JIGSAW, "jigsaw": F.RA_JIGSAW}
+FUSED_STAGES = tuple(dict.fromkeys(FUSED.values()))
+
+
+def fused_stages(preset) -> list[str]:
+    """The fused operators of ``preset`` after the crop, in order (each once)."""
+    return list(dict.fromkeys(FUSED[name] for name in preset.stages if name in FUSED))
 
 
 @plain
@@ -162,16 +170,15 @@ def crop_views(images, preset, size: int, views: int, device: str, flip: bool) -
 def fused_views(images, preset, size: int, views: int, device: str) -> list:
     """K views (uint8 CHW) of every decoded image: the crops, then each later stage of the preset
     as one operator over the K frames."""
-    names = list(preset.stages)
-    crops = crop_views(images, preset, size, views, device, "flip" in names)
-    if not any(name in FUSED_STAGES for name in names):  # crop (and flip) only: nothing to fuse
+    crops = crop_views(images, preset, size, views, device, "flip" in preset.stages)
+    names = fused_stages(preset)
+    if not names:  # crop (and flip) only: nothing to fuse
         return [ops.to_chw(view) for view in crops]
     frames = fn.stack(*crops, axis=0, axis_name="F")
     for name in names:
-        if name in FUSED_STAGES:
-            frames = stage(frames, name, preset, size, views, device)
+        frames = stage(frames, name, preset, size, views, device)
     chw = fn.transpose(frames, perm=[0, 3, 1, 2], output_layout="FCHW")
     return [chw[k] for k in range(views)]
 
 
-__all__ = ["FUSED_STAGES", "crop_views", "cuda_usable", "fused_views", "stage", "stage_params"]
+__all__ = ["FUSED", "FUSED_STAGES", "crop_views", "cuda_usable", "fused_stages", "fused_views", "stage", "stage_params"]

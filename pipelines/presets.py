@@ -183,13 +183,14 @@ def check_jigsaw(size: int, grid: int) -> None:
 def pipeline_bytes(preset: AugPreset, size: int, images: int, views: int, queue_depth: int = 2) -> int:
     """Projected device memory of the GPU pipeline (``pipelines.fused``) for ``images`` images of
     ``views`` views each: every buffer a view passes through is size x size x 3 uint8 -- the crop,
-    the stacked frame, one output per fused stage (RandAugment two: its scratch frames), the CHW
-    transpose and the slice handed out -- plus the decoded image (taken as 2 size^2 x 3: a source
-    whose shorter side is 8/7 of the view at 4:3), all held once per queue slot. A model, not a
-    measurement: ``tools/bench_gpu_graph.py`` weighs the same graph on the CPU."""
+    the stacked frame, one output per fused stage (RandAugment + jigsaw, one stage, two: its output
+    and scratch frames), the CHW transpose and the slice handed out -- plus the decoded image (taken
+    as 2 size^2 x 3: a source whose shorter side is 8/7 of the view at 4:3), all held once per
+    queue slot. A model, not a measurement: ``tools/bench_gpu_graph.py`` weighs the same graph on
+    the CPU."""
     plane = size * size * 3
-    buffers = 4 + sum(1 for name in preset.stages if name in ("colour", "blur", "jigsaw"))
-    buffers += 2 if "randaugment" in preset.stages else 0
+    buffers = 4 + sum(1 for name in preset.stages if name in ("colour", "blur"))
+    buffers += 2 if {"randaugment", "jigsaw"} & set(preset.stages) else 0
     return queue_depth * images * (2 * plane + views * buffers * plane)
 
 

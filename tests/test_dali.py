@@ -147,8 +147,9 @@ def test_views_of_one_image_differ_and_stay_uint8_chw(tiny_dataset, kernels):
             assert (views[i] != views[j]).any(axis=(1, 2, 3)).all()
 
 
-def test_very_strong_views_run(tiny_dataset):
-    _, views = views_and_reference(tiny_dataset, get_preset("very_strong"), views=2, batch_size=8)
+def test_very_strong_views_run(tiny_dataset, kernels):
+    """very_strong through both CPU pipelines (gpu_graph: RandAugment and the jigsaw as one fused stage)."""
+    _, views = views_and_reference(tiny_dataset, get_preset("very_strong"), views=2, batch_size=8, kernels=kernels)
     assert views.shape == (2, 8, 3, SIZE, SIZE)
     assert (views[0] != views[1]).any(axis=(1, 2, 3)).all()
 
@@ -171,9 +172,9 @@ def jigsaw_moves(kernels: str, preset, batch: int = 64) -> list[tuple[int, ...]]
     @pipeline_def(batch_size=batch, num_threads=2, device_id=None, seed=7, enable_conditionals=True)
     def pipe():
         images = fn.external_source(source=lambda: [known] * batch, batch=True, layout="HWC")
-        if kernels == "gpu_graph":  # one frame per sample through the fused stage
+        if kernels == "gpu_graph":  # one frame per sample through the fused stage (no RandAugment: tiles stay whole)
             frames = fn.stack(images, axis=0, axis_name="F")
-            return fused.stage(frames, "jigsaw", preset, size, 1, "cpu")[0]
+            return fused.stage(frames, "randaugment_jigsaw", preset.replace(randaugment_n=0), size, 1, "cpu")[0]
         return kernel_ops.jigsaw_stage(images, preset, size)
 
     (out,) = run_once(pipe())

@@ -27,7 +27,7 @@ from pipelines.kernels.randaugment import MAX_TRANSLATE_REL, RA_PARAMS_PER_OP, r
 from pipelines.presets import VERY_STRONG
 
 rng = np.random.default_rng(27)
-result = {"mismatch": [], "errors": {}}
+result = {"mismatch": [], "errors": {}, "cases": 0}
 
 
 def ra(op, sign, mag, bins, h, w):
@@ -40,19 +40,31 @@ def same(tag, name, img, params, threads):
     cpu = np.full_like(img, 77)
     F.APPLY[name](cpu, img, params)
     gpu = np.full_like(img, 99)
-    scratch = np.zeros_like(img) if C.OUTPUTS[name] == 2 else None
+    scratch = np.full_like(img, 55) if C.OUTPUTS[name] == 2 else None
     C.launch(name, gpu, img, params, scratch=scratch, threads=threads)
     if not np.array_equal(cpu, gpu):
         result["mismatch"].append(tag)
+    result["cases"] += 1
 
 
+def ra_jig(ops, jig=None, grid=0):  # one view's randaugment_jigsaw parameters: header, operations, jigsaw
+    rows = [np.float32([len(ops), grid])] + list(ops) + ([np.float32(jig)] if grid else [])
+    return np.concatenate(rows).astype(np.float32)
+
+
+RJ = F.RA_JIGSAW
 # the per-channel reductions (autocontrast range, equalisation table) with fewer threads than channels
-img = rng.integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
-chain = np.stack([np.concatenate([ra(12, 1.0, 5, 31, 5, 4), ra(13, 1.0, 5, 31, 5, 4), ra(8, -1.0, 30, 31, 5, 4)])] * 2)
+img = rng.integers(0, 256, (2, 6, 4, 3), dtype=np.uint8)
+chain = [ra(12, 1.0, 5, 31, 6, 4), ra(13, 1.0, 5, 31, 6, 4), ra(8, -1.0, 30, 31, 6, 4)]
+tiles = [1.0, 3, 0, 2, 1]  # a 2x2 jigsaw after the operations: apply, then the source tiles
 for threads in (1, 2, 3, 256):
-    same(f"randaugment autocontrast+equalize+contrast threads={threads}", "randaugment", img, chain, threads)
-# RandAugment with no operation: a copy, as the CPU kernel
-same("randaugment no operation", "randaugment", img, np.zeros((2, 0), np.float32), 8)
+    same(f"autocontrast+equalize+contrast threads={threads}", RJ, img, np.stack([ra_jig(chain)] * 2), threads)
+    same(f"autocontrast+equalize+contrast+jigsaw threads={threads}", RJ, img,
+         np.stack([ra_jig(chain, tiles, 2)] * 2), threads)  # fmt: skip
+# no operation, and a jigsaw not drawn: a copy, as the CPU kernel
+same("no operation", RJ, img, np.zeros((2, 2), np.float32), 8)
+same("jigsaw not drawn", RJ, img, np.stack([ra_jig([], [0.0, 0, 1, 2, 3], 2)] * 2), 8)
+same("one operation, jigsaw not drawn", RJ, img, np.stack([ra_jig(chain[:1], [0.0, 0, 1, 2, 3], 2)] * 2), 8)
 # colour at the ends of its ranges, on a 1x1 and a 7x5 frame, the contrast on a constant frame
 for h, w in ((1, 1), (7, 5)):
     frame = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
@@ -62,15 +74,26 @@ for h, w in ((1, 1), (7, 5)):
         same(f"colour {case} {h}x{w}", "colour", frame, p, 16)
 flat = np.full((2, 3, 3, 3), 77, np.uint8)
 same("colour contrast constant", "colour", flat, np.float32([[1, 1, 1.9] + [0] * 8] * 2), 16)
-# every RandAugment operation at its top magnitude, both signs, on a 1x6 frame
+same("randaugment contrast constant", RJ, flat, np.stack([ra_jig([ra(8, 1.0, 30, 31, 3, 3)])] * 2), 16)
+# every RandAugment operation at its top magnitude, both signs: alone on a 1x6 frame; then on a
+# 4x6 frame followed by a 2x2 jigsaw (three steps with Sharpness: the output after the scratch)
 frame = rng.integers(0, 256, (2, 1, 6, 3), dtype=np.uint8)
+wide = rng.integers(0, 256, (2, 4, 6, 3), dtype=np.uint8)
 for op in range(14):
-    both = np.stack([ra(op, 1.0, 30, 31, 1, 6), ra(op, -1.0, 30, 31, 1, 6)])
-    same(f"randaugment op {op} 1x6", "randaugment", frame, both, 16)
-# jigsaw, one view, local mode
+    both = np.stack([ra_jig([ra(op, 1.0, 30, 31, 1, 6)]), ra_jig([ra(op, -1.0, 30, 31, 1, 6)])])
+    same(f"randaugment op {op} 1x6", RJ, frame, both, 16)
+    for extra in ([], [ra(9, 1.0, 30, 31, 4, 6)]):
+        both = np.stack([ra_jig([ra(op, s, 30, 31, 4, 6)] + extra, [1.0, 2, 0, 3, 1], 2) for s in (1.0, -1.0)])
+        same(f"randaugment op {op} + {len(extra)} + jigsaw 4x6", RJ, wide, both, 16)
+# jigsaw alone, one view, local mode; and after two operations drawn by the preset's own kernel
 frame = rng.integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
-p = F.params("jigsaw", VERY_STRONG.replace(jigsaw_mode="local"), 8, rng.random((1, 33)).astype(np.float32))
-same("jigsaw local K=1", "jigsaw", frame, p, 16)
+jig_only = VERY_STRONG.replace(jigsaw_mode="local", randaugment_n=0)
+p = F.params(RJ, jig_only, 8, rng.random((1, 33)).astype(np.float32))
+same("jigsaw local K=1", RJ, frame, p, 16)
+frames = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+p = F.params(RJ, VERY_STRONG, 8, rng.random((6, F.plan(RJ, VERY_STRONG, 8)[0])).astype(np.float32))
+same("very_strong K=6", RJ, frames, p, 32)
+result["very_strong_columns"] = int(p.shape[1])
 
 # arguments launch must refuse (a CUDA kernel checks no index)
 u8 = np.zeros((2, 4, 4, 3), np.uint8)
@@ -82,10 +105,13 @@ bad = {
     "params of fewer views": ("colour", u8.copy(), u8, colour_p[:1], None, 8),
     "4 channels": ("colour", np.zeros((2, 4, 4, 4), np.uint8), np.zeros((2, 4, 4, 4), np.uint8), colour_p, None, 8),
     "colour columns": ("colour", u8.copy(), u8, np.zeros((2, 5), np.float32), None, 8),
-    "randaugment columns": ("randaugment", u8.copy(), u8, np.zeros((2, 3), np.float32), u8.copy(), 8),
-    "no scratch": ("randaugment", u8.copy(), u8, np.zeros((2, 7), np.float32), None, 8),
-    "jigsaw grid not dividing": ("jigsaw", np.zeros((2, 9, 9, 3), np.uint8), np.zeros((2, 9, 9, 3), np.uint8),
-                                 np.zeros((2, 17), np.float32), None, 8),
+    "header columns": (RJ, u8.copy(), u8, np.float32([[1, 0, 0]] * 2), u8.copy(), 8),
+    "no header": (RJ, u8.copy(), u8, np.zeros((2, 1), np.float32), u8.copy(), 8),
+    "nan header": (RJ, u8.copy(), u8, np.float32([[np.nan, 0]] * 2), u8.copy(), 8),
+    "no scratch": (RJ, u8.copy(), u8, np.float32([[1, 0] + [0] * 7] * 2), None, 8),
+    "jigsaw grid not dividing": (RJ, np.zeros((2, 9, 9, 3), np.uint8), np.zeros((2, 9, 9, 3), np.uint8),
+                                 np.float32([[0, 4, 1] + list(range(16))] * 2), np.zeros((2, 9, 9, 3), np.uint8), 8),
+    "tiles out of range": (RJ, u8.copy(), u8, np.float32([[0, 2, 1, 0, 1, 2, 9]] * 2), u8.copy(), 8),
     "no threads": ("colour", u8.copy(), u8, colour_p, None, 0),
     "unknown stage": ("crop", u8.copy(), u8, colour_p, None, 8),
 }  # fmt: skip
@@ -107,7 +133,9 @@ def test_cuda_stages_hostile_cases_under_simulator():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mismatch"] == [], result["mismatch"]
     errors = result["errors"]
-    assert len(errors) == 11
+    assert result["cases"] == 4 * 2 + 3 + 11 + 1 + 14 * 3 + 2
+    assert result["very_strong_columns"] == 2 + 2 * 7 + 1 + 16
+    assert len(errors) == 14
     for tag, message in errors.items():
         assert message.startswith("ValueError: "), (tag, message)
         assert "\n" not in message, (tag, message)
@@ -116,9 +144,13 @@ def test_cuda_stages_hostile_cases_under_simulator():
     assert "params must be (2, P) float32" in errors["float64 params"]
     assert "params must be (2, P) float32, got (1, 11)" in errors["params of fewer views"]
     assert "must have 11 columns" in errors["colour columns"]
-    assert "multiple of 7 columns, got 3" in errors["randaugment columns"]
+    assert "view 0's header (n_ops=1, grid=0) needs 9 columns" in errors["header columns"]
+    assert errors["header columns"].endswith("got 3")
+    assert "must start with (n_ops, grid), got 1 columns" in errors["no header"]
+    assert "header (n_ops, grid) must be finite" in errors["nan header"]
     assert "needs a scratch array" in errors["no scratch"]
-    assert "grid dividing the frame 9x9" in errors["jigsaw grid not dividing"]
+    assert "jigsaw grid 4 must divide the frame 9x9" in errors["jigsaw grid not dividing"]
+    assert "view 0's jigsaw tiles must be a permutation of 0..3" in errors["tiles out of range"]
     assert "threads per block must be in 1..1024, got 0" in errors["no threads"]
     assert "no CUDA kernel for stage 'crop'" in errors["unknown stage"]
 

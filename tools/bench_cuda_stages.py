@@ -3,13 +3,14 @@
     python tools/bench_cuda_stages.py                             # on a GPU (torch + Numba, no DALI needed)
     python tools/bench_cuda_stages.py --simulate --size 20 --threads 16 --repeats 0   # a CPU-only machine
 
-Each stage (colour, blur, RandAugment, jigsaw) runs on a set of views chosen to cover every
-operation the presets use (each jitter operation at factors below and above 1, hue both ways,
-grey, a five-operation sequence; blur at several sigmas and off; each of the 14 RandAugment
-operations with both signs, and random pairs; jigsaw global, local and off), all views of one
-stage as frames of one launch (``pipelines.kernels.cuda.launch``), and is compared value for value
-with the CPU kernel (``pipelines.kernels.frames``) on the same parameters. Under Numba's CUDA
-simulator (``NUMBA_ENABLE_CUDASIM=1``, NumPy arrays) the same check runs on a CPU-only machine
+Each stage (colour, blur, RandAugment + jigsaw) runs on a set of views chosen to cover every
+operation the presets use (each jitter operation at factors below and above 1, hue both ways, grey,
+a five-operation sequence; blur at several sigmas and off; each of the 14 RandAugment operations
+with both signs and no jigsaw, random pairs of them followed by a jigsaw global, local or off, and
+the jigsaw alone), the views of one parameter layout as frames of one launch
+(``pipelines.kernels.cuda.launch``), and is compared value for value with the CPU kernel
+(``pipelines.kernels.frames``) on the same parameters. Under Numba's CUDA simulator
+(``NUMBA_ENABLE_CUDASIM=1``, NumPy arrays) the same check runs on a CPU-only machine
 (``tests/test_cuda_kernels.py``). With ``--repeats`` > 0 (a GPU only) each stage is also timed on
 ``--views`` frames of ``--size``: milliseconds per launch on the GPU (CUDA events) against the CPU
 kernel on one core. The last line printed is one JSON object.
@@ -38,7 +39,7 @@ from pipelines.kernels import frames as F  # noqa: E402
 from pipelines.kernels.randaugment import RA_OPS, RA_PARAMS_PER_OP, ra_op_params  # noqa: E402
 from pipelines.presets import get_preset  # noqa: E402
 
-STAGES = ("colour", "blur", "randaugment", "jigsaw")
+STAGES = ("colour", "blur", F.RA_JIGSAW)
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -80,21 +81,32 @@ def randaugment_cases(size: int, m: int = 9, bins: int = 31) -> np.ndarray:
     return singles, pairs
 
 
+def ra_jigsaw_rows(ra: np.ndarray, jig: np.ndarray | None, grid: int) -> np.ndarray:
+    """(K, P) ``randaugment_jigsaw`` parameters: the header, RandAugment's ``ra`` (K, 7 n), then
+    the jigsaw's ``jig`` (K, 1 + grid^2) when ``grid`` > 0."""
+    n_ops = ra.shape[1] // RA_PARAMS_PER_OP
+    header = np.tile(np.float32([n_ops, grid]), (len(ra), 1))
+    return np.ascontiguousarray(np.concatenate([header, ra] + ([jig] if grid else []), axis=1), dtype=np.float32)
+
+
 def cases(size: int) -> dict[str, list[np.ndarray]]:
     """Per stage, one or more (K, P) parameter arrays (each one launch of K views)."""
     strong = get_preset("very_strong")
     rng = np.random.default_rng(2)
     blur_draws = np.float32([[0.0, u] for u in (0.0, 0.3, 0.7, 0.999)] + [[0.9, 0.5]])
+    jigsaw_only = strong.replace(randaugment_n=0)
     jig = []
     for mode, p in (("global", 1.0), ("local", 1.0), ("global", 0.5)):
-        draws = rng.random((6, F.plan("jigsaw", strong, size)[0]))
-        jig.append(F.params("jigsaw", strong.replace(jigsaw_mode=mode, jigsaw_p=p), size, draws))
+        draws = rng.random((10, F.plan(F.RA_JIGSAW, jigsaw_only, size)[0]))
+        jig.append(F.params(F.RA_JIGSAW, jigsaw_only.replace(jigsaw_mode=mode, jigsaw_p=p), size, draws))
+    jig = np.concatenate(jig)
+    grid = strong.jigsaw_grid
     singles, pairs = randaugment_cases(size)
+    tiles = jig[: len(pairs), F.HEADER :]
     return {
         "colour": [colour_cases()],
         "blur": [F.params("blur", strong, size, blur_draws)],
-        "randaugment": [singles, pairs],
-        "jigsaw": [np.concatenate(jig)],
+        F.RA_JIGSAW: [ra_jigsaw_rows(singles, None, 0), ra_jigsaw_rows(pairs, tiles, grid), jig],
     }
 
 
@@ -128,10 +140,11 @@ def perturbed(name: str, params: np.ndarray) -> np.ndarray:
         p[:, 2] *= np.float32(1.05)
     elif name == "blur":
         p[:, 2] *= np.float32(1.01)
-    elif name == "randaugment":
-        p[:, 1] += np.float32(0.1)
-    else:
-        p[:, 1:] = p[:, :0:-1]
+    elif int(p[0, 0]) > 0:  # RandAugment's first operation
+        p[:, F.HEADER + 1] += np.float32(0.1)
+    else:  # the jigsaw's tiles reversed
+        grid = int(p[0, 1])
+        p[:, -grid * grid :] = p[:, : -grid * grid - 1 : -1]
     return p
 
 
@@ -163,7 +176,7 @@ def timing(size: int, views: int, threads: int, repeats: int, preset_name: str) 
     img = images(views, size)
     out = {}
     for name in STAGES:
-        if name == "randaugment" and preset.randaugment_n == 0:
+        if name == F.RA_JIGSAW and preset.randaugment_n == 0:
             preset = get_preset("very_strong")
         params = F.params(name, preset, size, rng.random((views, F.plan(name, preset, size)[0])))
         x, p = torch.from_numpy(img).cuda(), torch.from_numpy(params).cuda()

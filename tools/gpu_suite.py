@@ -77,7 +77,7 @@ def steps(dry: bool) -> list[tuple[str, list[str], int]]:
                     "0",
                     "--stages",
                     "colour",
-                    "jigsaw",
+                    "randaugment_jigsaw",
                 ],
                 300,
             ),  # fmt: skip

@@ -3,10 +3,10 @@
 Each function follows ``torchvision.transforms.v2.functional`` on uint8 tensors step by step, in
 float32 (the precision torchvision computes in), with its clamp and its truncation back to uint8
 after every operation: ``blend_to`` (brightness, contrast and saturation are blends with black,
-the mean grey and the pixel's grey; ``saturate_to`` is the last in one pass), ``grey_floor`` /
-``grey_to`` (rgb_to_grayscale) and ``hue_shift_to`` (adjust_hue: RGB -> HSV, shift the hue,
-HSV -> RGB). Faster forms (a 256-entry table, one pass, no branches) keep the same arithmetic,
-so the same bits. The per-value functions (``blend_value``, ``grey_value``, ``hue_pixel``) are
+the mean grey and the pixel's grey; ``saturate_to`` is the last in one pass, each pixel's grey
+taken where it is blended), ``grey_to`` (rgb_to_grayscale) and ``hue_shift_to`` (adjust_hue:
+RGB -> HSV, shift the hue, HSV -> RGB). Faster forms (a 256-entry table, one pass, no branches)
+keep the same arithmetic, so the same bits. The per-value functions (``blend_value``, ``grey_value``, ``hue_pixel``) are
 twins (``kernels.twin``): the CUDA kernels (``kernels.cuda``) compile the same source.
 """
 
@@ -44,21 +44,27 @@ def blend_rq_to(dst, src, other, r, q):
     rounded from the float64 ratio)."""
     h, w, ch = src.shape
     if other.shape[0] != h or other.shape[1] != w:
-        o = other[0, 0]
-        table = np.empty(256, dtype=np.uint8)
-        for x in range(256):
-            table[x] = blend_value(x, r, q, o)
-        n = src.size
-        d = dst.reshape(n)
-        s = src.reshape(n)
-        for i in range(n):
-            d[i] = table[s[i]]
+        blend_const_to(dst, src, other[0, 0], r, q)
         return
     for i in range(h):
         for j in range(w):
             o = other[i, j]
             for c in range(ch):
                 dst[i, j, c] = blend_value(src[i, j, c], r, q, o)
+
+
+@jit
+def blend_const_to(dst, src, o, r, q):
+    """``blend_rq_to`` with one float32 ``other`` value ``o`` for every pixel: each output value
+    depends on the input value alone, so the 256 results are computed once and looked up."""
+    table = np.empty(256, dtype=np.uint8)
+    for x in range(256):
+        table[x] = blend_value(x, r, q, o)
+    n = src.size
+    d = dst.reshape(n)
+    s = src.reshape(n)
+    for i in range(n):
+        d[i] = table[s[i]]
 
 
 @twin
@@ -71,17 +77,6 @@ def grey_value(r, g, b):
     v = np.float32(np.float64(g) * np.float64(np.float32(0.587)) + np.float64(v))
     v = np.float32(np.float64(b) * np.float64(np.float32(0.114)) + np.float64(v))
     return np.floor(v)
-
-
-@jit
-def grey_floor(src):
-    """The grey of every pixel, (H, W) float32 (torchvision's uint8 grey for blends)."""
-    h, w, _ = src.shape
-    out = np.empty((h, w), dtype=np.float32)
-    for i in range(h):
-        for j in range(w):
-            out[i, j] = grey_value(src[i, j, 0], src[i, j, 1], src[i, j, 2])
-    return out
 
 
 @jit
@@ -99,10 +94,15 @@ def grey_to(dst, src):
 
 @jit
 def saturate_to(dst, src, ratio):
-    """torchvision's adjust_saturation on uint8: ``blend_to(dst, src, grey_floor(src), ratio)``
-    in one pass, each pixel's grey taken before the pixel is written."""
-    r = np.float32(ratio)
-    q = np.float32(1.0 - ratio)
+    """torchvision's adjust_saturation on uint8: ``blend_to`` with each pixel's grey
+    (``grey_value``) in one pass, the grey taken before the pixel is written."""
+    saturate_rq_to(dst, src, np.float32(ratio), np.float32(1.0 - ratio))
+
+
+@jit
+def saturate_rq_to(dst, src, r, q):
+    """``saturate_to`` with its two float32 factors given (``blend_rq_to``'s ``r``, ``q``): no grey
+    plane, each pixel's grey computed where it is blended."""
     n = src.shape[0] * src.shape[1]
     s3 = src.reshape(n * 3)
     d3 = dst.reshape(n * 3)
@@ -120,14 +120,20 @@ def saturate_to(dst, src, ratio):
 def mean_grey(src):
     """The mean of the truncated grey (torchvision's contrast centre), as a (1, 1) float32 array.
     The greys are whole numbers, so their sum is exact in a 64-bit integer."""
+    out = np.zeros((1, 1), dtype=np.float32)
+    out[0, 0] = mean_grey_value(src)
+    return out
+
+
+@jit
+def mean_grey_value(src):
+    """``mean_grey`` as a float32 scalar."""
     n = src.shape[0] * src.shape[1]
     s3 = src.reshape(n * 3)
     total = 0
     for px in range(n):
         total += np.int64(grey_value(s3[3 * px], s3[3 * px + 1], s3[3 * px + 2]))
-    out = np.zeros((1, 1), dtype=np.float32)
-    out[0, 0] = np.float32(total / n)
-    return out
+    return np.float32(total / n)
 
 
 @twin

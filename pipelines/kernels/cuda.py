@@ -1,11 +1,13 @@
-"""The GPU stages of a view as CUDA kernels: colour (jitter + grey), blur, RandAugment, jigsaw.
+"""The GPU stages of a view as CUDA kernels: colour (jitter + grey), blur, RandAugment + jigsaw.
 
 Each kernel takes the K views of one image as frames, ``img`` (K, H, W, 3) uint8, and their
 parameters, ``params`` (K, P) float32 (drawn on the CPU by ``kernels.frames``: the same
 ``*_params`` functions as the CPU kernels), and writes ``out`` (K, H, W, 3): one CUDA block per view
 (``blocks = (K, 1, 1)``), its threads striding over the view's pixels, ``cuda.syncthreads()``
 between the operations of a view and around its reductions (the contrast mean, the autocontrast
-range, the equalisation histogram, all in integers, so their order does not matter). The per-value
+range, the equalisation histogram, all in integers, so their order does not matter). RandAugment
+and the jigsaw are one kernel: a view's steps alternate between ``out`` and one ``scratch`` frame.
+Helpers that only the kernels call are ``twin.device`` functions. The per-value
 maths are the CPU kernels' twins (``kernels.twin``): the same source compiled for both targets, so
 a view is the CPU kernel's bit for bit (``tests/test_cuda_kernels.py``, under Numba's simulator).
 
@@ -24,6 +26,7 @@ from numba import cuda
 from pipelines.kernels.blur import blur_value
 from pipelines.kernels.colour import N_PARAMS
 from pipelines.kernels.colour_maths import blend_value, grey_value, hue_pixel
+from pipelines.kernels.frames import HEADER, RA_JIGSAW, ra_jigsaw_layout
 from pipelines.kernels.randaugment import (
     RA_PARAMS_PER_OP,
     autocontrast_value,
@@ -31,9 +34,39 @@ from pipelines.kernels.randaugment import (
     sharp_value,
     warp_source,
 )
-from pipelines.kernels.twin import rebind
+from pipelines.kernels.twin import device, rebind
 
 THREADS = 256  # threads per block (one block per view)
+
+
+@device
+def copy_frame(dst, src, t, nt):
+    """dst = src (one view), thread ``t`` of ``nt`` striding over the pixels."""
+    w = src.shape[1]
+    for px in range(t, src.shape[0] * w, nt):
+        i = px // w
+        j = px - i * w
+        for c in range(3):
+            dst[i, j, c] = src[i, j, c]
+
+
+@device
+def block_mean_grey(src, total, t, nt):
+    """The mean of the truncated grey of one view (``colour_maths.mean_grey_value``), its sum
+    exact in integers in ``total`` (shared, one int64) whatever the threads' order."""
+    w = src.shape[1]
+    n = src.shape[0] * w
+    if t == 0:
+        total[0] = 0
+    cuda.syncthreads()
+    acc = 0
+    for px in range(t, n, nt):
+        i = px // w
+        j = px - i * w
+        acc += int(grey_value(src[i, j, 0], src[i, j, 1], src[i, j, 2]))
+    cuda.atomic.add(total, 0, acc)
+    cuda.syncthreads()
+    return np.float32(total[0] / n)
 
 
 def colour_kernel(out, img, params):
@@ -41,17 +74,12 @@ def colour_kernel(out, img, params):
     k = cuda.blockIdx.x
     t = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    src = img[k]
     dst = out[k]
     p = params[k]
-    w = src.shape[1]
-    n = src.shape[0] * w
+    w = dst.shape[1]
+    n = dst.shape[0] * w
     total = cuda.shared.array(1, dtype=np.int64)
-    for px in range(t, n, nt):
-        i = px // w
-        j = px - i * w
-        for c in range(3):
-            dst[i, j, c] = src[i, j, c]
+    copy_frame(dst, img[k], t, nt)
     cuda.syncthreads()
     for s in range(int(p[0])):
         op = int(p[1 + 2 * s])
@@ -59,18 +87,8 @@ def colour_kernel(out, img, params):
         r = np.float32(f)
         q = np.float32(np.float64(1.0) - np.float64(f))
         mean = np.float32(0.0)
-        if op == 1:  # contrast: the mean of the truncated grey, summed exactly
-            if t == 0:
-                total[0] = 0
-            cuda.syncthreads()
-            acc = 0
-            for px in range(t, n, nt):
-                i = px // w
-                j = px - i * w
-                acc += int(grey_value(dst[i, j, 0], dst[i, j, 1], dst[i, j, 2]))
-            cuda.atomic.add(total, 0, acc)
-            cuda.syncthreads()
-            mean = np.float32(total[0] / n)
+        if op == 1:  # contrast: the mean of the truncated grey
+            mean = block_mean_grey(dst, total, t, nt)
         for px in range(t, n, nt):
             i = px // w
             j = px - i * w
@@ -118,156 +136,149 @@ def blur_kernel(out, img, params):
             dst[i, j, c] = src[i, j, c]
 
 
-def randaugment_kernel(out, scratch, img, params):
-    """``kernels.randaugment.randaugment_apply`` of view ``blockIdx.x``: each operation from one
-    buffer into the other (``img`` -> ... -> ``out``, through ``scratch``)."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    h = img.shape[1]
-    w = img.shape[2]
-    n = h * w
-    hist = cuda.shared.array(768, dtype=np.int32)
-    lut = cuda.shared.array(768, dtype=np.int32)
-    lohi = cuda.shared.array(6, dtype=np.int32)
-    total = cuda.shared.array(1, dtype=np.int64)
-    half_w = np.float32(0.5 * w - 0.5)
-    half_h = np.float32(0.5 * h - 0.5)
-    n_ops = params.shape[1] // RA_PARAMS_PER_OP
-    src = img[k]
-    if n_ops == 0:  # no operation: a copy, as randaugment_apply
+@device
+def ra_reduce(src, op, total, lohi, hist, lut, t, nt):
+    """What RandAugment operation ``op`` needs of the whole view before its pixels: contrast's mean
+    grey (returned), autocontrast's channel ranges (``lohi``), equalisation's tables (``lut``)."""
+    w = src.shape[1]
+    n = src.shape[0] * w
+    if op == 8:
+        return block_mean_grey(src, total, t, nt)
+    if op == 12:  # autocontrast: each channel's range
+        for c in range(t, 3, nt):  # (a loop: a block may have fewer than 3 threads)
+            lohi[c] = 255
+            lohi[3 + c] = 0
+        cuda.syncthreads()
         for px in range(t, n, nt):
             i = px // w
             j = px - i * w
             for c in range(3):
-                out[k, i, j, c] = src[i, j, c]
-    for s in range(n_ops):
-        dst = out[k] if (n_ops - 1 - s) % 2 == 0 else scratch[k]
-        q = params[k, RA_PARAMS_PER_OP * s : RA_PARAMS_PER_OP * (s + 1)]
-        op = int(q[0])
-        mean = np.float32(0.0)
-        if op == 8:  # contrast: the mean grey, summed exactly
-            if t == 0:
-                total[0] = 0
-            cuda.syncthreads()
-            acc = 0
-            for px in range(t, n, nt):
-                i = px // w
-                j = px - i * w
-                acc += int(grey_value(src[i, j, 0], src[i, j, 1], src[i, j, 2]))
-            cuda.atomic.add(total, 0, acc)
-            cuda.syncthreads()
-            mean = np.float32(total[0] / n)
-        elif op == 12:  # autocontrast: each channel's range
-            for c in range(t, 3, nt):  # (a loop: a block may have fewer than 3 threads)
-                lohi[c] = 255
-                lohi[3 + c] = 0
-            cuda.syncthreads()
-            for px in range(t, n, nt):
-                i = px // w
-                j = px - i * w
-                for c in range(3):
-                    cuda.atomic.min(lohi, c, np.int32(src[i, j, c]))
-                    cuda.atomic.max(lohi, 3 + c, np.int32(src[i, j, c]))
-            cuda.syncthreads()
-        elif op == 13:  # equalize: each channel's histogram, then its table
-            for v in range(t, 768, nt):
-                hist[v] = 0
-            cuda.syncthreads()
-            for px in range(t, n, nt):
-                i = px // w
-                j = px - i * w
-                for c in range(3):
-                    cuda.atomic.add(hist, 256 * c + int(src[i, j, c]), 1)
-            cuda.syncthreads()
-            for c in range(t, 3, nt):
-                equalize_lut(hist[256 * c : 256 * (c + 1)], n, lut[256 * c : 256 * (c + 1)])
-            cuda.syncthreads()
+                cuda.atomic.min(lohi, c, np.int32(src[i, j, c]))
+                cuda.atomic.max(lohi, 3 + c, np.int32(src[i, j, c]))
+        cuda.syncthreads()
+    elif op == 13:  # equalize: each channel's histogram, then its table
+        for v in range(t, 768, nt):
+            hist[v] = 0
+        cuda.syncthreads()
         for px in range(t, n, nt):
             i = px // w
             j = px - i * w
-            if 1 <= op <= 5:
-                iy, ix = warp_source(i, j, half_h, half_w, q[1], q[2], q[3], q[4], q[5], q[6])
-                inside = 0 <= ix < w and 0 <= iy < h
-                for c in range(3):
-                    dst[i, j, c] = src[iy, ix, c] if inside else np.uint8(0)
-            elif 6 <= op <= 8:
-                o = mean
-                if op == 7:
-                    o = grey_value(src[i, j, 0], src[i, j, 1], src[i, j, 2])
-                for c in range(3):
-                    dst[i, j, c] = blend_value(src[i, j, c], q[1], q[2], o)
-            elif op == 9:
-                border = i == 0 or j == 0 or i == h - 1 or j == w - 1
-                for c in range(3):
-                    if border:
-                        dst[i, j, c] = src[i, j, c]
-                    else:
-                        dst[i, j, c] = sharp_value(
-                            src[i - 1, j - 1, c], src[i - 1, j, c], src[i - 1, j + 1, c],
-                            src[i, j - 1, c], src[i, j, c], src[i, j + 1, c],
-                            src[i + 1, j - 1, c], src[i + 1, j, c], src[i + 1, j + 1, c], q[1],
-                        )  # fmt: skip
-            elif op == 10:
-                mask = np.uint8(q[1])
-                for c in range(3):
-                    dst[i, j, c] = src[i, j, c] & mask
-            elif op == 11:
-                for c in range(3):
-                    v = src[i, j, c]
-                    dst[i, j, c] = np.uint8(255) - v if v >= q[1] else v
-            elif op == 12:
-                for c in range(3):
-                    lo = lohi[c]
-                    hi = lohi[3 + c]
-                    dst[i, j, c] = src[i, j, c] if hi == lo else autocontrast_value(src[i, j, c], lo, hi)
-            elif op == 13:
-                for c in range(3):
-                    dst[i, j, c] = np.uint8(lut[256 * c + int(src[i, j, c])])
+            for c in range(3):
+                cuda.atomic.add(hist, 256 * c + int(src[i, j, c]), 1)
+        cuda.syncthreads()
+        for c in range(t, 3, nt):
+            equalize_lut(hist[256 * c : 256 * (c + 1)], n, lut[256 * c : 256 * (c + 1)])
+        cuda.syncthreads()
+    return np.float32(0.0)
+
+
+@device
+def ra_pixel(dst, src, i, j, q, mean, lohi, lut):
+    """RandAugment operation ``q`` (``ra_op_params``) at output pixel (i, j): ``ra_apply``'s maths."""
+    h = src.shape[0]
+    w = src.shape[1]
+    op = int(q[0])
+    if 1 <= op <= 5:
+        half_w = np.float32(0.5 * w - 0.5)
+        half_h = np.float32(0.5 * h - 0.5)
+        iy, ix = warp_source(i, j, half_h, half_w, q[1], q[2], q[3], q[4], q[5], q[6])
+        inside = 0 <= ix < w and 0 <= iy < h
+        for c in range(3):
+            dst[i, j, c] = src[iy, ix, c] if inside else np.uint8(0)
+    elif 6 <= op <= 8:
+        o = mean
+        if op == 7:
+            o = grey_value(src[i, j, 0], src[i, j, 1], src[i, j, 2])
+        for c in range(3):
+            dst[i, j, c] = blend_value(src[i, j, c], q[1], q[2], o)
+    elif op == 9:
+        border = i == 0 or j == 0 or i == h - 1 or j == w - 1
+        for c in range(3):
+            if border:
+                dst[i, j, c] = src[i, j, c]
             else:
-                for c in range(3):
-                    dst[i, j, c] = src[i, j, c]
+                dst[i, j, c] = sharp_value(
+                    src[i - 1, j - 1, c], src[i - 1, j, c], src[i - 1, j + 1, c],
+                    src[i, j - 1, c], src[i, j, c], src[i, j + 1, c],
+                    src[i + 1, j - 1, c], src[i + 1, j, c], src[i + 1, j + 1, c], q[1],
+                )  # fmt: skip
+    elif op == 10:
+        mask = np.uint8(q[1])
+        for c in range(3):
+            dst[i, j, c] = src[i, j, c] & mask
+    elif op == 11:
+        for c in range(3):
+            v = src[i, j, c]
+            dst[i, j, c] = np.uint8(255) - v if v >= q[1] else v
+    elif op == 12:
+        for c in range(3):
+            lo = lohi[c]
+            hi = lohi[3 + c]
+            dst[i, j, c] = src[i, j, c] if hi == lo else autocontrast_value(src[i, j, c], lo, hi)
+    elif op == 13:
+        for c in range(3):
+            dst[i, j, c] = np.uint8(lut[256 * c + int(src[i, j, c])])
+    else:
+        for c in range(3):
+            dst[i, j, c] = src[i, j, c]
+
+
+@device
+def jigsaw_pixel(dst, src, i, j, tiles, grid):
+    """``kernels.jigsaw.jigsaw_apply`` at output pixel (i, j): ``tiles`` the source tile of each place."""
+    th = src.shape[0] // grid
+    tw = src.shape[1] // grid
+    ti = i // th
+    tj = j // tw
+    s = int(tiles[ti * grid + tj])
+    si = (s // grid) * th + (i - ti * th)
+    sj = (s % grid) * tw + (j - tj * tw)
+    for c in range(3):
+        dst[i, j, c] = src[si, sj, c]
+
+
+def randaugment_jigsaw_kernel(out, scratch, img, params):
+    """``kernels.randaugment.chain_apply`` of view ``blockIdx.x`` (parameters as
+    ``kernels.frames.ra_jigsaw_layout``): its RandAugment operations, then its jigsaw, each step from
+    one buffer into the other (``img`` -> ... -> ``out``, through ``scratch``)."""
+    k = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    w = img.shape[2]
+    n = img.shape[1] * w
+    hist = cuda.shared.array(768, dtype=np.int32)
+    lut = cuda.shared.array(768, dtype=np.int32)
+    lohi = cuda.shared.array(6, dtype=np.int32)
+    total = cuda.shared.array(1, dtype=np.int64)
+    p = params[k]
+    n_ops = int(p[0])
+    grid = int(p[1])
+    ra_end = HEADER + RA_PARAMS_PER_OP * n_ops
+    steps = n_ops + (1 if grid > 0 and p[ra_end] != np.float32(0.0) else 0)
+    src = img[k]
+    if steps == 0:  # nothing to do: a copy, as chain_apply
+        copy_frame(out[k], src, t, nt)
+    for s in range(steps):
+        dst = out[k] if (steps - 1 - s) % 2 == 0 else scratch[k]
+        q = p[HEADER + RA_PARAMS_PER_OP * s : HEADER + RA_PARAMS_PER_OP * (s + 1)]
+        tiles = p[ra_end + 1 :]
+        mean = np.float32(0.0)
+        if s < n_ops:
+            mean = ra_reduce(src, int(q[0]), total, lohi, hist, lut, t, nt)
+        for px in range(t, n, nt):
+            i = px // w
+            j = px - i * w
+            if s < n_ops:
+                ra_pixel(dst, src, i, j, q, mean, lohi, lut)
+            else:
+                jigsaw_pixel(dst, src, i, j, tiles, grid)
         cuda.syncthreads()
         src = dst
 
 
-def jigsaw_kernel(out, img, params):
-    """``kernels.jigsaw.jigsaw_apply`` of view ``blockIdx.x`` (a grid of sqrt(P - 1) tiles a side)."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
-    src = img[k]
-    dst = out[k]
-    p = params[k]
-    h = src.shape[0]
-    w = src.shape[1]
-    grid = int(np.sqrt(np.float32(params.shape[1] - 1)) + np.float32(0.5))
-    th = h // grid
-    tw = w // grid
-    on = p[0] != np.float32(0.0)
-    for px in range(t, h * w, nt):
-        i = px // w
-        j = px - i * w
-        si = i
-        sj = j
-        if on:
-            ti = i // th
-            tj = j // tw
-            s = int(p[1 + ti * grid + tj])
-            si = (s // grid) * th + (i - ti * th)
-            sj = (s % grid) * tw + (j - tj * tw)
-        for c in range(3):
-            dst[i, j, c] = src[si, sj, c]
-
-
-BODIES = {
-    "colour": colour_kernel,
-    "blur": blur_kernel,
-    "randaugment": randaugment_kernel,
-    "jigsaw": jigsaw_kernel,
-}
-# outputs of each kernel before its inputs (img, params): RandAugment's scratch frames
-OUTPUTS = {"colour": 1, "blur": 1, "randaugment": 2, "jigsaw": 1}
+BODIES = {"colour": colour_kernel, "blur": blur_kernel, RA_JIGSAW: randaugment_jigsaw_kernel}
+# outputs of each kernel before its inputs (img, params): RandAugment and jigsaw's scratch frames
+OUTPUTS = {"colour": 1, "blur": 1, RA_JIGSAW: 2}
 _COMPILED: dict[str, object] = {}
 
 
@@ -315,23 +326,46 @@ def check_launch(name: str, out, img, params, scratch, threads: int) -> None:
         raise ValueError(f"colour: params must have {N_PARAMS} columns (colour_params), got {n_params}")
     if name == "blur" and n_params < 3:
         raise ValueError(f"blur: params must have 3 + r columns (blur_params), got {n_params}")
-    if name == "randaugment" and n_params % RA_PARAMS_PER_OP:
-        raise ValueError(f"randaugment: params must have a multiple of {RA_PARAMS_PER_OP} columns, got {n_params}")
-    if name == "jigsaw":
-        grid = int(np.sqrt(np.float32(n_params - 1)) + np.float32(0.5)) if n_params > 1 else 0
-        if grid < 1 or grid * grid != n_params - 1 or shape[1] % grid or shape[2] % grid:
+    if name == RA_JIGSAW:
+        check_ra_jigsaw(_host(params), shape)
+
+
+def _host(a) -> np.ndarray:
+    """A copy of ``a`` in host memory (a CUDA array through ``__cuda_array_interface__``)."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(a).copy_to_host()
+    return np.asarray(a)
+
+
+def check_ra_jigsaw(params: np.ndarray, shape: tuple) -> None:
+    """Every view's ``randaugment_jigsaw`` parameters (``frames.ra_jigsaw_layout``) fit the columns
+    and the frame: the kernel reads as many operations and tiles as the header says."""
+    n_params = params.shape[1]
+    if n_params < HEADER:
+        raise ValueError(f"{RA_JIGSAW}: params must start with (n_ops, grid), got {n_params} columns")
+    if not np.isfinite(params[:, :HEADER]).all():
+        raise ValueError(f"{RA_JIGSAW}: params' header (n_ops, grid) must be finite")
+    for k, row in enumerate(params):
+        n_ops, grid, need = ra_jigsaw_layout(row)
+        if row[0] != n_ops or row[1] != grid or n_ops < 0 or grid < 0 or need != n_params:
             raise ValueError(
-                f"jigsaw: params must have 1 + grid^2 columns, grid dividing the frame {shape[1]}x{shape[2]}, "
-                f"got {n_params} columns"
+                f"{RA_JIGSAW}: view {k}'s header (n_ops={row[0]:g}, grid={row[1]:g}) needs {need} columns (2 + "
+                f"{RA_PARAMS_PER_OP} n_ops, + 1 + grid^2 with a jigsaw), got {n_params}"
             )
+        if grid and (shape[1] % grid or shape[2] % grid):
+            raise ValueError(f"{RA_JIGSAW}: the jigsaw grid {grid} must divide the frame {shape[1]}x{shape[2]}")
+        tiles = row[n_params - grid * grid :] if grid else row[:0]
+        if grid and sorted(int(v) for v in tiles) != list(range(grid * grid)):
+            raise ValueError(f"{RA_JIGSAW}: view {k}'s jigsaw tiles must be a permutation of 0..{grid * grid - 1}")
 
 
 def launch(name: str, out, img, params, *, scratch=None, threads: int = THREADS, stream=0):
     """Run stage ``name`` on K frames: ``out`` and ``img`` (K, H, W, 3) uint8, ``params`` (K, P)
     float32 (``kernels.frames.params``), all CUDA arrays (``__cuda_array_interface__``: torch CUDA
-    tensors) or, under Numba's CUDA simulator, NumPy arrays. RandAugment needs ``scratch``, like
-    ``out``. Shapes, element types, the stage's parameter count and ``threads`` (1..1024) are
-    checked first (``check_launch``: a ValueError naming the argument)."""
+    tensors) or, under Numba's CUDA simulator, NumPy arrays. RandAugment + jigsaw needs ``scratch``,
+    like ``out``. Shapes, element types, the stage's parameters (for RandAugment + jigsaw every
+    view's header and tiles, read back to the host) and ``threads`` (1..1024) are checked first
+    (``check_launch``: a ValueError naming the argument)."""
     check_launch(name, out, img, params, scratch, threads)
     views = int(img.shape[0])
     run = kernel(name)[(views, 1, 1), (threads, 1, 1), stream]

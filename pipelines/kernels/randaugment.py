@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels.colour_maths import blend_rq_to, grey_floor, mean_grey
+from pipelines.kernels.colour_maths import blend_const_to, mean_grey_value, saturate_rq_to
 from pipelines.kernels.common import copy_image, jit
+from pipelines.kernels.jigsaw import jigsaw_apply
 from pipelines.kernels.twin import fmul, twin
 
 # torchvision's RandAugment translates by up to 150/331 of the image side at the top magnitude.
@@ -290,12 +291,12 @@ def ra_apply(dst, src, p):
         copy_image(dst, src)
     elif op <= 5:
         warp_nearest(dst, src, p[1:7])
-    elif op == 6:
-        blend_rq_to(dst, src, np.zeros((1, 1), dtype=np.float32), np.float32(p[1]), np.float32(p[2]))
-    elif op == 7:
-        blend_rq_to(dst, src, grey_floor(src), np.float32(p[1]), np.float32(p[2]))
-    elif op == 8:
-        blend_rq_to(dst, src, mean_grey(src), np.float32(p[1]), np.float32(p[2]))
+    elif op == 6:  # brightness: a blend with black
+        blend_const_to(dst, src, np.float32(0.0), np.float32(p[1]), np.float32(p[2]))
+    elif op == 7:  # color: a blend with each pixel's grey
+        saturate_rq_to(dst, src, np.float32(p[1]), np.float32(p[2]))
+    elif op == 8:  # contrast: a blend with the mean grey
+        blend_const_to(dst, src, mean_grey_value(src), np.float32(p[1]), np.float32(p[2]))
     elif op == 9:
         sharpness_to(dst, src, np.float32(p[1]))
     elif op == 10:
@@ -318,17 +319,42 @@ def ra_apply(dst, src, p):
 
 
 @jit
+def chain_step(dst, src, ra, n_ops, jig, grid, s):
+    """Step ``s`` of ``chain_apply``: RandAugment operation ``s`` (``s`` < ``n_ops``), else the jigsaw."""
+    if s < n_ops:
+        ra_apply(dst, src, ra[RA_PARAMS_PER_OP * s : RA_PARAMS_PER_OP * (s + 1)])
+    else:
+        jigsaw_apply(dst, src, jig, grid)
+
+
+@jit
+def chain_apply(out, img, scratch, ra, jig, grid):
+    """One view through its RandAugment operations (``ra``: ``randaugment_params``, ra.size /
+    RA_PARAMS_PER_OP of them), then the jigsaw (``jig``: ``jigsaw_params``, ``grid`` > 0; grid 0:
+    none): each step from one buffer into the other, ``img`` -> ... -> ``out`` through one
+    ``scratch`` view shaped like ``img`` (the parity of the steps puts the last one in ``out``)."""
+    n_ops = ra.size // RA_PARAMS_PER_OP
+    steps = n_ops + (1 if grid > 0 and jig[0] != 0.0 else 0)
+    if steps == 0:
+        copy_image(out, img)
+        return
+    if steps % 2 == 1:
+        chain_step(out, img, ra, n_ops, jig, grid, 0)
+    else:
+        chain_step(scratch, img, ra, n_ops, jig, grid, 0)
+    for s in range(1, steps):
+        if (steps - 1 - s) % 2 == 0:
+            chain_step(out, scratch, ra, n_ops, jig, grid, s)
+        else:
+            chain_step(scratch, out, ra, n_ops, jig, grid, s)
+
+
+@jit
 def randaugment_apply(out, img, params):
     """One view through its operations (``randaugment_params``; ``params.size`` / RA_PARAMS_PER_OP
-    of them), ping-ponging between two scratch views."""
-    h, w, ch = img.shape
-    a = np.empty((h, w, ch), dtype=np.uint8)
-    b = np.empty((h, w, ch), dtype=np.uint8)
-    copy_image(a, img)
-    for k in range(params.size // RA_PARAMS_PER_OP):
-        ra_apply(b, a, params[RA_PARAMS_PER_OP * k : RA_PARAMS_PER_OP * (k + 1)])
-        a, b = b, a
-    copy_image(out, a)
+    of them), ping-ponging between ``out`` and one scratch view (``chain_apply``, no jigsaw)."""
+    scratch = np.empty(img.shape, dtype=np.uint8)
+    chain_apply(out, img, scratch, params, params[0:0], 0)
 
 
 @jit

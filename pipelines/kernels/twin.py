@@ -6,7 +6,7 @@ function; ``cuda_version(f)`` compiles the *same source* as a
 CUDA device function the first time a CUDA kernel needs it (so a CPU-only process never imports
 ``numba.cuda``). The CUDA copy sees the module's globals with every twin it calls replaced by that
 twin's CUDA copy, so a twin may call other twins (and ``fmul``) and both targets run the same
-statements.
+statements. ``@device`` registers a CUDA-only helper of the kernels the same way.
 
 ``fmul(a, b)``: a float32 product that is rounded on its own. NVVM fuses a multiply and a
 following add into one FMA (one rounding) by default, which LLVM does not do on the CPU; products
@@ -37,6 +37,15 @@ def twin(fn):
     _SOURCES[id(cpu)] = fn
     _KEEP.append(cpu)
     return cpu
+
+
+def device(fn):
+    """``fn`` as a CUDA device function only (a kernel's helper that uses ``cuda.threadIdx``,
+    shared memory or ``cuda.syncthreads``): the plain function is returned, and kernels and twins
+    that name it call its CUDA copy (``cuda_version``). Nothing compiles it for the CPU."""
+    _SOURCES[id(fn)] = fn
+    _KEEP.append(fn)
+    return fn
 
 
 def simulated() -> bool:
@@ -82,4 +91,4 @@ def _fmul_source(a, b):
 
 fmul = twin(_fmul_source)
 
-__all__ = ["cuda_version", "fmul", "rebind", "simulated", "twin"]
+__all__ = ["cuda_version", "device", "fmul", "rebind", "simulated", "twin"]
