@@ -137,36 +137,13 @@ def label_bytes(cls):
 
 
 @pipeline_def(enable_conditionals=True)
-def kview_pipeline(
-    *,
-    tars: list[str],
-    idxs: list[str],
-    labeled: bool,
-    preset: AugPreset,
-    views: int,
-    size: int,
-    device: str,
-    shuffle: bool,
-    initial_fill: int,
-    shard_id: int,
-    num_shards: int,
-    reader_seed: int,
-    cpu_kernels: str,
-):
-    """Outputs: K views (each a batch of uint8 3 x size x size) and, when labelled, label bytes."""
-    encoded, cls = read_shards(
-        tars,
-        idxs,
-        labeled=labeled,
-        shuffle=shuffle,
-        initial_fill=initial_fill,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        seed=reader_seed,
-    )
-    images = decode(encoded, device)
-    outputs = augment_views(images, preset, size, views, device, cpu_kernels)
-    if labeled:
+def kview_pipeline(*, reader: dict, augment: dict):
+    """Outputs: K views (each a batch of uint8 3 x size x size) and, when labelled, label bytes.
+    ``reader``: ``read_shards``'s arguments; ``augment``: ``augment_views``' after the images (both
+    made by ``build_kview_pipeline``, the one home of these arguments)."""
+    encoded, cls = read_shards(**reader)
+    outputs = augment_views(decode(encoded, augment["device"]), **augment)
+    if reader["labeled"]:
         outputs.append(label_bytes(cls))
     return tuple(outputs)
 
@@ -240,28 +217,13 @@ def build_kview_pipeline(
     if device == "cpu":
         device_id = None  # DALI 2.x: a CPU-only pipeline is one without a device
     with origin_traces_off():
-        return kview_pipeline(
-            tars=list(tars),
-            idxs=list(idxs),
-            labeled=labeled,
-            preset=preset,
-            views=views,
-            size=size,
-            device=device,
-            shuffle=shuffle,
-            initial_fill=max(1, int(initial_fill)),
-            shard_id=shard_id,
-            num_shards=num_shards,
-            reader_seed=reader_seed,
-            cpu_kernels=cpu_kernels,
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=device_id,
-            seed=seed,
-            prefetch_queue_depth=prefetch_queue_depth,
-            enable_checkpointing=checkpointing or checkpoint is not None,
-            checkpoint=checkpoint,
-        )
+        reader = dict(tars=list(tars), idxs=list(idxs), labeled=labeled, shuffle=shuffle, shard_id=shard_id,
+                      initial_fill=max(1, int(initial_fill)), num_shards=num_shards, seed=reader_seed)  # fmt: skip
+        augment = dict(preset=preset, size=size, views=views, device=device, kernels=cpu_kernels)
+        return kview_pipeline(reader=reader, augment=augment, batch_size=batch_size, num_threads=num_threads,
+                              device_id=device_id, seed=seed, prefetch_queue_depth=prefetch_queue_depth,
+                              enable_checkpointing=checkpointing or checkpoint is not None,
+                              checkpoint=checkpoint)  # fmt: skip
 
 
 __all__ = [

@@ -23,6 +23,9 @@ from nvidia.dali import fn, types
 from pipelines import dali_ops as ops
 from pipelines.kernel_ops import crop_stage, numba_function, plain
 from pipelines.kernels import frames as F
+from pipelines.kernels.common import dali_entry
+
+_entry = plain(dali_entry)  # (built while a graph is defined: AutoGraph must leave it alone)
 
 # The preset stages each fused operator runs: RandAugment and the jigsaw are one operator (one
 # output frame per view, one scratch frame on the GPU: ``kernels.frames.RA_JIGSAW``).
@@ -103,31 +106,11 @@ def _numba_function(key: tuple, **kwargs):
         ) from e
 
 
-@plain
-def _params_entry(name: str):
-    run = F.PARAMS[name]
-
-    def entry(out, draws, consts):
-        run(out, draws, consts)
-
-    return entry
-
-
-@plain
-def _apply_entry(name: str):
-    run = F.APPLY[name]
-
-    def entry(out, img, params):
-        run(out, img, params)
-
-    return entry
-
-
 def stage_params(name: str, preset, size: int, views: int, device: str):
     """Stage ``name``'s (K, P) float32 parameters for every sample: one draw, one CPU kernel."""
     n_draws, n_params, consts = F.plan(name, preset, size)
     key = ("params", name, views, n_params, n_draws)
-    op = _numba_function(key, run_fn=_params_entry(name), setup_fn=_setup_params(views, n_params),
+    op = _numba_function(key, run_fn=_entry(F.PARAMS[name], 2), setup_fn=_setup_params(views, n_params),
                          out_types=[types.FLOAT], in_types=[types.FLOAT, types.FLOAT], outs_ndim=[2],
                          ins_ndim=[2, 1], device="cpu")  # fmt: skip
     draws = fn.random.uniform(range=[0.0, 1.0], shape=[views, n_draws])
@@ -148,7 +131,7 @@ def stage(frames, name: str, preset, size: int, views: int, device: str):
                              threads_per_block=[C.THREADS, 1, 1])  # fmt: skip
         out = op(frames, params)
         return out[0] if n_out > 1 else out
-    op = _numba_function(("cpu", name), run_fn=_apply_entry(name), setup_fn=_setup_like_first,
+    op = _numba_function(("cpu", name), run_fn=_entry(F.APPLY[name], 2), setup_fn=_setup_like_first,
                          out_types=[types.UINT8], in_types=[types.UINT8, types.FLOAT], outs_ndim=[4],
                          ins_ndim=[4, 2], device="cpu")  # fmt: skip
     return op(frames, params)

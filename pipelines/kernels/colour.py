@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.kernels.colour_maths import blend_to, grey_to, hue_shift_to, mean_grey, saturate_to
-from pipelines.kernels.common import copy_image, jit
+from pipelines.kernels.common import copy_image, dali_entry, jit
 
 # Layout of the per-preset constant vector handed to the kernel (see ``colour_constants``):
 # jitter_p, grayscale_p, then per operation (brightness, contrast, saturation, hue) lo, hi, on.
@@ -128,8 +128,7 @@ def colour_run(out, img, draws, consts):
     colour_apply(out, img, params)
 
 
-def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
-    colour_run(out, img, draws, consts)
+_entry = dali_entry(colour_run, 3)  # the DALI operator's entry point
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""What every CPU kernel shares: the Numba decorator, the untouched-view copy, the output shape."""
+"""What every CPU kernel shares: the Numba decorator, the untouched-view copy, the output shape, the
+entry point DALI compiles."""
 
 from __future__ import annotations
 
@@ -41,6 +42,27 @@ def copy_image(dst, src):
     s = src.reshape(n)
     for i in range(n):
         d[i] = s[i]
+
+
+def dali_entry(run, n_inputs: int):
+    """The plain function DALI's ``numba_function`` compiles (in every process) for the compiled
+    kernel ``run(out, *inputs)`` of ``n_inputs`` (1 to 3) inputs: one call into Numba's cache."""
+    if n_inputs == 1:
+
+        def entry(out, a):
+            run(out, a)
+
+    elif n_inputs == 2:
+
+        def entry(out, a, b):
+            run(out, a, b)
+
+    else:
+
+        def entry(out, a, b, c):
+            run(out, a, b, c)
+
+    return entry
 
 
 def same_shape_as_first(outs, ins):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels.common import jit, jit_ieee
+from pipelines.kernels.common import dali_entry, jit, jit_ieee
 
 # The per-view vector handed to the kernel: top, left, height, width of the window, mirror (0/1).
 _TOP, _LEFT, _HEIGHT, _WIDTH, _MIRROR = 0, 1, 2, 3, 4
@@ -107,8 +107,7 @@ def crop_run(out, img, window):
     _pass(out.reshape(size, size * 3), rows, first, count, weights)  # the vertical pass
 
 
-def _entry(out, img, window):  # compiled by DALI in every process; one call into the cache
-    crop_run(out, img, window)
+_entry = dali_entry(crop_run, 2)  # the DALI operator's entry point
 
 
 __all__ = ["crop_run", "taps"]

@@ -40,6 +40,12 @@ THREADS = 256  # threads per block (one block per view)
 
 
 @device
+def block_view():
+    """(view, thread, threads) of this CUDA thread: one block per view, its threads striding."""
+    return cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+
+
+@device
 def copy_frame(dst, src, t, nt):
     """dst = src (one view), thread ``t`` of ``nt`` striding over the pixels."""
     w = src.shape[1]
@@ -71,9 +77,7 @@ def block_mean_grey(src, total, t, nt):
 
 def colour_kernel(out, img, params):
     """``kernels.colour.colour_apply`` of view ``blockIdx.x``, in place in ``out`` after a copy."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    k, t, nt = block_view()
     dst = out[k]
     p = params[k]
     w = dst.shape[1]
@@ -113,9 +117,7 @@ def colour_kernel(out, img, params):
 
 def blur_kernel(out, img, params):
     """``kernels.blur.blur_apply`` of view ``blockIdx.x``: every output value from ``blur_value``."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    k, t, nt = block_view()
     src = img[k]
     dst = out[k]
     p = params[k]
@@ -241,9 +243,7 @@ def randaugment_jigsaw_kernel(out, scratch, img, params):
     """``kernels.randaugment.chain_apply`` of view ``blockIdx.x`` (parameters as
     ``kernels.frames.ra_jigsaw_layout``): its RandAugment operations, then its jigsaw, each step from
     one buffer into the other (``img`` -> ... -> ``out``, through ``scratch``)."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    nt = cuda.blockDim.x
+    k, t, nt = block_view()
     w = img.shape[2]
     n = img.shape[1] * w
     hist = cuda.shared.array(768, dtype=np.int32)

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines.kernels.common import copy_image, jit
+from pipelines.kernels.common import copy_image, dali_entry, jit
 from pipelines.presets import JIGSAW_LOCAL_K, JIGSAW_MODES
+
+__all__ = [
+    "jigsaw_apply",
+    "jigsaw_constants",
+    "jigsaw_draws",
+    "jigsaw_params",
+    "jigsaw_run",
+    "tile_sources",
+]
 
 
 def jigsaw_draws(grid: int) -> int:
@@ -99,15 +108,4 @@ def jigsaw_run(out, img, draws, consts):
     jigsaw_apply(out, img, params, grid)
 
 
-def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
-    jigsaw_run(out, img, draws, consts)
-
-
-__all__ = [
-    "jigsaw_apply",
-    "jigsaw_constants",
-    "jigsaw_draws",
-    "jigsaw_params",
-    "jigsaw_run",
-    "tile_sources",
-]
+_entry = dali_entry(jigsaw_run, 3)  # the DALI operator's entry point

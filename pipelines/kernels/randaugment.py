@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines.kernels.colour_maths import blend_const_to, mean_grey_value, saturate_rq_to
-from pipelines.kernels.common import copy_image, jit
+from pipelines.kernels.common import copy_image, dali_entry, jit
 from pipelines.kernels.jigsaw import jigsaw_apply
 from pipelines.kernels.twin import fmul, twin
 
@@ -370,5 +370,4 @@ def randaugment_run(out, img, draws, consts):
 len_ops = len(RA_OPS)  # a module constant, as Numba needs it inside randaugment_params
 
 
-def _entry(out, img, draws, consts):  # compiled by DALI in every process; one call into the cache
-    randaugment_run(out, img, draws, consts)
+_entry = dali_entry(randaugment_run, 3)  # the DALI operator's entry point
