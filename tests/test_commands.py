@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import re
 import runpy
@@ -159,17 +160,51 @@ def test_tools_answer_help(script, monkeypatch, capsys):
     assert out.startswith("usage:"), out[:300]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script", tool_scripts())
-def test_tools_run_from_a_checkout_that_is_not_installed(script, tmp_path):
+# Runs each tools/ script given as ``--help`` in turn, each as ``python tools/X.py`` would: the script's
+# folder first on sys.path and nothing of the checkout imported, so each script's own path set-up must
+# find the package. Modules from site-packages (torch, DALI) stay imported between scripts, as they
+# cannot be imported twice; those of the checkout are forgotten.
+CHECKOUT_HELP = """
+import contextlib, io, json, os, runpy, sys
+base_path = list(sys.path)
+checkout = os.path.realpath(sys.argv[1])
+results = {}
+for script in sys.argv[2:]:
+    for name, module in list(sys.modules.items()):
+        where = os.path.realpath(getattr(module, "__file__", None) or "/")
+        if where.startswith(checkout + os.sep):
+            del sys.modules[name]
+    sys.path[:] = [os.path.dirname(script), *base_path]
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except BaseException as e:
+        code = f"{type(e).__name__}: {e}"
+    results[os.path.basename(script)] = [code, out.getvalue()[:300]]
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # one child interpreter for every script
+def test_tools_run_from_a_checkout_that_is_not_installed(tmp_path):
     """``python tools/X.py --help`` from another directory, with site-packages reachable but the
-    project's own install hidden (``-S``: no .pth files, so no editable finder). A child interpreter
-    each: what is checked is the script's own path set-up at start."""
+    project's own install hidden (``-S``: no .pth files, so no editable finder). What is checked is
+    each script's own path set-up at start, so it runs in a child interpreter: one for all of them
+    (it forgets the checkout's modules before each script), not one each."""
     import site
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
-    out = subprocess.run([sys.executable, "-S", str(REPO / "tools" / script), "--help"], capture_output=True,
-                         text=True, env=env, cwd=tmp_path, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("usage:"), out.stdout[:300]
+    scripts = [str(REPO / "tools" / s) for s in tool_scripts()]
+    out = subprocess.run([sys.executable, "-S", "-c", CHECKOUT_HELP, str(REPO), *scripts], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted(results) == tool_scripts()
+    bad = {s: r for s, r in results.items() if r[0] not in (0, None) or not r[1].startswith("usage:")}
+    assert not bad, bad
