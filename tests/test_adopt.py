@@ -224,10 +224,12 @@ def test_adopt_train_and_evaluate_through_the_real_commands(foreign_src, tmp_pat
     proc = run(["tools/make_shards.py", "--dataset", "webdataset", "--src", str(root), "--workers", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "run"
+    # views at the images' own 16x16 (the demo's 32 cost four times the FLOPs for the same checks)
     proc = run(["-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}", f"data.root={root}",
                 "data.knn_test_split=val", "max_steps=2", "knn_every=1", "knn_k=5", "batch_size=32",
                 "eval_batch_size=64", "log_every=1", "data.num_threads=2", "model.proj_hidden=32",
-                "model.proj_dim=32", "model.pred_hidden=8"])  # fmt: skip
+                "model.proj_dim=32", "model.pred_hidden=8",
+                "data.image_size=16"])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     monitor = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["knn_samples"] for r in monitor if "knn_samples" in r] == [120, 120]  # at step 0 and at the end

@@ -50,6 +50,7 @@ def test_both_loaders_read_every_sample_of_a_joined_split_once(tiny_dataset, bac
     assert len(loader) == 80 // 8
 
 
+@pytest.mark.slow  # a trainer run (joined splits in the fast suite: the loader tests above)
 def test_the_trainer_pretrains_on_a_joined_split_and_the_monitor_scores_one(tiny_dataset, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--config", "demo", f"output_dir={out}", f"data.root={tiny_dataset}", *TINY, "max_steps=2",

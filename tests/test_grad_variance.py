@@ -298,6 +298,7 @@ def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
     assert image[..., :3].std() > 0.05  # something is drawn
 
 
+@pytest.mark.slow  # the tool twice on a resnet18 (its command line in the fast suite: the bad-input test below)
 def test_checkpoint_of_the_same_weights_gives_the_same_numbers(tiny_dataset, tmp_path, capsys):
     """--run loads the network strictly: a checkpoint of the random init with the same seed measures
     exactly what the random init measures (same views, same weights)."""
