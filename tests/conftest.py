@@ -98,3 +98,32 @@ def tiny_dataset(tmp_path_factory) -> Path:
     """48 labelled train, 24 labelled test and 32 unlabelled 32x32 images, 12 classes."""
     root = tmp_path_factory.mktemp("tiny")
     return make_tiny_dataset(root, {"train": (48, True), "test": (24, True), "unlabeled": (32, False)})
+
+
+# The session's trained run: the demo config cut to CPU size (16x16 crops of the tiny dataset, small
+# heads), 3 steps, the kNN monitor at step 0 and at the end. TINY_RUN is its whole command line but
+# output_dir and data.root, so a test can resume a copy of it with the same settings.
+TINY_RUN = [
+    "--config", "demo", "batch_size=8", "epochs=1", "max_steps=3", "log_every=1", "checkpoint_every=1000",
+    "knn_every=1", "knn_k=5", "eval_batch_size=16", "data.image_size=16", "data.num_threads=1",
+    "model.proj_hidden=32", "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false",
+    "model.cifar_stem=true",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_dataset) -> Path:
+    """A run directory trained once per session by the real entry point (``train.main``). Read it
+    only: a test that writes into a run works on ``copy_run(tiny_run, tmp_path)``."""
+    from ensiam_fast import train
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    assert train.main([*TINY_RUN, f"output_dir={out}", f"data.root={tiny_dataset}"]) == 0
+    return out
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    """A copy of a finished run directory under ``where`` (its own to write in)."""
+    import shutil
+
+    return Path(shutil.copytree(run, Path(where) / run.name))

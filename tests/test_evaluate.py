@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import copy_run
 
-from ensiam_fast import evaluate, train
+from ensiam_fast import evaluate
 from ensiam_fast.checkpoint import latest_checkpoint, save_checkpoint
 from ensiam_fast.config import TrainConfig, config_from_dict
 from ensiam_fast.evaluate import (
@@ -20,14 +21,6 @@ from ensiam_fast.evaluate import (
 )
 from ensiam_fast.export import load_backbone
 from ensiam_fast.models import build_model
-
-# The trainer on the tiny dataset at 16x16 with small heads: 3 steps, kNN at the start and the end.
-TINY_TRAIN = [
-    "--config", "demo", "batch_size=8", "epochs=1", "max_steps=3", "log_every=1", "checkpoint_every=1000",
-    "knn_every=1", "knn_k=5", "eval_batch_size=16", "data.image_size=16", "data.num_threads=1",
-    "model.proj_hidden=32", "model.proj_dim=32", "model.pred_hidden=8", "model.channels_last=false",
-    "model.cifar_stem=true",
-]  # fmt: skip
 
 
 def blobs(n_per_class: int, classes: int, dim: int, seed: int, spread: float = 0.5):
@@ -74,10 +67,10 @@ def test_cosine_lr_and_scaled_lr():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_dataset):
-    out = tmp_path_factory.mktemp("evalrun") / "run"
-    assert train.main([*TINY_TRAIN, f"output_dir={out}", f"data.root={tiny_dataset}"]) == 0
-    return out
+def trained_run(tmp_path_factory, tiny_run):
+    """The session's trained run (tests/conftest.py), copied: the commands here write their results
+    (knn.json, linear.json) into it."""
+    return copy_run(tiny_run, tmp_path_factory.mktemp("evalrun"))
 
 
 def last_json(capsys) -> dict:

@@ -203,17 +203,17 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_step_twice(tmp_path, tiny
     assert steps == [1, 2, 3]
 
 
-def test_a_format_1_checkpoint_is_resumed_not_retrained(tmp_path, tiny_dataset, capsys):
+def test_a_format_1_checkpoint_is_resumed_not_retrained(tmp_path, tiny_dataset, tiny_run, capsys):
+    from conftest import TINY_RUN, copy_run
     from test_checkpoint import write_format_1
 
-    rc, out = run_main(tmp_path, tiny_dataset, "max_steps=2", "knn_every=0")
-    assert rc == 0
+    out = copy_run(tiny_run, tmp_path)  # the session's 3-step run (tests/conftest.py), its own copy
     path, state = latest_checkpoint(out)
+    assert state["step"] == 3
     write_format_1(path, state)  # as the code before format /2 wrote it (it used to be skipped: a run from step 0)
     assert torch.load(path, weights_only=False)["format"] == "ensiam_fast-ckpt/1"
     capsys.readouterr()
-    rc, _ = run_main(tmp_path, tiny_dataset, "max_steps=3", "knn_every=0")
-    assert rc == 0
-    assert f"resuming from {path} at step 2" in capsys.readouterr().out
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert train.main([*TINY_RUN, f"output_dir={out}", f"data.root={tiny_dataset}", "max_steps=4"]) == 0
+    assert f"resuming from {path} at step 3" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
     assert latest_checkpoint(out)[1]["format"] == "ensiam_fast-ckpt/2"  # written back in the current format
