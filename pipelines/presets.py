@@ -105,6 +105,24 @@ class AugPreset:
                 raise ValueError(f"{name} must be >= 0 (the jitter is 1 +- it), got {getattr(self, name)!r}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5] (a fraction of the colour circle), got {self.hue!r}")
+        scale, ratio = tuple(self.crop_scale), tuple(self.crop_ratio)
+        if not (len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0):
+            raise ValueError(
+                f"crop_scale must be (low, high) with 0 < low <= high <= 1 (an area fraction), got {self.crop_scale!r}"
+            )
+        if not (len(ratio) == 2 and 0.0 < ratio[0] <= ratio[1] < float("inf")):
+            raise ValueError(
+                f"crop_ratio must be (low, high) with 0 < low <= high (width / height), got {self.crop_ratio!r}"
+            )
+        for name in ("randaugment_n", "jigsaw_grid"):  # 0 turns the stage off; a negative count means nothing
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: off), got {value!r}")
+        if not 1.0 <= self.resize_ratio < float("inf"):
+            raise ValueError(
+                "resize_ratio must be >= 1 (resize to ratio * size, then centre-crop to size), "
+                f"got {self.resize_ratio!r}"
+            )
         sigma = tuple(self.blur_sigma)  # the blur kernels size a view's taps from the upper end
         if self.blur_p > 0 and not (len(sigma) == 2 and 0.0 < sigma[0] <= sigma[1]):
             raise ValueError(f"blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.blur_sigma!r}")
