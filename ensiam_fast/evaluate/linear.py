@@ -69,13 +69,20 @@ class LinearSettings:
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise EvaluationError(f"epochs={self.epochs} and batch_size={self.batch_size} must be at least 1")
-        if self.peak_lr <= 0 or self.momentum < 0 or self.weight_decay < 0:
+        # the bounds of training's optim.* (config_checks): a finite lr > 0, momentum in [0, 1), finite decay >= 0
+        inf = float("inf")
+        if not (0 < self.peak_lr < inf and 0 <= self.momentum < 1 and 0 <= self.weight_decay < inf):
             raise EvaluationError(
-                f"lr={self.peak_lr} must be > 0, momentum={self.momentum} and weight_decay={self.weight_decay} >= 0"
+                f"lr={self.peak_lr} must be a finite number > 0, momentum={self.momentum} in [0, 1) and "
+                f"weight_decay={self.weight_decay} a finite number >= 0"
             )
         low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise EvaluationError(f"crop_scale={low},{high} must satisfy 0 < low <= high <= 1 (an area fraction)")
+        try:  # the rule's home: the preset's own check (pipelines/presets.py)
+            get_preset("linear", crop_scale=(low, high))
+        except ValueError:
+            raise EvaluationError(
+                f"crop_scale={low},{high} must satisfy 0 < low <= high <= 1 (an area fraction)"
+            ) from None
         if self.feature_norm not in FEATURE_NORMS:
             raise EvaluationError(f"feature_norm={self.feature_norm!r} is not one of {FEATURE_NORMS}")
 
