@@ -54,7 +54,10 @@ def validate(cfg) -> None:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"max_steps={cfg.max_steps} must be at least 1 (or null for no cap)")
     if cfg.knn_every < 0 or cfg.knn_k < 1 or cfg.knn_t <= 0:
-        raise ConfigError("knn_every must be >= 0, knn_k >= 1 and knn_t > 0")
+        raise ConfigError(
+            f"knn_every={cfg.knn_every}, knn_k={cfg.knn_k}, knn_t={cfg.knn_t}: "
+            "knn_every must be >= 0, knn_k >= 1 and knn_t > 0"
+        )
     choices = {
         "mixed_precision": MIXED_PRECISION,
         "log_with": LOG_WITH,

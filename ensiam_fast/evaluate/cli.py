@@ -20,8 +20,10 @@ import torch
 from ensiam_fast.checkpoint import resolve_checkpoint
 from ensiam_fast.command import argument_parser
 from ensiam_fast.config import TrainConfig
+from ensiam_fast.config_checks import validate
+from ensiam_fast.config_parse import apply_values
 from ensiam_fast.distributed import global_rank, report_first
-from ensiam_fast.errors import UserError
+from ensiam_fast.errors import ConfigError, UserError
 from ensiam_fast.evaluate.knn import knn_evaluate
 from ensiam_fast.evaluate.linear import (
     FEATURE_NORMS,
@@ -82,8 +84,28 @@ def run_command(args: argparse.Namespace) -> dict | None:
         return evaluate(args, path, state)
 
 
+def apply_options(cfg: TrainConfig, args: argparse.Namespace) -> None:
+    """The options that stand for config keys (--k: knn_k, ...) set on ``cfg`` and checked by the config's
+    own rules (ensiam_fast/config_checks.py), so 0 is refused as in training, not taken for 'unset'."""
+    keys = {"k": "knn_k", "t": "knn_t", "eval_batch_size": "eval_batch_size", "image_size": "data.image_size"}
+    given = {key: getattr(args, opt) for opt, key in keys.items() if getattr(args, opt, None) is not None}
+    if not given:
+        return
+    values: dict = {}
+    for key, value in given.items():
+        section, _, name = key.rpartition(".")
+        (values.setdefault(section, {}) if section else values)[name] = value
+    try:
+        apply_values(cfg, values)
+        validate(cfg)
+    except ConfigError as e:
+        named = " ".join(f"--{opt.replace('_', '-')} {getattr(args, opt)}" for opt, key in keys.items() if key in given)
+        raise EvaluationError(f"{named}: {e}") from None
+
+
 def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
     backbone, cfg = load_backbone(state, path)
+    apply_options(cfg, args)
     data = resolve_eval_data(
         cfg, root=args.data, train_split=args.train_split, test_split=args.test_split, image_size=args.image_size
     )
@@ -91,7 +113,7 @@ def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
     backbone = backbone.to(rt.accelerator.device)
     if rt.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    eval_batch = max(1, (args.eval_batch_size or cfg.eval_batch_size) // rt.world)
+    eval_batch = max(1, cfg.eval_batch_size // rt.world)
     source = source_info(path, state, cfg)
     info = {
         "checkpoint": str(path),
@@ -103,7 +125,7 @@ def evaluate(args: argparse.Namespace, path: Path, state: dict) -> dict | None:
         "test_split": data.test_split,
     }
     if args.command == "knn":
-        k, t = args.k or cfg.knn_k, args.t or cfg.knn_t
+        k, t = cfg.knn_k, cfg.knn_t  # the options, when given, are already in cfg (apply_options)
         result = knn_evaluate(
             rt.features_fn(backbone),
             root=data.root,
