@@ -1,0 +1,113 @@
+"""Probe of issue 26 (one home per rule): the same bad value refused with the same rule by every
+command that meets it. Fast tests call the homes in-process; slow ones run the real commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ensiam_fast.config import load_config
+from ensiam_fast.errors import ConfigError, UserError
+from ensiam_fast.evaluate.linear import LinearSettings
+from pipelines.presets import get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_PRESET_FIELDS = [
+    ("crop_scale", (0.9, 0.1)),
+    ("crop_scale", (0.0, 1.0)),
+    ("crop_ratio", (0.0, 0.0)),
+    ("jigsaw_grid", -2),
+    ("randaugment_n", -1),
+    ("resize_ratio", 0.0),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_PRESET_FIELDS)
+def test_preset_field_out_of_range_is_refused_by_the_preset(field, value):
+    with pytest.raises(ValueError, match=field):
+        get_preset("default", **{field: value})
+
+
+@pytest.mark.parametrize("field,value", BAD_PRESET_FIELDS)
+def test_preset_override_out_of_range_is_a_config_error(field, value):
+    override = f"data.preset_overrides={{{field}: {list(value) if isinstance(value, tuple) else value}}}"
+    with pytest.raises(ConfigError, match=f"data.preset_overrides: {field}"):
+        load_config("demo", [override])
+
+
+def test_in_range_preset_fields_still_accepted():
+    get_preset("eval", resize_ratio=256 / 224)
+    get_preset("linear", crop_scale=(0.08, 1.0))
+    get_preset("very_strong", jigsaw_grid=0, randaugment_n=0)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"lr": float("inf")}, {"base_lr": float("nan")}, {"momentum": 1.5}, {"weight_decay": float("inf")}],
+)
+def test_linear_settings_use_the_trainers_bounds(given):
+    with pytest.raises(UserError):
+        LinearSettings(**given).check()
+    LinearSettings().check()  # the defaults pass
+
+
+def run(args, timeout=300):
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_train_refuses_a_reversed_crop_scale_before_writing(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = run(
+        ["-m", "ensiam_fast.train", "--config", "demo", f"data.root={tiny_dataset}", f"output_dir={out}",
+         "max_steps=1", "knn_every=0", "data.preset_overrides={crop_scale: [0.9, 0.1]}"]
+    )  # fmt: skip
+    assert_one_line_error(proc, "crop_scale", "[0.9, 0.1]")
+    assert "shards" not in proc.stderr  # the preset's fault, not the data's
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe_rules") / "run"
+    proc = run(
+        ["-m", "ensiam_fast.train", "--config", "demo", f"data.root={tiny_dataset}", f"output_dir={out}",
+         "max_steps=1", "knn_every=0", "batch_size=16"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["knn", "--k", "0"], "knn_k"),
+        (["knn", "--t", "0"], "knn_t"),
+        (["knn", "--t", "nan"], "knn_t"),
+        (["knn", "--image-size", "0"], "data.image_size"),
+        (["knn", "--eval-batch-size", "0"], "eval_batch_size"),
+        (["linear", "--lr", "inf", "--precomputed"], "lr=inf"),
+        (["linear", "--momentum", "1.5", "--precomputed"], "momentum=1.5"),
+    ],
+)
+def test_evaluate_refuses_what_training_refuses(trained_run, tmp_path, args, needle):
+    out = tmp_path / "result.json"
+    proc = run(["-m", "ensiam_fast.evaluate", *args, "--run", str(trained_run), "--quiet", "--out", str(out)])
+    assert_one_line_error(proc, needle)
+    assert not out.exists()
