@@ -175,7 +175,10 @@ def test_two_loopback_machines_with_sync_bn(tmp_path, id_dataset):
     out, dumps = tmp_path / "run", tmp_path / "dumps"
     dumps.mkdir()
     port = free_port()
-    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "max_steps=2", "knn_every=0", "model.sync_bn=true"]
+    # the torch loader: SyncBatchNorm across machines is the point, and a DALI process compiles its
+    # Numba operators again (about 14 s CPU each); the DALI loader's shards: two_process_run above
+    args = [f"output_dir={out}", f"data.root={id_dataset}", *TINY, "max_steps=2", "knn_every=0", "model.sync_bn=true",
+            "data.backend=torch"]  # fmt: skip
     procs = [subprocess.Popen(launcher(WORKER, args, machines=2, machine_rank=r, port=port),
                               env=env(DUMP_DIR=str(dumps)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for r in range(2)]  # fmt: skip
