@@ -191,3 +191,16 @@ def test_member_name_with_a_control_character_is_refused(tmp_path):
         with pytest.warns(UserWarning, match="regenerating"):
             build_loader(root, "train", batch_size=8, views=1, preset="eval")
     assert not (root / "train-000000.idx").exists()
+
+
+def test_drop_corrupt_removes_the_bad_sample_and_says_so(tmp_path):
+    """The repair the error lines point to, in process (its end-to-end run through the trainer and the
+    command is the slow test above): the corrupt sample leaves its shard and the manifest records it."""
+    root = make_tiny_dataset(tmp_path / "ds", size=64)  # 64x64: the JPEGs are long enough to corrupt
+    tar = root / "train-000001.tar"
+    corrupt_jpeg(tar, nth=3)
+    assert make_shards(["--verify", str(root), "--drop-corrupt", "--workers", "1"]) == 0
+    info = read_manifest(root).splits["train"]
+    assert info.num_samples == 47 and info.shard_sizes[1] == 15
+    assert "dropped by --drop-corrupt" in info.skipped[-1]["reason"]
+    assert make_shards(["--verify", str(root), "--workers", "1"]) == 0  # clean now

@@ -260,8 +260,11 @@ def tool_args(data: Path, plot: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_tool_end_to_end_json_contract_and_plot(tiny_dataset, tmp_path):
     plot = tmp_path / "gv.png"
+    # timm's test_resnet and the torch loader: the JSON contract and the plot do not depend on the
+    # network's size, and a DALI child compiles its Numba operators again (about 14 s CPU)
+    small = [*TINY, "model.backbone=test_resnet", "data.backend=torch"]
     proc = subprocess.run(
-        [sys.executable, str(TOOL), *tool_args(tiny_dataset, plot), *TINY],
+        [sys.executable, str(TOOL), *tool_args(tiny_dataset, plot), *small],
         capture_output=True,
         text=True,
         timeout=3600,  # seconds on an idle 2-core machine; the bound only catches a hang

@@ -66,8 +66,9 @@ def error_lines(err: str) -> list[str]:
 
 def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, tiny_dataset, capsys):
     out = tmp_path / "race"
+    # the torch loader: the lock is the point, and a DALI child compiles its Numba operators again
     cmd = [sys.executable, "-m", "ensiam_fast.train", *argv(out, tiny_dataset, "knn_every=0", "epochs=50",
-                                                              "checkpoint_every=1")]  # fmt: skip
+                                                              "checkpoint_every=1", "data.backend=torch")]  # fmt: skip
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
@@ -76,7 +77,8 @@ def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, tiny_datase
                 break
             time.sleep(0.2)
         assert first.poll() is None, first.communicate()
-        rc = train.main(argv(out, tiny_dataset, "knn_every=0", "epochs=50", "checkpoint_every=1", "seed=1"))
+        rc = train.main(argv(out, tiny_dataset, "knn_every=0", "epochs=50", "checkpoint_every=1", "seed=1",
+                             "data.backend=torch"))  # fmt: skip
         err = capsys.readouterr().err
         assert rc == 2
         (line,) = error_lines(err)
