@@ -82,32 +82,36 @@ def test_train_refuses_a_reversed_crop_scale_before_writing(tiny_dataset, tmp_pa
     assert not out.exists()
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe_rules") / "run"
-    proc = run(
-        ["-m", "ensiam_fast.train", "--config", "demo", f"data.root={tiny_dataset}", f"output_dir={out}",
-         "max_steps=1", "knn_every=0", "batch_size=16"]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out
+EVALUATE_REFUSALS = [
+    (["knn", "--k", "0"], "knn_k"),
+    (["knn", "--t", "0"], "knn_t"),
+    (["knn", "--t", "nan"], "knn_t"),
+    (["knn", "--image-size", "0"], "data.image_size"),
+    (["knn", "--eval-batch-size", "0"], "eval_batch_size"),
+    (["linear", "--lr", "inf", "--precomputed"], "lr=inf"),
+    (["linear", "--momentum", "1.5", "--precomputed"], "momentum=1.5"),
+]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "args,needle",
-    [
-        (["knn", "--k", "0"], "knn_k"),
-        (["knn", "--t", "0"], "knn_t"),
-        (["knn", "--t", "nan"], "knn_t"),
-        (["knn", "--image-size", "0"], "data.image_size"),
-        (["knn", "--eval-batch-size", "0"], "eval_batch_size"),
-        (["linear", "--lr", "inf", "--precomputed"], "lr=inf"),
-        (["linear", "--momentum", "1.5", "--precomputed"], "momentum=1.5"),
-    ],
-)
-def test_evaluate_refuses_what_training_refuses(trained_run, tmp_path, args, needle):
+@pytest.mark.parametrize("args,needle", EVALUATE_REFUSALS)
+def test_evaluate_refuses_what_training_refuses(tiny_run, tmp_path, args, needle, capsys):
+    """The command's main in process, on the session's trained run (tests/conftest.py); the child
+    interpreter form, once, is the slow test below."""
+    from ensiam_fast.evaluate import main as evaluate_main
+
     out = tmp_path / "result.json"
-    proc = run(["-m", "ensiam_fast.evaluate", *args, "--run", str(trained_run), "--quiet", "--out", str(out)])
-    assert_one_line_error(proc, needle)
+    assert evaluate_main([*args, "--run", str(tiny_run), "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a child interpreter: the real command, for one of the refusals above
+def test_evaluate_refuses_through_the_command(tiny_run, tmp_path):
+    out = tmp_path / "result.json"
+    proc = run(["-m", "ensiam_fast.evaluate", "knn", "--t", "nan", "--run", str(tiny_run), "--quiet", "--out",
+                str(out)])  # fmt: skip
+    assert_one_line_error(proc, "knn_t")
     assert not out.exists()
