@@ -63,7 +63,10 @@ def test_preview_writes_a_png_of_the_expected_size(tiny_dataset, tmp_path, backe
     assert (result["width"], result["height"]) == img.size
 
 
-def test_preview_rejects_more_images_than_the_split_has(tiny_dataset, tmp_path):
+def test_preview_rejects_more_images_than_the_split_has(tiny_dataset, tmp_path, capsys):
     tool = load_tool()
-    with pytest.raises(SystemExit, match="only 24 images"):
+    with pytest.raises(SystemExit) as exc:
         tool.main(["--data", str(tiny_dataset), "--split", "test", "--images", "30", "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2  # a user error: one line, as every command
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "only 24 images" in err, err

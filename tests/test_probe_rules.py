@@ -115,3 +115,30 @@ def test_evaluate_refuses_through_the_command(tiny_run, tmp_path):
                 str(out)])  # fmt: skip
     assert_one_line_error(proc, "knn_t")
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--views", "0"], "views (K) must be an integer in 1..16, got 0"),
+        (["--views", "99"], "views (K) must be an integer in 1..16, got 99"),
+        (["--preset", "nope"], "unknown augmentation preset 'nope'"),
+        (["--preset", "very_strong", "--size", "30"], "not divisible by the jigsaw grid 4"),
+    ],
+)
+def test_preview_applies_the_presets_rules(tiny_dataset, tmp_path, args, needle):
+    out = tmp_path / "views.png"
+    proc = run(["tools/preview_augmentations.py", "--data", str(tiny_dataset), "--out", str(out), *args])
+    assert_one_line_error(proc, needle)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_preview_refuses_to_write_through_a_link(tiny_dataset, tmp_path):
+    target, link = tmp_path / "elsewhere.png", tmp_path / "views.png"
+    link.symlink_to(target)
+    proc = run(["tools/preview_augmentations.py", "--data", str(tiny_dataset), "--out", str(link),
+                "--views", "2", "--images", "1"])  # fmt: skip
+    assert_one_line_error(proc, str(link), "symbolic link")
+    assert not target.exists()

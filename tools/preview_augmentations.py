@@ -12,6 +12,8 @@ Prints one JSON object (the output path and its pixel size) as its last line.
 from __future__ import annotations
 
 import argparse
+import io
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +24,10 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from ensiam_fast.data.torch import IMAGE_EXTS, build_reference_loader, decode_rgb  # noqa: E402
+from ensiam_fast.errors import UserError  # noqa: E402
+from ensiam_fast.rundir import check_target, write_bytes  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, read_manifest, shard_paths, write_manifest, write_shard  # noqa: E402
-from pipelines.presets import get_preset  # noqa: E402
+from pipelines.presets import check_jigsaw, check_views, get_preset  # noqa: E402
 
 PAD = 4
 TITLE_H = 20
@@ -42,12 +46,12 @@ def first_samples(root: Path, split: str, n: int) -> list[tuple[str, bytes]]:
     for sample in wds.tarfile_samples([{"url": t} for t in tars]):
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
-            raise SystemExit(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no .jpg/.png")
+            raise PreviewError(f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no .jpg/.png")
         out.append((ext, sample[ext]))
         if len(out) == n:
             break
     if len(out) < n:
-        raise SystemExit(f"split {split!r} of {root} has only {len(out)} images; ask for --images {len(out)}")
+        raise PreviewError(f"split {split!r} of {root} has only {len(out)} images; ask for --images {len(out)}")
     return out
 
 
@@ -70,7 +74,7 @@ def augmented_views(root: Path, n: int, views: int, preset, backend: str, seed: 
         try:
             from ensiam_fast.data import build_loader
         except ImportError as e:
-            raise SystemExit(f"--backend dali needs ensiam_fast.data ({e}); use --backend torch") from e
+            raise PreviewError(f"--backend dali needs ensiam_fast.data ({e}); use --backend torch") from e
         loader = build_loader(root, "preview", backend="dali", device="cpu", **kw)
     x, y = next(iter(loader))
     out = torch.empty((n, *x.shape[0:1], *x.shape[2:]), dtype=torch.uint8)
@@ -117,17 +121,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+class PreviewError(UserError):
+    """A preview that cannot be drawn; the message says why and what to do."""
+
+
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    preset = get_preset(args.preset)
-    if args.images < 1 or args.views < 1:
-        raise SystemExit("--images and --views must be at least 1")
+    """The command: ``error: ...`` and exit code 2 on a user error (as every ensiam_fast command)."""
+    try:
+        return preview(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def preview(args: argparse.Namespace) -> dict:
+    # the rules' homes (pipelines/presets.py), as training applies them
+    try:
+        preset = get_preset(args.preset)
+        check_views(args.views)
+    except ValueError as e:
+        raise PreviewError(f"--preset {args.preset} --views {args.views}: {e}") from None
+    if args.images < 1 or args.cell < 1:
+        raise PreviewError(f"--images {args.images} and --cell {args.cell} must be at least 1")
+    check_target(args.out)  # a link or FIFO there: refused before the work, not after it
     size = args.size
     if size is None:
         manifest_size = read_manifest(args.data).image_size
         if not manifest_size:
-            raise SystemExit(f"{args.data}: images differ in size (manifest image_size is null); pass --size")
+            raise PreviewError(f"{args.data}: images differ in size (manifest image_size is null); pass --size")
         size = int(manifest_size[0])
+    if size < 1:
+        raise PreviewError(f"--size {size} must be at least 1")
+    try:
+        check_jigsaw(size, preset.jigsaw_grid)
+    except ValueError as e:
+        raise PreviewError(f"--size {size} with --preset {preset.name}: {e}") from None
     samples = first_samples(args.data, args.split, args.images)
     with tempfile.TemporaryDirectory() as tmp:
         root = write_preview_dataset(Path(tmp), samples, size)
@@ -136,7 +164,9 @@ def main(argv=None) -> dict:
     title = f"preset {preset.name}  |  K={args.views}  |  {args.backend}  |  seed {args.seed}  |  {size}px"
     sheet = draw_grid(originals, views, args.cell, title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    write_bytes(args.out, buf.getvalue())  # the one writer (ensiam_fast/rundir.py)
     result = {
         "out": str(args.out),
         "width": sheet.width,
