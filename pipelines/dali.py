@@ -61,18 +61,9 @@ def read_shards(
     contiguous blocks of samples; callers permute ``tars`` per epoch for shard-order shuffling.
     """
     ext = [IMAGE_EXTS, "cls"] if labeled else [IMAGE_EXTS]
-    outputs = fn.readers.webdataset(
-        paths=tars,
-        index_paths=idxs,
-        ext=ext,
-        missing_component_behavior="error",
-        random_shuffle=shuffle,
-        initial_fill=initial_fill,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        seed=seed,
-        name=name,
-    )
+    outputs = fn.readers.webdataset(paths=tars, index_paths=idxs, ext=ext, missing_component_behavior="error",
+                                    random_shuffle=shuffle, initial_fill=initial_fill, shard_id=shard_id,
+                                    num_shards=num_shards, seed=seed, name=name)  # fmt: skip
     if labeled:
         return outputs[0], outputs[1]
     return (outputs if not isinstance(outputs, (list, tuple)) else outputs[0]), None
