@@ -142,3 +142,13 @@ def test_preview_refuses_to_write_through_a_link(tiny_dataset, tmp_path):
                 "--views", "2", "--images", "1"])  # fmt: skip
     assert_one_line_error(proc, str(link), "symbolic link")
     assert not target.exists()
+
+
+@pytest.mark.slow
+def test_bench_resume_offers_the_trainers_cpu_kernels(tmp_path):
+    proc = run(["tools/bench_resume.py", "--cpu-kernels", "dali", "--work", str(tmp_path)])
+    assert proc.returncode == 2 and "invalid choice: 'dali'" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+    from pipelines.presets import CPU_KERNELS
+
+    assert all(f"'{c}'" in proc.stderr for c in CPU_KERNELS)

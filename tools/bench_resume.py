@@ -31,6 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ensiam_fast.metrics import read_metrics  # noqa: E402
+from pipelines.presets import CPU_KERNELS  # noqa: E402
+
 
 def make_split(root: Path, images: int, size: int, per_shard: int = 1024) -> Path:
     """``images`` random-coloured JPEGs of ``size`` pixels in the shard format (train), plus a tiny test split."""
@@ -95,10 +98,12 @@ def drop_loader_state(out: Path) -> None:
     import torch
 
     from ensiam_fast.checkpoint import latest_checkpoint
+    from ensiam_fast.rundir import atomic_write
 
     path, state = latest_checkpoint(out)
     state["loader"] = None
-    torch.save(state, path)
+    with atomic_write(path) as f:  # the one writer: never a half-written checkpoint
+        torch.save(state, f)
 
 
 def time_resume(args, out: Path, batch: int) -> float:
@@ -109,7 +114,8 @@ def time_resume(args, out: Path, batch: int) -> float:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = None
     while proc.poll() is None and seen is None:
-        if metrics.is_file() and any(json.loads(r).get("step") == batch + 1 for r in metrics.read_text().splitlines()):
+        # the one reader (ensiam_fast/metrics.py): a line the trainer is still writing is a torn last line
+        if metrics.is_file() and any(r["step"] == batch + 1 for r in read_metrics(metrics)):
             seen = time.perf_counter() - t0
         time.sleep(0.02)
     _, err = proc.communicate()
@@ -131,8 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--cpu-kernels",
         default="auto",
-        choices=["auto", "numba", "dali"],
-        help="data.cpu_kernels (dali: no Numba compilation in each started process)",
+        choices=CPU_KERNELS,
+        help="data.cpu_kernels (the trainer's choices, pipelines/presets.py)",
     )
     ap.add_argument("--replay", action="store_true", help="also time 50%% and 90%% without the loader state")
     ap.add_argument("--work", default=None, help="folder for the split and the runs (default: a temporary one)")
