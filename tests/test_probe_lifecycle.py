@@ -131,7 +131,10 @@ SLOW_SAVE = textwrap.dedent(
 @pytest.mark.slow
 def test_sigterm_twice_during_a_checkpoint_write(tmp_path, tiny_dataset):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-c", SLOW_SAVE, *argv(out, tiny_dataset, "max_steps=3", "checkpoint_every=1")]
+    # the torch loader (both runs: it is in the resume fingerprint): the save is the point, and a DALI
+    # child compiles DALI's Numba operators again (about 14 s CPU)
+    torch_loader = "data.backend=torch"
+    cmd = [sys.executable, "-c", SLOW_SAVE, *argv(out, tiny_dataset, "max_steps=3", "checkpoint_every=1", torch_loader)]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = wait_for(child, "SAVING")
@@ -149,7 +152,7 @@ def test_sigterm_twice_during_a_checkpoint_write(tmp_path, tiny_dataset):
     assert "stopped by SIGTERM a second time" in err, err
     assert os.listdir(out / "checkpoints") == []  # the cut write left no temporary and no checkpoint
     assert not (out / ".lock").exists()
-    assert train.main(argv(out, tiny_dataset, "max_steps=3", "checkpoint_every=1")) == 0
+    assert train.main(argv(out, tiny_dataset, "max_steps=3", "checkpoint_every=1", torch_loader)) == 0
     assert checkpoint.latest_checkpoint(out)[1]["step"] == 3
 
 

@@ -148,8 +148,11 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
     import time
 
     out = tmp_path / "killed"
+    # the torch loader (both runs: it is part of the resume fingerprint): the signal is the point, and a
+    # DALI child compiles DALI's Numba operators again (about 14 s CPU); DALI's loader state across a
+    # stop: tests/test_loader_state.py and test_lifecycle.py, in process
     argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}",
-            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50"]  # fmt: skip
+            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50", "data.backend=torch"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics_file = out / "metrics.jsonl"
     deadline = time.time() + 300  # start-up alone takes minutes on a loaded 2-core host
@@ -169,7 +172,7 @@ def test_sigterm_writes_a_checkpoint_and_the_same_command_resumes(tmp_path, tiny
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Same command, now capped a few steps later: it resumes where the signal stopped it.
     rc, _ = run_main(tmp_path, tiny_dataset, "knn_every=0", "epochs=50", f"max_steps={stopped_at + 2}",
-                     name="killed")  # fmt: skip
+                     "data.backend=torch", name="killed")  # fmt: skip
     assert rc == 0
     steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == list(range(1, stopped_at + 3))
@@ -183,6 +186,8 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_step_twice(tmp_path, tiny
     import time
 
     out = tmp_path / "killed"
+    # the DALI loader, not torch's: a SIGKILLed trainer's forked DataLoader workers live on for a few
+    # seconds holding the run's lock, so the immediate rerun below would be refused
     argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}",
             f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
