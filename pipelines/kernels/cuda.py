@@ -28,6 +28,7 @@ from pipelines.kernels.colour import N_PARAMS
 from pipelines.kernels.colour_maths import blend_value, grey_value, hue_pixel
 from pipelines.kernels.frames import HEADER, RA_JIGSAW, ra_jigsaw_layout
 from pipelines.kernels.randaugment import (
+    RA_OPS,
     RA_PARAMS_PER_OP,
     autocontrast_value,
     equalize_lut,
@@ -352,6 +353,9 @@ def check_ra_jigsaw(params: np.ndarray, shape: tuple) -> None:
                 f"{RA_JIGSAW}: view {k}'s header (n_ops={row[0]:g}, grid={row[1]:g}) needs {need} columns (2 + "
                 f"{RA_PARAMS_PER_OP} n_ops, + 1 + grid^2 with a jigsaw), got {n_params}"
             )
+        ops = row[HEADER : HEADER + RA_PARAMS_PER_OP * n_ops : RA_PARAMS_PER_OP]
+        if any(op != int(op) or not 0 <= op < len(RA_OPS) for op in ops):
+            raise ValueError(f"{RA_JIGSAW}: view {k}'s RandAugment operations must be 0..{len(RA_OPS) - 1}, got {ops}")
         if grid and (shape[1] % grid or shape[2] % grid):
             raise ValueError(f"{RA_JIGSAW}: the jigsaw grid {grid} must divide the frame {shape[1]}x{shape[2]}")
         tiles = row[n_params - grid * grid :] if grid else row[:0]
