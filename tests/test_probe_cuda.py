@@ -111,6 +111,8 @@ bad = {
     "no scratch": (RJ, u8.copy(), u8, np.float32([[1, 0] + [0] * 7] * 2), None, 8),
     "jigsaw grid not dividing": (RJ, np.zeros((2, 9, 9, 3), np.uint8), np.zeros((2, 9, 9, 3), np.uint8),
                                  np.float32([[0, 4, 1] + list(range(16))] * 2), np.zeros((2, 9, 9, 3), np.uint8), 8),
+    "blur radius past its taps": ("blur", u8.copy(), u8, np.float32([[1, 2, 0.5, 0.25, 0.0], [1, 3, 0.5, 0.2, 0.05]]),
+                                  None, 8),
     "unknown operation": (RJ, u8.copy(), u8, np.float32([[1, 0, 14] + [0] * 6] * 2), u8.copy(), 8),
     "tiles out of range": (RJ, u8.copy(), u8, np.float32([[0, 2, 1, 0, 1, 2, 9]] * 2), u8.copy(), 8),
     "no threads": ("colour", u8.copy(), u8, colour_p, None, 0),
@@ -136,7 +138,7 @@ def test_cuda_stages_hostile_cases_under_simulator():
     errors = result["errors"]
     assert result["cases"] == 4 * 2 + 3 + 11 + 1 + 14 * 3 + 2
     assert result["very_strong_columns"] == 2 + 2 * 7 + 1 + 16
-    assert len(errors) == 15
+    assert len(errors) == 16
     for tag, message in errors.items():
         assert message.startswith("ValueError: "), (tag, message)
         assert "\n" not in message, (tag, message)
@@ -153,6 +155,7 @@ def test_cuda_stages_hostile_cases_under_simulator():
     assert "jigsaw grid 4 must divide the frame 9x9" in errors["jigsaw grid not dividing"]
     assert "view 0's jigsaw tiles must be a permutation of 0..3" in errors["tiles out of range"]
     assert "view 0's RandAugment operations must be 0..13, got [14.]" in errors["unknown operation"]
+    assert "blur: view 1's radius 3 must be a whole number in 0..2" in errors["blur radius past its taps"]
     assert "threads per block must be in 1..1024, got 0" in errors["no threads"]
     assert "no CUDA kernel for stage 'crop'" in errors["unknown stage"]
 

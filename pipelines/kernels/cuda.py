@@ -327,6 +327,12 @@ def check_launch(name: str, out, img, params, scratch, threads: int) -> None:
         raise ValueError(f"colour: params must have {N_PARAMS} columns (colour_params), got {n_params}")
     if name == "blur" and n_params < 3:
         raise ValueError(f"blur: params must have 3 + r columns (blur_params), got {n_params}")
+    if name == "blur":  # the kernel reads taps[0..r] of every view it blurs
+        radius = _host(params)[:, 1]
+        bad = ~((radius >= 0) & (radius <= n_params - 3) & (radius == np.floor(radius)))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"blur: view {k}'s radius {radius[k]:g} must be a whole number in 0..{n_params - 3}")
     if name == RA_JIGSAW:
         check_ra_jigsaw(_host(params), shape)
 
@@ -367,8 +373,8 @@ def launch(name: str, out, img, params, *, scratch=None, threads: int = THREADS,
     """Run stage ``name`` on K frames: ``out`` and ``img`` (K, H, W, 3) uint8, ``params`` (K, P)
     float32 (``kernels.frames.params``), all CUDA arrays (``__cuda_array_interface__``: torch CUDA
     tensors) or, under Numba's CUDA simulator, NumPy arrays. RandAugment + jigsaw needs ``scratch``,
-    like ``out``. Shapes, element types, the stage's parameters (for RandAugment + jigsaw every
-    view's header and tiles, read back to the host) and ``threads`` (1..1024) are checked first
+    like ``out``. Shapes, element types, the stage's parameters (blur's radii, RandAugment + jigsaw's
+    headers, operations and tiles: read back to the host) and ``threads`` (1..1024) are checked first
     (``check_launch``: a ValueError naming the argument)."""
     check_launch(name, out, img, params, scratch, threads)
     views = int(img.shape[0])
