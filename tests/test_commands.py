@@ -113,6 +113,18 @@ def test_python_dash_m_runs_main(module, monkeypatch, capsys):
     assert out.startswith(f"usage: {Path(sys.executable).name} -m {module} "), out[:300]
 
 
+def test_the_old_convert_command_still_runs_the_converter(monkeypatch, capsys):
+    """``python -m ensiam_fast.convert`` (kept for old instructions) runs make_shards' own ``main``."""
+    spec = importlib.util.find_spec("ensiam_fast.convert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run_help(monkeypatch, capsys, lambda: runpy.run_module("ensiam_fast.convert", run_name="__main__",
+                                                                     alter_sys=True),
+                       spec.origin, [sys.executable, "-m", "ensiam_fast.convert", "--help"])  # fmt: skip
+    assert out.startswith(f"usage: {Path(sys.executable).name} -m ensiam_fast.convert "), out[:300]
+    assert "--dataset" in out and "--drop-corrupt" in out  # the converter's options
+
+
 @pytest.mark.slow
 def test_python_dash_m_runs_main_in_a_child_interpreter():
     """The same as above through a real ``python -m``, for the trainer."""
