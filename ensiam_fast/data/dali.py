@@ -295,7 +295,11 @@ class DaliLoader:
             for k in range(self.views):  # one copy per view, straight into its final place
                 feed_ndarray(outs[k].as_tensor(), x[k], cuda_stream=stream)
             if self.labeled:
-                y = torch.from_numpy(parse_labels(np.asarray(outs[self.views].as_tensor())))
+                try:
+                    y = torch.from_numpy(parse_labels(np.asarray(outs[self.views].as_tensor())))
+                except ShardFormatError as e:  # a tar trusted by its recorded check, yet a label is no index
+                    head = f"split {self.split!r} of {self.root}, epoch {epoch}, batch {b}"
+                    raise ShardFormatError(f"{e} ({head}); " + VERIFY_HINT.format(root=self.root)) from None
             else:
                 y = torch.full((self.batch_size,), -1, dtype=torch.int64)
             keep = min(self.batch_size, self.num_samples - b * self.batch_size)

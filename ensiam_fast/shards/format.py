@@ -173,6 +173,10 @@ def parse_labels(raw: np.ndarray) -> np.ndarray:
     digit = (raw >= ord("0")) & (raw <= ord("9"))
     ignorable = np.isin(raw, np.frombuffer(_LABEL_BLANKS, dtype=np.uint8))
     bad = ~(digit | ignorable).all(axis=1) | ~digit.any(axis=1)
+    # parse_label strips blanks at the ends only: a blank between two digits ('1 2') is no class index
+    after_first = np.cumsum(digit, axis=1) > 0
+    before_last = np.cumsum(digit[:, ::-1], axis=1)[:, ::-1] > 0
+    bad |= (after_first & before_last & ~digit).any(axis=1)
     values = np.zeros(raw.shape[0], dtype=np.int64)
     significant = np.zeros(raw.shape[0], dtype=np.int64)  # digits after the leading zeros
     for col in range(raw.shape[1]):  # L = longest label's length
