@@ -27,18 +27,24 @@ def _close(key: str, options) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+def check_method_views(method: str, views) -> None:
+    """K views for a method: 2..MAX_VIEWS for all, exactly 2 for simsiam, even for simsiam_kaug. The one
+    home of this rule: the config and the losses (losses.get_loss, hence every tool building one) call it."""
+    try:
+        check_views(views, minimum=2)
+    except ValueError as e:
+        raise ConfigError(f"views={views!r}: every method needs 2 to {MAX_VIEWS} views ({e})") from None
+    if method == "simsiam" and views != 2:
+        raise ConfigError(f"method=simsiam uses exactly 2 views, got views={views}; use simsiam_kaug")
+    if method == "simsiam_kaug" and views % 2:
+        raise ConfigError(f"method=simsiam_kaug pairs views, so views must be even, got views={views}")
+
+
 def validate(cfg) -> None:
     """Checks that need no data: the rest (dataset, splits, sizes) is checked when the data is opened."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method={cfg.method!r} is unknown{_close(cfg.method, METHODS)}; one of {METHODS}")
-    try:
-        check_views(cfg.views, minimum=2)
-    except ValueError as e:
-        raise ConfigError(f"views={cfg.views!r}: every method needs 2 to {MAX_VIEWS} views ({e})") from None
-    if cfg.method == "simsiam" and cfg.views != 2:
-        raise ConfigError(f"method=simsiam uses exactly 2 views, got views={cfg.views}; use simsiam_kaug")
-    if cfg.method == "simsiam_kaug" and cfg.views % 2:
-        raise ConfigError(f"method=simsiam_kaug pairs views, so views must be even, got views={cfg.views}")
+    check_method_views(cfg.method, cfg.views)
     for key in (
         "batch_size",
         "epochs",

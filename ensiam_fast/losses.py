@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ensiam_fast.config_checks import check_method_views
 from pipelines.presets import check_views
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -142,10 +143,5 @@ def get_loss(method: str, views: int) -> LossFn:
         close = difflib.get_close_matches(method, list(LOSSES), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(LOSSES)}.{hint}")
-    if views < 2:
-        raise ValueError(f"method {method!r} needs views >= 2, got views={views}")
-    if method == "simsiam" and views != 2:
-        raise ValueError(f"method 'simsiam' needs views=2, got views={views} (use simsiam_kaug or ensiam)")
-    if method == "simsiam_kaug" and views % 2:
-        raise ValueError(f"method 'simsiam_kaug' needs an even number of views, got views={views}")
+    check_method_views(method, views)  # the config's rule (a ConfigError, so a ValueError)
     return LOSSES[method]

@@ -331,7 +331,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny_dataset, tmp_path, capsys):
     plot = tmp_path / "never.png"
     cases = [
         (["--data", str(tmp_path / "missing")], "dataset directory"),
-        (["--views", "2,3"], "K must be even|even number of views"),
+        (["--views", "2,3"], "K must be even|even number of views|views must be even"),
         (["--views", "two"], "--views must be comma-separated integers"),
         (["--draws", "2"], "--draws must be at least 3"),
         (["--checkpoint", str(planted)], "cannot read checkpoint"),
