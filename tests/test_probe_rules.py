@@ -247,3 +247,25 @@ def test_dali_loader_names_the_split_of_a_bad_label_in_a_trusted_tar(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "'0 1'" in lines[0] and "split 'train'" in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("method,views", [("ensiam", 1), ("ensiam", 18), ("simsiam", 4), ("simsiam_kaug", 3)])
+def test_losses_and_config_refuse_k_with_the_same_line(method, views):
+    """losses.get_loss (every tool that builds a loss) and the config give the same rule and words."""
+    from ensiam_fast.config_checks import check_method_views
+    from ensiam_fast.losses import get_loss
+
+    with pytest.raises(ConfigError) as from_config:
+        load_config("demo", [f"method={method}", f"views={views}"])
+    with pytest.raises(ValueError) as from_loss:
+        get_loss(method, views)
+    with pytest.raises(ConfigError) as from_home:
+        check_method_views(method, views)
+    assert str(from_config.value) == str(from_loss.value) == str(from_home.value)
+
+
+@pytest.mark.slow
+def test_grad_variance_unknown_preset_is_one_line(tiny_dataset, tmp_path):
+    args = ["--config", "demo", "--data", str(tiny_dataset), "--views", "2", "--draws", "3", "--batch-size", "8"]
+    proc = run(["tools/grad_variance.py", *args, "--preset", "nope", "--quiet", "--plot", str(tmp_path / "g.png")])
+    assert_one_line_error(proc, "--preset nope", "unknown augmentation preset 'nope'")

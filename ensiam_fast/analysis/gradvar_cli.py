@@ -208,7 +208,12 @@ def run(args) -> dict:
     device, data_device = resolve_device(args.device)
     cfg, state, description = resolve_model_config(args)
     check_stem(cfg)  # the backbone's stem: one line, before the data is opened or the network built
-    draw = FixedBatchViews(cfg, args, device, data_device)
+    try:  # the preset's rules (pipelines/presets.py): an unknown name or field was a traceback
+        draw = FixedBatchViews(cfg, args, device, data_device)
+    except ValueError as e:
+        raise UsageError(
+            f"{f'--preset {args.preset}' if args.preset else f'data.preset={cfg.data.preset!r}'}: {e}"
+        ) from e
     try:  # bad data, batch size or preset fail here, before the network is built (the loader's own checks)
         draw.open(settings.views[0])
     except ValueError as e:
