@@ -17,8 +17,7 @@ STEPS = {"tests", "e2e_r18_b256", "e2e_r18_b1024", "e2e_r50_224", "train_step_ea
 
 @pytest.mark.slow
 def test_dry_run_runs_every_step(tmp_path):
-    # the script runs `python3` from PATH (as on the device): this interpreter's directory goes first
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    env = {**os.environ, "PYTHON": sys.executable}  # the script's interpreter: this one, not python3 from PATH
     proc = subprocess.run(["bash", str(ROOT / "tools" / "gpu_suite.sh"), "--dry-run", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200, cwd=tmp_path, env=env)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
