@@ -269,3 +269,37 @@ def test_grad_variance_unknown_preset_is_one_line(tiny_dataset, tmp_path):
     args = ["--config", "demo", "--data", str(tiny_dataset), "--views", "2", "--draws", "3", "--batch-size", "8"]
     proc = run(["tools/grad_variance.py", *args, "--preset", "nope", "--quiet", "--plot", str(tmp_path / "g.png")])
     assert_one_line_error(proc, "--preset nope", "unknown augmentation preset 'nope'")
+
+
+def edit_manifest(root: Path, **changes) -> None:
+    import json
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest.update(changes)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("size", [[0, 0], [32, 0], [-32, -32]])
+def test_manifest_image_size_must_be_positive(tmp_path, size):
+    from conftest import make_tiny_dataset
+
+    from ensiam_fast.shards import ShardFormatError, read_manifest
+
+    root = make_tiny_dataset(tmp_path / "data", {"train": (16, True)})
+    edit_manifest(root, image_size=size)
+    with pytest.raises(ShardFormatError, match=r"image_size=.* must be \[height, width\] \(integers >= 1\)"):
+        read_manifest(root)
+
+
+@pytest.mark.slow
+def test_train_and_preview_refuse_a_zero_manifest_image_size_alike(tmp_path):
+    from conftest import make_tiny_dataset
+
+    root = make_tiny_dataset(tmp_path / "data", {"train": (32, True), "test": (16, True)})
+    edit_manifest(root, image_size=[0, 0])
+    needle = "image_size=[0, 0] must be [height, width] (integers >= 1) or null"
+    train = run(["-m", "ensiam_fast.train", "--config", "demo", f"data.root={root}", f"output_dir={tmp_path / 'run'}",
+                 "max_steps=1", "knn_every=0", "batch_size=16"])  # fmt: skip
+    assert_one_line_error(train, needle)
+    preview = run(["tools/preview_augmentations.py", "--data", str(root), "--out", str(tmp_path / "v.png")])
+    assert_one_line_error(preview, needle)

@@ -170,8 +170,10 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not isinstance(raw["splits"], dict) or not isinstance(raw["classes"], list):
         raise ShardFormatError(f"{path}: 'splits' must be a mapping and 'classes' a list; re-run tools/make_shards.py")
     size = raw.get("image_size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)):
-        raise ShardFormatError(f"{path}: image_size={size!r} must be [height, width] (integers) or null")
+    if size is not None and not (
+        isinstance(size, list) and len(size) == 2 and all(type(v) is int and v >= 1 for v in size)
+    ):  # [0, 0] read as 'no size' by some readers and as a size by others: refused here, for all
+        raise ShardFormatError(f"{path}: image_size={size!r} must be [height, width] (integers >= 1) or null")
     splits = {name: _read_split(path, name, fields) for name, fields in raw["splits"].items()}
     return Manifest(
         dataset=raw["dataset"],
