@@ -5,6 +5,10 @@ run directory, and an exclusive ``fcntl.flock`` on it is held for that process's
 it when the process dies, however it dies). A second process is refused with ``RUN is in use by PID N
 on HOST since T``; a lock file left by a process that died (the flock is free) is taken over with a
 note. The lock file is removed when its owner ends cleanly.
+
+A forked child (a DataLoader or DALI worker) closes its copy of the lock's descriptor at once: a flock
+belongs to the open file, which a fork shares, so a worker that outlives a SIGKILLed owner by a few
+seconds would otherwise keep the run "in use" by a dead process.
 """
 
 from __future__ import annotations
@@ -15,11 +19,28 @@ import os
 import socket
 import stat
 import time
+import weakref
 from pathlib import Path
 
 from ensiam_fast.rundir import RunDirError, check_target, describe_errno, storage_error
 
 LOCK_NAME = ".lock"
+_HELD: weakref.WeakSet = weakref.WeakSet()  # the locks this process holds
+
+
+def _forget_in_child() -> None:
+    """After a fork, in the child: close the inherited lock descriptors (the parent keeps the lock) and
+    forget the locks, so nothing the child runs at its end unlinks the parent's lock file."""
+    for lock in list(_HELD):
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+            lock.created_dir = False
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class RunLock:
@@ -83,6 +104,7 @@ class RunLock:
         else:
             raise RunDirError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
         self.fd = fd
+        _HELD.add(self)
         previous = _read_holder(fd, raw=True)
         if previous:
             self.notes.append(f"note: taking over the lock of {_describe(previous)}, which is no longer running")
@@ -102,6 +124,7 @@ class RunLock:
             os.unlink(self.path)  # before the unlock: a process that opened it sees the change and retries
         os.close(self.fd)  # drops the flock
         self.fd = None
+        _HELD.discard(self)
         if self.created_dir:
             for folder in self.created:  # only when empty: a refused run leaves no folder behind,
                 try:  # nor the parents it created for output_dir

@@ -242,6 +242,43 @@ def test_the_lock_is_held_across_processes(tmp_path):
     assert other.returncode != 0 and f"in use by PID {os.getpid()}" in other.stderr
 
 
+FORKING_OWNER = """
+import os, sys, time
+from ensiam_fast.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+pid = os.fork()
+if pid == 0:  # a worker (as a DataLoader's): its clean-up must neither drop the lock nor unlink the file
+    lock.release()
+    time.sleep(120)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_forked_worker_neither_keeps_nor_drops_its_dead_owners_lock(tmp_path):
+    # A flock belongs to the open file, which fork shares: a worker that outlived a SIGKILLed trainer
+    # kept the run "in use by PID <the dead trainer>" until it noticed and exited.
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", FORKING_OWNER, str(run)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+    worker = int(proc.stdout.readline())
+    try:
+        with pytest.raises(RunDirError, match=f"in use by PID {proc.pid} "):  # the worker released nothing
+            RunLock(run).acquire()
+        assert (run / ".lock").is_file()
+        proc.kill()
+        proc.wait(timeout=60)
+        os.kill(worker, 0)  # the worker still runs ...
+        lock = RunLock(run).acquire()  # ... and the dead owner's lock is free at once
+        assert any(f"PID {proc.pid} " in n and "no longer running" in n for n in lock.notes), lock.notes
+        lock.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, 9)
+        proc.stdout.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # the storage check
 

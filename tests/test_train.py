@@ -186,10 +186,10 @@ def test_sigkill_before_the_first_checkpoint_leaves_no_step_twice(tmp_path, tiny
     import time
 
     out = tmp_path / "killed"
-    # the DALI loader, not torch's: a SIGKILLed trainer's forked DataLoader workers live on for a few
-    # seconds holding the run's lock, so the immediate rerun below would be refused
+    # the torch loader: its forked DataLoader workers outlive the SIGKILLed trainer by a few seconds, and
+    # the immediate rerun below must not find the run "in use" by the dead trainer (runlock.py)
     argv = [sys.executable, "-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}",
-            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50"]  # fmt: skip
+            f"data.root={tiny_dataset}", *TINY, "knn_every=0", "epochs=50", "data.backend=torch"]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_file = out / "metrics.jsonl"
     deadline = time.time() + 300
