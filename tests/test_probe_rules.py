@@ -303,3 +303,25 @@ def test_train_and_preview_refuse_a_zero_manifest_image_size_alike(tmp_path):
     assert_one_line_error(train, needle)
     preview = run(["tools/preview_augmentations.py", "--data", str(root), "--out", str(tmp_path / "v.png")])
     assert_one_line_error(preview, needle)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "grid,needle",
+    [
+        ("config: demo\nconfig: demo\n", "key 'config' is given twice (lines 1 and 2)"),
+        ("config: demo\nlinear: {epochs: 0}\n", "linear: epochs=0"),
+        ("config: demo\nlinear: {momentum: 1.5}\n", "momentum=1.5 in [0, 1)"),
+        ("config: demo\nlinear: {crop_scale: [0.9, 0.1]}\n", "crop_scale=0.9,0.1"),
+    ],
+)
+def test_compare_grid_file_is_checked_by_the_homes_before_any_run(tiny_dataset, tmp_path, grid, needle):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        grid + f"set: [data.root={tiny_dataset}, max_steps=1, batch_size=16]\n"
+        "blocks:\n  - {methods: [ensiam], views: [4], seeds: [0]}\n"
+    )
+    out = tmp_path / "out"
+    proc = run(["tools/compare.py", "--grid", str(path), "--out", str(out)])
+    assert_one_line_error(proc, needle)
+    assert not out.exists()  # refused before the first run trained

@@ -16,21 +16,32 @@ several blocks share run once.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import common  # noqa: F401  (tools/common.py: the checkout first on sys.path)
 import yaml
 
 from ensiam_fast.config import load_config
-from ensiam_fast.errors import ConfigError
+from ensiam_fast.config_parse import load_yaml, yaml_problem
+from ensiam_fast.errors import ConfigError, UserError
+from ensiam_fast.evaluate.linear import LinearSettings
 from ensiam_fast.shards import ShardFormatError, read_manifest
 
 AXES = ("methods", "views", "presets", "batch_sizes", "seeds")
 GRID_KEYS = {"config", "set", "linear", "blocks"}
-LINEAR_FLAGS = {
-    "epochs", "batch_size", "base_lr", "lr", "weight_decay", "feature_norm", "precomputed", "seed", "crop_scale"
-}  # fmt: skip
+# the options of `evaluate linear`: LinearSettings' fields (its own copy of the list had lost momentum)
+LINEAR_FLAGS = {f.name for f in fields(LinearSettings)} | {"precomputed"}
+
+
+def check_linear(linear: dict, where: str) -> None:
+    """The linear evaluation's settings checked by its own rules (LinearSettings.check) before any run
+    trains, not after the first run's pretraining."""
+    given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in linear.items() if k != "precomputed"}
+    try:
+        LinearSettings(**given).check()
+    except (UserError, TypeError, ValueError) as e:
+        raise GridError(f"{where}: linear: {e}") from None
 
 
 class GridError(ValueError):
@@ -109,6 +120,7 @@ def build_grid(config: str, sets: list[str], linear: dict, blocks: list[dict], w
     bad = set(linear) - LINEAR_FLAGS
     if bad:
         raise GridError(f"{where}: linear: unknown option {sorted(bad)}; options: {', '.join(sorted(LINEAR_FLAGS))}")
+    check_linear(linear, where)
     runs: list[RunSpec] = []
     for i, block in enumerate(blocks):
         if not isinstance(block, dict):
@@ -126,11 +138,13 @@ def build_grid(config: str, sets: list[str], linear: dict, blocks: list[dict], w
 
 def read_grid_file(path: Path) -> Grid:
     try:
-        values = yaml.safe_load(path.read_text())
+        values = load_yaml(path.read_text(), path)  # as config files are read: a duplicate key is named
     except OSError as e:
         raise GridError(f"grid file {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise GridError(f"grid file {path} is not valid YAML: {e}") from None
+        raise GridError(f"grid file {path} is not valid YAML: {yaml_problem(e)}") from None
+    except ConfigError as e:
+        raise GridError(f"grid file {e}") from None  # e names the file and both lines
     if not isinstance(values, dict) or "blocks" not in values:
         raise GridError(f"grid file {path} must be a mapping with a 'blocks' list (see tools/compare.py --help)")
     unknown = set(values) - GRID_KEYS
