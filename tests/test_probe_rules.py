@@ -325,3 +325,18 @@ def test_compare_grid_file_is_checked_by_the_homes_before_any_run(tiny_dataset, 
     proc = run(["tools/compare.py", "--grid", str(path), "--out", str(out)])
     assert_one_line_error(proc, needle)
     assert not out.exists()  # refused before the first run trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--views", "0"], "views (K) must be an integer in 1..16, got 0"),
+        (["--presets", "nope"], "unknown augmentation preset 'nope'"),
+        (["--sizes", "64"], "--sizes must be taken from [32, 224]"),
+    ],
+)
+def test_bench_pipeline_refuses_bad_flags_before_any_work(args, needle):
+    proc = run(["tools/bench_pipeline.py", "--device", "cpu", *args])
+    assert_one_line_error(proc, needle)
+    assert "results" not in proc.stdout  # no JSON with per-row 'error' fields and exit 0

@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from PIL import Image
 
 from ensiam_fast.data.torch import build_reference_loader  # noqa: E402
 from ensiam_fast.shards import Manifest, SplitInfo, shard_name, write_manifest, write_shard  # noqa: E402
+from pipelines.presets import check_views, get_preset  # noqa: E402
 
 # Targets from the issue: DALI/reference on the 2-core CPU box, views/s on one H100.
 CPU_RATIO_TARGET = {32: 6.0, 224: 2.0}
@@ -185,11 +187,19 @@ def main(argv=None) -> dict:
     if args.quick:
         args.presets, args.views, args.repeats = "default", "4", 2
         args.images32, args.images224 = min(args.images32, 1024), min(args.images224, 128)
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if any(s not in SOURCE_SIZE for s in sizes):
-        raise SystemExit(f"--sizes must be taken from {sorted(SOURCE_SIZE)}, got {args.sizes}")
-    backends = args.backends.split(",")
     batch = {32: args.batch32, 224: args.batch224}
+    try:  # the flags checked by the rules' homes before any work (a bad K or preset was a per-row 'error' field, rc 0)
+        sizes = [int(s) for s in args.sizes.split(",")]
+        if any(s not in batch for s in sizes):  # SOURCE_SIZE also has 64, which has no --batch flag
+            raise ValueError(f"--sizes must be taken from {sorted(batch)}, got {args.sizes}")
+        for k in (int(v) for v in args.views.split(",")):
+            check_views(k)
+        for name in args.presets.split(","):
+            get_preset(name)
+    except ValueError as e:
+        print(f"error: --sizes {args.sizes} --presets {args.presets} --views {args.views}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    backends = args.backends.split(",")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         roots = {}
