@@ -98,6 +98,7 @@ result["very_strong_columns"] = int(p.shape[1])
 # arguments launch must refuse (a CUDA kernel checks no index)
 u8 = np.zeros((2, 4, 4, 3), np.uint8)
 colour_p = np.zeros((2, 11), np.float32)
+alias = u8.copy()
 bad = {
     "float img": ("colour", np.zeros((2, 4, 4, 3), np.float32), np.zeros((2, 4, 4, 3), np.float32), colour_p, None, 8),
     "small out": ("colour", np.zeros((2, 2, 2, 3), np.uint8), u8, colour_p, None, 8),
@@ -117,6 +118,15 @@ bad = {
     "tiles out of range": (RJ, u8.copy(), u8, np.float32([[0, 2, 1, 0, 1, 2, 9]] * 2), u8.copy(), 8),
     "no threads": ("colour", u8.copy(), u8, colour_p, None, 0),
     "unknown stage": ("crop", u8.copy(), u8, colour_p, None, 8),
+    # aliased buffers: the kernels read other pixels of their source than the one they write
+    "out is img": ("colour", u8, u8, colour_p, None, 8),
+    "scratch is out": (RJ, alias, u8, np.float32([[0, 2, 1, 0, 1, 2, 3]] * 2), alias, 8),
+    "scratch is img": (RJ, u8.copy(), u8, np.float32([[0, 2, 1, 0, 1, 2, 3]] * 2), u8, 8),
+    "nan operation": (RJ, u8.copy(), u8, np.float32([[1, 0, np.nan] + [0] * 6] * 2), u8.copy(), 8),
+    "inf tile": (RJ, u8.copy(), u8, np.float32([[0, 2, 1, np.inf, 1, 2, 3]] * 2), u8.copy(), 8),
+    "fractional threads": ("colour", u8.copy(), u8, colour_p, None, 1.5),
+    "bool threads": ("colour", u8.copy(), u8, colour_p, None, True),
+    "strided img": ("colour", u8.copy(), np.zeros((2, 8, 4, 3), np.uint8)[:, ::2], colour_p, None, 8),
 }  # fmt: skip
 for tag, (name, out, im, params, scratch, threads) in bad.items():
     try:
@@ -138,7 +148,18 @@ def test_cuda_stages_hostile_cases_under_simulator():
     errors = result["errors"]
     assert result["cases"] == 4 * 2 + 3 + 11 + 1 + 14 * 3 + 2
     assert result["very_strong_columns"] == 2 + 2 * 7 + 1 + 16
-    assert len(errors) == 16
+    assert len(errors) == 24
+    for tag, pair in (
+        ("out is img", "out and img"),
+        ("scratch is out", "scratch and out"),
+        ("scratch is img", "scratch and img"),
+    ):
+        assert f"{pair} must not share memory" in errors[tag], (tag, errors[tag])
+    assert "RandAugment operations must be 0..13, got [nan]" in errors["nan operation"]
+    assert "jigsaw tiles must be finite" in errors["inf tile"]
+    assert "threads per block must be in 1..1024, got 1.5 (an int)" in errors["fractional threads"]
+    assert "got True" in errors["bool threads"]
+    assert "img must be contiguous" in errors["strided img"]
     for tag, message in errors.items():
         assert message.startswith("ValueError: "), (tag, message)
         assert "\n" not in message, (tag, message)

@@ -20,6 +20,8 @@ them (``tools/gpu_suite.py``, step ``cuda_stages``). Importing this module impor
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from numba import cuda
 
@@ -320,8 +322,19 @@ def check_launch(name: str, out, img, params, scratch, threads: int) -> None:
     pshape = tuple(int(d) for d in params.shape)
     if len(pshape) != 2 or pshape[0] != shape[0] or _dtype(params) != "<f4":
         raise ValueError(f"{name}: params must be ({shape[0]}, P) float32, got {pshape} {_dtype(params)}")
-    if not 1 <= int(threads) <= 1024:
-        raise ValueError(f"{name}: threads per block must be in 1..1024, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or not 1 <= threads <= 1024:
+        raise ValueError(f"{name}: threads per block must be in 1..1024, got {threads!r} (an int)")
+    arrays = [("img", img), ("params", params)] + frames
+    for what, a in arrays:  # NumPy arrays go over as one block: numba refuses strided ones
+        if not hasattr(a, "__cuda_array_interface__") and not (a.flags.c_contiguous or a.flags.f_contiguous):
+            raise ValueError(f"{name}: {what} must be contiguous (np.ascontiguousarray), got strides {a.strides}")
+    for (wa, a), (wb, b) in [(("out", out), ("img", img))] + [
+        (x, y) for x in frames[1:] for y in arrays[:1] + frames[:1]
+    ]:
+        if _overlap(a, b):  # a kernel reads other pixels of its source than the one it writes
+            raise ValueError(
+                f"{name}: {wa} and {wb} must not share memory (the kernel reads one while writing the other)"
+            )
     n_params = pshape[1]
     if name == "colour" and n_params != N_PARAMS:
         raise ValueError(f"colour: params must have {N_PARAMS} columns (colour_params), got {n_params}")
@@ -335,6 +348,25 @@ def check_launch(name: str, out, img, params, scratch, threads: int) -> None:
             raise ValueError(f"blur: view {k}'s radius {radius[k]:g} must be a whole number in 0..{n_params - 3}")
     if name == RA_JIGSAW:
         check_ra_jigsaw(_host(params), shape)
+
+
+def _span(a) -> tuple[int, int]:
+    """The first byte of an array's elements and one past its last (CUDA or NumPy array)."""
+    iface = getattr(a, "__cuda_array_interface__", None) or np.asarray(a).__array_interface__
+    shape = tuple(int(d) for d in iface["shape"])
+    item = np.dtype(iface["typestr"]).itemsize
+    strides = iface.get("strides") or tuple(int(item * np.prod(shape[i + 1 :])) for i in range(len(shape)))
+    start = int(iface["data"][0])
+    if 0 in shape:
+        return start, start
+    lo = start + sum(min(0, (d - 1) * st) for d, st in zip(shape, strides))
+    return lo, start + sum(max(0, (d - 1) * st) for d, st in zip(shape, strides)) + item
+
+
+def _overlap(a, b) -> bool:
+    """Whether the bytes two arrays span overlap (same device assumed)."""
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _host(a) -> np.ndarray:
@@ -360,11 +392,13 @@ def check_ra_jigsaw(params: np.ndarray, shape: tuple) -> None:
                 f"{RA_PARAMS_PER_OP} n_ops, + 1 + grid^2 with a jigsaw), got {n_params}"
             )
         ops = row[HEADER : HEADER + RA_PARAMS_PER_OP * n_ops : RA_PARAMS_PER_OP]
-        if any(op != int(op) or not 0 <= op < len(RA_OPS) for op in ops):
+        if any(not np.isfinite(op) or op != int(op) or not 0 <= op < len(RA_OPS) for op in ops):
             raise ValueError(f"{RA_JIGSAW}: view {k}'s RandAugment operations must be 0..{len(RA_OPS) - 1}, got {ops}")
         if grid and (shape[1] % grid or shape[2] % grid):
             raise ValueError(f"{RA_JIGSAW}: the jigsaw grid {grid} must divide the frame {shape[1]}x{shape[2]}")
         tiles = row[n_params - grid * grid :] if grid else row[:0]
+        if grid and not np.isfinite(tiles).all():
+            raise ValueError(f"{RA_JIGSAW}: view {k}'s jigsaw tiles must be finite, got {tiles}")
         if grid and sorted(int(v) for v in tiles) != list(range(grid * grid)):
             raise ValueError(f"{RA_JIGSAW}: view {k}'s jigsaw tiles must be a permutation of 0..{grid * grid - 1}")
 
