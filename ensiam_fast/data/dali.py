@@ -206,7 +206,10 @@ class DaliLoader:
             except BaseException as e:  # re-raised in the thread that asks for this epoch
                 box["error"] = e
 
-        thread = threading.Thread(target=work, name=f"dali-build-epoch-{epoch}", daemon=True)
+        # not a daemon: the interpreter waits for it at exit, instead of killing it inside DALI's pipeline
+        # construction (std::terminate, 'terminate called without an active exception', SIGABRT: an exit
+        # right after the first batch, or after an error raised in it, came out as -6 instead of 0 or 2)
+        thread = threading.Thread(target=work, name=f"dali-build-epoch-{epoch}", daemon=False)
         thread.start()
         self._ahead = (epoch, thread, box)
 
