@@ -128,6 +128,16 @@ bad = {
     "bool threads": ("colour", u8.copy(), u8, colour_p, None, True),
     "strided img": ("colour", u8.copy(), np.zeros((2, 8, 4, 3), np.uint8)[:, ::2], colour_p, None, 8),
 }  # fmt: skip
+# no views: nothing to launch (a grid of 0 blocks is an invalid launch on a device; the simulator runs it)
+compiled = C.kernel
+C.kernel = lambda name: (_ for _ in ()).throw(AssertionError(f"{name} launched with no views"))
+try:
+    none = np.zeros((0, 4, 4, 3), np.uint8)
+    C.launch(RJ, none.copy(), none, np.zeros((0, 2), np.float32), scratch=none.copy())
+    result["no views"] = "not launched"
+except AssertionError as e:
+    result["no views"] = str(e)
+C.kernel = compiled
 for tag, (name, out, im, params, scratch, threads) in bad.items():
     try:
         C.launch(name, out, im, params, scratch=scratch, threads=threads)
@@ -149,6 +159,7 @@ def test_cuda_stages_hostile_cases_under_simulator():
     assert result["cases"] == 4 * 2 + 3 + 11 + 1 + 14 * 3 + 2
     assert result["very_strong_columns"] == 2 + 2 * 7 + 1 + 16
     assert len(errors) == 24
+    assert result["no views"] == "not launched"
     for tag, pair in (
         ("out is img", "out and img"),
         ("scratch is out", "scratch and out"),

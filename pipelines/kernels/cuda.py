@@ -412,6 +412,8 @@ def launch(name: str, out, img, params, *, scratch=None, threads: int = THREADS,
     (``check_launch``: a ValueError naming the argument)."""
     check_launch(name, out, img, params, scratch, threads)
     views = int(img.shape[0])
+    if views == 0:  # a grid of no blocks is an invalid launch on a device (the simulator runs it)
+        return
     run = kernel(name)[(views, 1, 1), (threads, 1, 1), stream]
     if OUTPUTS[name] == 2:
         run(out, scratch, img, params)
