@@ -4,21 +4,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import conftest
 import numpy as np
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_cuda_stages.py"
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_cuda_stages", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_tool("bench_cuda_stages")
 
 
 def test_every_case_changes_its_views_and_a_perturbed_parameter_shows(monkeypatch):

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import conftest
 
 from ensiam_fast.shards import read_manifest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_pipeline.py"
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_tool("bench_pipeline")
 
 
 def test_bench_data_has_the_promised_sizes(tmp_path):

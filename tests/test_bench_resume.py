@@ -4,22 +4,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
+
+import conftest
 
 from ensiam_fast.checkpoint import latest_checkpoint
 from ensiam_fast.shards import read_manifest
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_resume.py"
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("bench_resume", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_tool("bench_resume")
 
 
 def test_checkpoint_mid_epoch_with_and_without_the_loader_state(tmp_path):

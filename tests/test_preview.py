@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
+import conftest
 import pytest
 from PIL import Image
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "preview_augmentations.py"
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("preview_augmentations", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return conftest.load_tool("preview_augmentations")
 
 
 def has_dali_loader() -> bool:
