@@ -224,9 +224,11 @@ def test_adopt_train_and_evaluate_through_the_real_commands(foreign_src, tmp_pat
     proc = run(["tools/make_shards.py", "--dataset", "webdataset", "--src", str(root), "--workers", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "run"
-    # views at the images' own 16x16 (the demo's 32 cost four times the FLOPs for the same checks)
+    # views at the images' own 16x16 (the demo's 32 cost four times the FLOPs for the same checks), with
+    # the eval preset: what is checked is the adopted split's path through training and evaluation, not
+    # the augmentation, and the default preset's Numba operators are compiled again in each child
     proc = run(["-m", "ensiam_fast.train", "--config", "demo", f"output_dir={out}", f"data.root={root}",
-                "data.knn_test_split=val", "max_steps=2", "knn_every=1", "knn_k=5", "batch_size=32",
+                "data.preset=eval", "data.knn_test_split=val", "max_steps=2", "knn_every=1", "knn_k=5", "batch_size=32",
                 "eval_batch_size=64", "log_every=1", "data.num_threads=2", "model.proj_hidden=32",
                 "model.proj_dim=32", "model.pred_hidden=8",
                 "data.image_size=16"])  # fmt: skip
